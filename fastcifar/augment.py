@@ -1,0 +1,119 @@
+"""Training augmentation as pure functions over whole batches, on whatever device the batch is on.
+
+Each function takes a uint8 batch [N, C, H, W] (any memory format) and returns a new tensor; each image
+gets its own random draws from the `torch.Generator` passed in (which must live on the batch's device),
+so a seeded generator reproduces a batch exactly. Nothing here loops over images or reads a value back
+to the host, so on a GPU a batch costs a handful of kernel launches and no synchronisation.
+
+Order used in training (`BatchAugment`): random crop (pad 4) -> horizontal flip -> cutout 8x8 ->
+normalise. Cutout runs before normalisation and fills with the dataset's mean colour, which is what a
+zero fill after normalisation would give (up to uint8 rounding): both mean "no information".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# CIFAR-10 training-set statistics (per channel, RGB, on the 0..1 scale).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+def _source_index(shift: torch.Tensor, size: int, pad_mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """For output positions 0..size-1 shifted by `shift` [N, 1]: source positions [N, size] inside the
+    image, and (zero padding only) a mask of the positions that fall in the image."""
+    pos = torch.arange(size, device=shift.device) + shift
+    if pad_mode == "reflect":  # -1 -> 1, size -> size - 2 (edge pixel not repeated, like numpy/torch "reflect")
+        pos = pos.abs()
+        return torch.where(pos >= size, 2 * (size - 1) - pos, pos), None
+    inside = (pos >= 0) & (pos < size)
+    return pos.clamp(0, size - 1), inside
+
+
+def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator,
+                pad_mode: str = "zeros") -> torch.Tensor:
+    """A random HxW window of each image padded by `padding` pixels (zeros or reflection), per image.
+
+    Done as one gather over pixel rows of the NHWC view instead of padding and slicing: no padded copy,
+    and reflection is just another source index.
+    """
+    if padding == 0:
+        return images
+    n, c, h, w = images.shape
+    shifts = torch.randint(-padding, padding + 1, (2, n, 1), generator=generator, device=images.device)
+    rows, rows_in = _source_index(shifts[0], h, pad_mode)
+    cols, cols_in = _source_index(shifts[1], w, pad_mode)
+    flat = (rows[:, :, None] * w + cols[:, None, :]).view(n, h * w, 1).expand(n, h * w, c)
+    pixels = images.permute(0, 2, 3, 1).reshape(n, h * w, c)  # free view for channels_last input
+    out = pixels.gather(1, flat).view(n, h, w, c)
+    if rows_in is not None:
+        inside = rows_in[:, :, None, None] & cols_in[:, None, :, None]
+        out = out * inside.to(out.dtype)
+    return out.permute(0, 3, 1, 2)  # back to logical NCHW, channels_last in memory
+
+
+def random_flip(images: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    """Mirror each image left-right with probability p."""
+    flip = torch.rand(images.shape[0], generator=generator, device=images.device) < p
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
+def cutout(images: torch.Tensor, size: int, generator: torch.Generator, fill: torch.Tensor) -> torch.Tensor:
+    """Fill one size x size square per image with `fill` ([C] values). The square's centre is uniform
+    over the image and the square is clipped at the border (so it may cover fewer pixels)."""
+    if size == 0:
+        return images
+    n, c, h, w = images.shape
+    dev = images.device
+    centre_y = torch.randint(0, h, (n, 1), generator=generator, device=dev)
+    centre_x = torch.randint(0, w, (n, 1), generator=generator, device=dev)
+    rows = torch.arange(h, device=dev) - (centre_y - size // 2)  # [N, H]: row offset inside the square
+    cols = torch.arange(w, device=dev) - (centre_x - size // 2)
+    inside = ((rows >= 0) & (rows < size))[:, :, None] & ((cols >= 0) & (cols < size))[:, None, :]
+    return torch.where(inside[:, None], fill.view(1, c, 1, 1).to(images.dtype), images)
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 0..255 -> (x / 255 - mean) / std in `dtype`; mean/std are [C] on the 0..1 scale."""
+    c = images.shape[1]
+    scale = (1.0 / (255.0 * std)).view(1, c, 1, 1)
+    shift = (mean / std).view(1, c, 1, 1)
+    return (images.float() * scale - shift).to(dtype)
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    crop_padding: int = 4
+    pad_mode: str = "zeros"
+    flip: bool = True
+    cutout_size: int = 8
+
+
+class BatchAugment:
+    """Training augmentation + normalisation for batches on one device, with its own seeded generator."""
+
+    def __init__(self, settings: AugmentSettings, device: torch.device, seed: int, dtype: torch.dtype,
+                 channels_last: bool = True) -> None:
+        self.settings = settings
+        self.dtype = dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        self.mean = torch.tensor(CIFAR10_MEAN, device=device)
+        self.std = torch.tensor(CIFAR10_STD, device=device)
+        self.fill = (self.mean * 255).round().to(torch.uint8)
+
+    def train(self, images: torch.Tensor) -> torch.Tensor:
+        s, g = self.settings, self.generator
+        images = random_crop(images, s.crop_padding, g, s.pad_mode)
+        if s.flip:
+            images = random_flip(images, g)
+        images = cutout(images, s.cutout_size, g, self.fill)
+        return self.test(images)
+
+    def test(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalisation only (the test pass)."""
+        out = normalize(images, self.mean, self.std, self.dtype)
+        return out.contiguous(memory_format=self.memory_format)

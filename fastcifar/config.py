@@ -1,0 +1,279 @@
+"""The one place where fastcifar's defaults live.
+
+A configuration is a tree of frozen dataclasses, one per section (data, model, optim, schedule, run).
+Every field can be set from the command line as a dotted flag, ``--<section>.<field> VALUE``
+(for example ``--optim.weight_decay 1e-3``); the most common fields also have short flags
+(``--epochs``, ``--batch-size``, ``--max-lr``...; see ``SHORT_FLAGS``). Named presets are starting
+points that flags then override. Library code receives the typed sections it needs, never an
+argparse namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastcifar.errors import FastCifarError
+
+
+class ConfigError(FastCifarError, ValueError):
+    """An invalid configuration: the message names the field and says what is allowed."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_dir: str = "data"  # holds train.beton / test.beton (see data_prep/write_beton.py)
+    batch_size: int = 512
+    test_batch_size: int = 1024  # the test pass has no grad: larger batches are cheaper
+    num_workers: int = 2  # FFCV decode threads
+    train_subset: int = 0  # train on the first N images only (0 = all 50,000)
+    test_subset: int = 0  # test on the first N images only (0 = all 10,000)
+    crop_padding: int = 4  # random 32x32 crop of the image padded by this many pixels
+    pad_mode: str = "zeros"  # "zeros" or "reflect"
+    flip: bool = True  # horizontal flip with p=0.5
+    cutout_size: int = 8  # side of the cutout square (0 = no cutout)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Output channels of prep, layer1, layer2, layer3. The spec is (64, 128, 256, 512).
+    widths: tuple[int, int, int, int] = (64, 128, 256, 512)
+    num_classes: int = 10
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """One-cycle policy: linear min_lr -> max_lr until `peak_epoch`, then linear back to min_lr
+    at the end of the last epoch, never below it (no annihilation phase)."""
+
+    epochs: int = 24
+    peak_epoch: float = 5.0
+    min_lr: float = 0.04
+    max_lr: float = 0.4
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16  (auto: see train.resolve_precision)
+    channels_last: bool = True
+    compile: str = "auto"  # auto | on | off  (auto: on for CUDA, off for CPU; see README)
+    compile_mode: str = "default"  # a torch.compile mode: default | reduce-overhead | max-autotune
+    seed: int = 0
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower on CUDA)
+    threads: int = 0  # torch intra-op threads on CPU (0 = all cores)
+    out_dir: str = "runs"
+    name: str = ""  # run directory name under out_dir ("" = time stamp + preset)
+    overwrite: bool = False  # allow reusing a run directory that already holds a finished run
+    progress: str = "auto"  # auto (only on a terminal) | on | off
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "schedule": ScheduleConfig,
+    "run": RunConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    preset: str = "reference"
+
+    @classmethod
+    def from_preset(cls, name: str, overrides: Mapping[str, Any] | None = None) -> Config:
+        """The named preset with dotted-key overrides applied, validated."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return PRESETS[name].override(overrides or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Config:
+        """Inverse of to_dict; unknown sections or fields are an error, missing ones take defaults."""
+        flat = {f"{s}.{k}": v for s, sec in d.items() if s != "preset" for k, v in _section(s, sec).items()}
+        return Config(preset=str(d.get("preset", "reference"))).override(flat)
+
+    def override(self, updates: Mapping[str, Any]) -> Config:
+        """A copy with dotted keys (``"optim.weight_decay"``) set; strings are parsed to the field type."""
+        sections = {name: getattr(self, name) for name in SECTIONS}
+        for key, value in updates.items():
+            section, _, name = key.partition(".")
+            hints = _field_types(section)
+            if name not in hints:
+                raise ConfigError(f"unknown option {key!r}; valid options: {', '.join(all_keys())}")
+            sections[section] = dataclasses.replace(sections[section], **{name: _coerce(key, value, hints[name])})
+        return dataclasses.replace(self, **sections).validated()
+
+    def validated(self) -> Config:
+        for check in _CHECKS:
+            message = check(self)
+            if message:
+                raise ConfigError(message)
+        return self
+
+
+def _section(name: str, values: Any) -> Mapping[str, Any]:
+    if name not in SECTIONS or not isinstance(values, Mapping):
+        raise ConfigError(f"unknown config section {name!r}; sections are: {', '.join(SECTIONS)}")
+    return values
+
+
+def _field_types(section: str) -> dict[str, Any]:
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown config section {section!r}; sections are: {', '.join(SECTIONS)}")
+    return typing.get_type_hints(SECTIONS[section])
+
+
+def all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    """Parse `value` (a string from the CLI, or already typed) into the field type `kind`."""
+    try:
+        if typing.get_origin(kind) is tuple:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            (item_kind, *_) = typing.get_args(kind)
+            return tuple(_coerce(key, v, item_kind) for v in items)
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE | _FALSE:
+                return text in _TRUE
+            raise ValueError
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        name = getattr(kind, "__name__", str(kind))
+        raise ConfigError(f"{key}: cannot read {value!r} as {name}") from None
+
+
+def _is_device(text: str) -> bool:
+    head, _, index = text.partition(":")
+    return head in {"auto", "cpu"} and not index or head == "cuda" and (not index or index.isdigit())
+
+
+# Each check returns an error message, or "" when the config is fine.
+_CHECKS = [
+    lambda c: "" if c.schedule.epochs >= 1 else f"schedule.epochs must be >= 1, got {c.schedule.epochs}",
+    lambda c: "" if 0 < c.schedule.peak_epoch <= c.schedule.epochs
+    else f"schedule.peak_epoch must be in (0, epochs={c.schedule.epochs}], got {c.schedule.peak_epoch}",
+    lambda c: "" if 0 < c.schedule.min_lr <= c.schedule.max_lr
+    else f"need 0 < schedule.min_lr <= schedule.max_lr, got {c.schedule.min_lr} and {c.schedule.max_lr}",
+    lambda c: "" if c.data.batch_size >= 1 and c.data.test_batch_size >= 1 else "batch sizes must be >= 1",
+    lambda c: "" if c.data.num_workers >= 1 else f"data.num_workers must be >= 1, got {c.data.num_workers}",
+    lambda c: "" if c.data.train_subset >= 0 and c.data.test_subset >= 0 else "subsets must be >= 0 (0 = all)",
+    lambda c: "" if 0 <= c.data.crop_padding <= 16
+    else f"data.crop_padding must be in [0, 16], got {c.data.crop_padding}",
+    lambda c: "" if c.data.pad_mode in ("zeros", "reflect")
+    else f"data.pad_mode must be zeros or reflect, got {c.data.pad_mode!r}",
+    lambda c: "" if 0 <= c.data.cutout_size <= 32 else f"data.cutout_size must be in [0, 32], got {c.data.cutout_size}",
+    lambda c: "" if len(c.model.widths) == 4 and min(c.model.widths) >= 1
+    else f"model.widths must be 4 positive integers, got {c.model.widths}",
+    lambda c: "" if c.model.num_classes >= 2 else "model.num_classes must be >= 2",
+    lambda c: "" if 0 <= c.optim.momentum < 1 else f"optim.momentum must be in [0, 1), got {c.optim.momentum}",
+    lambda c: "" if not c.optim.nesterov or c.optim.momentum > 0 else "optim.nesterov needs optim.momentum > 0",
+    lambda c: "" if c.optim.weight_decay >= 0 else "optim.weight_decay must be >= 0",
+    lambda c: "" if 0 <= c.optim.label_smoothing < 1 else "optim.label_smoothing must be in [0, 1)",
+    lambda c: "" if _is_device(c.run.device)
+    else f"run.device must be auto, cpu, cuda or cuda:N, got {c.run.device!r}",
+    lambda c: "" if c.run.precision in ("auto", "fp32", "bf16", "fp16")
+    else f"run.precision must be auto, fp32, bf16 or fp16, got {c.run.precision!r}",
+    lambda c: "" if c.run.compile in ("auto", "on", "off")
+    else f"run.compile must be auto, on or off, got {c.run.compile!r}",
+    lambda c: "" if c.run.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    else f"run.compile_mode must be a torch.compile mode, got {c.run.compile_mode!r}",
+    lambda c: "" if c.run.seed >= 0 else "run.seed must be >= 0",
+    lambda c: "" if c.run.threads >= 0 else "run.threads must be >= 0 (0 = all cores)",
+    lambda c: "" if c.run.progress in ("auto", "on", "off")
+    else f"run.progress must be auto, on or off, got {c.run.progress!r}",
+    lambda c: "" if "/" not in c.run.name and c.run.name not in (".", "..") else "run.name must be a plain directory name",
+]
+
+
+PRESETS: dict[str, Config] = {
+    # The recipe as specified: SGD momentum 0.9, OneCycle peak at epoch 5 of 24, batch 512.
+    "reference": Config(preset="reference"),
+    # A seconds-long end-to-end check of the whole pipeline (narrow network, small subsets).
+    "smoke": Config(
+        data=DataConfig(train_subset=1024, test_subset=512, batch_size=128, test_batch_size=256),
+        model=ModelConfig(widths=(8, 16, 32, 64)),
+        schedule=ScheduleConfig(epochs=2, peak_epoch=1.0),
+        run=RunConfig(compile="off"),
+        preset="smoke",
+    ),
+}
+
+
+# Short flags for the options people change most; each also exists as its dotted form.
+SHORT_FLAGS: dict[str, str] = {
+    "--epochs": "schedule.epochs",
+    "--batch-size": "data.batch_size",
+    "--max-lr": "schedule.max_lr",
+    "--min-lr": "schedule.min_lr",
+    "--data-dir": "data.data_dir",
+    "--workers": "data.num_workers",
+    "--device": "run.device",
+    "--precision": "run.precision",
+    "--compile": "run.compile",
+    "--seed": "run.seed",
+    "--name": "run.name",
+    "--out-dir": "run.out_dir",
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --preset, the short flags and one dotted flag per config field to `parser`."""
+    parser.add_argument("--preset", default="reference", help=f"starting recipe: {', '.join(PRESETS)}")
+    parser.add_argument("--config", metavar="JSON", help="start from a saved config.json (e.g. of a run)")
+    short = {dest: flag for flag, dest in SHORT_FLAGS.items()}
+    defaults = Config()
+    for key in all_keys():
+        section, name = key.split(".")
+        flags = [f"--{key}"] + ([short[key]] if key in short else [])
+        default = getattr(getattr(defaults, section), name)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        parser.add_argument(*flags, dest=key, default=argparse.SUPPRESS, metavar="V", help=f"(default: {shown})")
+    parser.add_argument("--overwrite", dest="run.overwrite", action="store_const", const="true",
+                        default=argparse.SUPPRESS, help="same as --run.overwrite true")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The Config that parsed command-line arguments describe (preset or file, then overrides)."""
+    overrides = {k: v for k, v in vars(args).items() if "." in k}
+    if getattr(args, "config", None):
+        try:
+            base = Config.from_dict(json.loads(Path(args.config).read_text()))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"cannot read config file {args.config}: {err}") from None
+        return base.override(overrides)
+    return Config.from_preset(args.preset, overrides)

@@ -1,0 +1,98 @@
+"""The custom ResNet of the spec (6,573,120 parameters at the default widths).
+
+    prep    Conv3x3 -> BN -> ReLU                                         [64]
+    layer1  X = Conv3x3 -> MaxPool2 -> BN -> ReLU; out = X + ResBlock(X)   [128]
+    layer2  Conv3x3 -> MaxPool2 -> BN -> ReLU                             [256]
+    layer3  X = Conv3x3 -> MaxPool2 -> BN -> ReLU; out = X + ResBlock(X)   [512]
+    head    MaxPool(4) -> flatten -> Linear(512, 10)  -> logits (softmax: `predict_proba`)
+
+ResBlock = (Conv3x3 -> BN -> ReLU) x 2. Convolutions and the linear layer have no bias (every conv
+is followed by BN, which has its own shift). `python -m fastcifar.custom_resnet` prints a summary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastcifar.config import ModelConfig
+
+
+def conv_bn(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
+    """Conv3x3 (stride 1, pad 1, no bias) [-> MaxPool2d(2)] -> BatchNorm -> ReLU."""
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False)]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    layers += [nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class ResBlock(nn.Module):
+    """Two conv-bn-relu units; the caller adds the skip connection."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = conv_bn(channels, channels)
+        self.conv2 = conv_bn(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.conv1(x))
+
+
+class Residual(nn.Module):
+    """X = conv_bn_pool(x); returns X + ResBlock(X)."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv = conv_bn(c_in, c_out, pool=True)
+        self.res = ResBlock(c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        return x + self.res(x)
+
+
+class CustomResNet(nn.Module):
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        super().__init__()
+        cfg = config or ModelConfig()
+        w0, w1, w2, w3 = cfg.widths
+        self.prep = conv_bn(3, w0)
+        self.layer1 = Residual(w0, w1)
+        self.layer2 = conv_bn(w1, w2, pool=True)
+        self.layer3 = Residual(w2, w3)
+        self.pool = nn.MaxPool2d(4)
+        self.fc = nn.Linear(w3, cfg.num_classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [N, num_classes] for images [N, 3, 32, 32]; CrossEntropyLoss applies log-softmax."""
+        x = self.layer3(self.layer2(self.layer1(self.prep(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """The spec's final SoftMax: class probabilities [N, num_classes], each row summing to 1."""
+        return torch.softmax(self(x).float(), dim=1)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def summary(model: nn.Module, batch_size: int = 1) -> str:
+    """Per-layer output shapes and parameter counts (torchinfo), ending with the total."""
+    from torchinfo import summary as torchinfo_summary  # only needed here; keeps import light
+
+    stats = torchinfo_summary(
+        model, input_size=(batch_size, 3, 32, 32), verbose=0, device="cpu",
+        col_names=("output_size", "num_params"), row_settings=("var_names",),
+    )
+    return str(stats)
+
+
+def main() -> None:
+    print(summary(CustomResNet()))
+
+
+if __name__ == "__main__":
+    main()

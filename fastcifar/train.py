@@ -1,0 +1,366 @@
+"""Training: `python -m fastcifar.train [--preset NAME] [--epochs N] [--section.field VALUE ...]`.
+
+One step, in order: uint8 batch from FFCV (already on the device) -> augment on the device ->
+normalise to the compute dtype -> forward under autocast -> loss -> backward -> SGD step -> LR step.
+Loss and accuracy are summed on the device and read once per epoch: reading them every step would
+make the host wait for the GPU each step (the progress bar reads them every `PROGRESS_EVERY` steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from fastcifar import rundir
+from fastcifar.augment import AugmentSettings, BatchAugment
+from fastcifar.config import Config, RunConfig, add_config_arguments, config_from_args
+from fastcifar.custom_resnet import CustomResNet, count_parameters, summary
+from fastcifar.data import Loaders, epoch, make_loaders
+from fastcifar.errors import FastCifarError
+from fastcifar.schedule import make_scheduler
+
+PROGRESS_EVERY = 10  # steps between progress-bar updates (each one is a host-device sync on a GPU)
+
+
+# ------------------------------------------------------------------------------- device and precision
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FastCifarError(f"device {name} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels for this CPU (AVX512-BF16/AMX class). Without them PyTorch runs
+    bf16 convolutions on a slow reference path: measured ~20x slower than fp32 on an AVX2-only EPYC."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on CUDA where supported (else fp16 + GradScaler); on a CPU, bf16 only where oneDNN
+    has fast bf16 kernels for it, else fp32."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    if name == "fp16" and device.type == "cpu":
+        raise FastCifarError("fp16 is for CUDA; on a CPU use --precision bf16 or fp32")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def resolve_compile(setting: str, device: torch.device) -> bool:
+    """auto: compile on CUDA (large gain), not on CPU (see README: measured gain too small for the
+    compile time of a short run)."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+@dataclass
+class Amp:
+    """Mixed-precision policy: autocast to `dtype`, and a GradScaler for fp16 only (bf16 has fp32's range)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    scaler: torch.amp.GradScaler = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(deterministic, warn_only=False)
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # host waits for queued GPU work, so timings mean something
+
+
+# ------------------------------------------------------------------------------------ epoch loops
+
+
+@dataclass
+class PassStats:
+    loss: float
+    accuracy: float
+    images: int
+    seconds: float
+
+
+class _Totals:
+    """Sums of loss and correct predictions kept on the device (no host sync until `read`)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.images = 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss += loss.detach().double() * len(labels)
+        self.correct += (logits.argmax(dim=1) == labels).sum()
+        self.images += len(labels)
+
+    def read(self) -> tuple[float, float]:
+        """Mean loss and accuracy; a sync point."""
+        n = max(self.images, 1)
+        return self.loss.item() / n, self.correct.item() / n
+
+
+def _progress(total: int, desc: str, enabled: bool | None) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=None if enabled is None else not enabled,
+                dynamic_ncols=True)
+
+
+def train_one_epoch(model: nn.Module, loader: Any, augment: BatchAugment, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, amp: Amp,
+                    desc: str = "train", progress: bool | None = None) -> PassStats:
+    """One pass over `loader` with SGD steps; returns mean loss/accuracy over the epoch's batches."""
+    model.train()
+    totals = _Totals(amp.device)
+    start = time.perf_counter()
+    with epoch(loader) as batches, _progress(len(loader), desc, progress) as bar:
+        for step, (images, labels) in enumerate(batches, 1):
+            inputs = augment.train(images)
+            with amp.autocast():
+                logits = model(inputs)
+                loss = loss_fn(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            amp.scaler.scale(loss).backward()
+            amp.scaler.step(optimizer)
+            amp.scaler.update()
+            scheduler.step()
+            totals.add(loss, logits, labels)
+            if not bar.disable and (step % PROGRESS_EVERY == 0 or step == len(loader)):
+                loss_avg, acc = totals.read()  # sync point, only while a progress bar is shown
+                bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{acc:.3f}", refresh=False)
+                bar.update(step - bar.n)
+    _sync(amp.device)
+    loss_avg, acc = totals.read()
+    return PassStats(loss_avg, acc, totals.images, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, normalize: Callable[[torch.Tensor], torch.Tensor], loss_fn: nn.Module,
+             amp: Amp) -> PassStats:
+    """Mean loss and accuracy of `model` on `loader` (eval mode, no augmentation)."""
+    model.eval()
+    totals = _Totals(amp.device)
+    start = time.perf_counter()
+    with epoch(loader) as batches:
+        for images, labels in batches:
+            with amp.autocast():
+                logits = model(normalize(images))
+                totals.add(loss_fn(logits, labels), logits, labels)
+    _sync(amp.device)
+    loss_avg, acc = totals.read()
+    return PassStats(loss_avg, acc, totals.images, time.perf_counter() - start)
+
+
+def warm_up(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, amp: Amp,
+            train_shapes: list[int], test_shapes: list[int], memory_format: torch.memory_format) -> float:
+    """Run the compiled model on every batch shape the epoch will see (train and eval mode), then
+    restore weights, BN statistics and optimizer state; returns the seconds it took (compile time)."""
+    start = time.perf_counter()
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_optim = copy.deepcopy(optimizer.state_dict())
+    gen = torch.Generator(device=amp.device).manual_seed(12345)  # leaves the global RNG stream alone
+
+    def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(n, 3, 32, 32, generator=gen, device=amp.device).to(amp.dtype)
+        return x.contiguous(memory_format=memory_format), torch.randint(0, 10, (n,), generator=gen, device=amp.device)
+
+    model.train()
+    for n in train_shapes:
+        x, y = batch(n)
+        with amp.autocast():
+            loss = loss_fn(model(x), y)
+        amp.scaler.scale(loss).backward()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    with torch.no_grad():
+        for n in test_shapes:
+            x, y = batch(n)
+            with amp.autocast():
+                loss_fn(model(x), y)
+    model.load_state_dict(saved_model)
+    optimizer.load_state_dict(saved_optim)
+    _sync(amp.device)
+    return time.perf_counter() - start
+
+
+def _batch_shapes(size: int, batch_size: int) -> list[int]:
+    return sorted({min(batch_size, size), size % batch_size} - {0})
+
+
+# ----------------------------------------------------------------------------------------- train
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: list[dict]
+    model: nn.Module
+    config: Config
+    summary: dict
+
+
+def _make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
+    o = cfg.optim
+    return torch.optim.SGD(model.parameters(), lr=cfg.schedule.max_lr, momentum=o.momentum, nesterov=o.nesterov,
+                           weight_decay=o.weight_decay)
+
+
+class EpochTable:
+    """The aligned per-epoch table printed during training."""
+
+    COLUMNS = [("epoch", "{:>5d}"), ("lr", "{:>8.4f}"), ("train_loss", "{:>10.4f}"), ("train_acc", "{:>9.2%}"),
+               ("test_loss", "{:>9.4f}"), ("test_acc", "{:>8.2%}"), ("epoch_s", "{:>7.1f}"),
+               ("train_img_s", "{:>11.0f}")]
+
+    def header(self) -> str:
+        widths = [len(fmt.format(0.0 if "d" not in fmt else 0)) for _, fmt in self.COLUMNS]
+        return "  ".join(name.rjust(w) for (name, _), w in zip(self.COLUMNS, widths, strict=True))
+
+    def row(self, metrics: dict) -> str:
+        return "  ".join(fmt.format(metrics[name]) for name, fmt in self.COLUMNS)
+
+
+def _setup_threads(run: RunConfig, device: torch.device) -> None:
+    if device.type == "cpu" and run.threads:
+        torch.set_num_threads(run.threads)
+
+
+def train(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
+    """Train the network as `cfg` says, writing the run directory; returns metrics and the model."""
+    cfg = cfg.validated()
+    device = resolve_device(cfg.run.device)
+    _setup_threads(cfg.run, device)
+    amp = Amp(device, resolve_precision(cfg.run.precision, device))
+    compiled = resolve_compile(cfg.run.compile, device)
+    seed_everything(cfg.run.seed, cfg.run.deterministic)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmuls/convs left
+
+    d = cfg.data
+    loaders: Loaders = make_loaders(d.data_dir, d.batch_size, d.test_batch_size, d.num_workers, device,
+                                    cfg.run.seed, d.train_subset, d.test_subset)
+    run_dir = rundir.create_run_dir(cfg.run.out_dir, cfg.run.name, cfg.preset, cfg.run.overwrite)
+    env = rundir.environment(device)
+    rundir.write_json(run_dir / "config.json", cfg.to_dict())
+    rundir.write_json(run_dir / "env.json", env)
+
+    model = CustomResNet(cfg.model)
+    log(summary(model))
+    memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=memory_format)
+    forward = torch.compile(model, mode=None if cfg.run.compile_mode == "default" else cfg.run.compile_mode) \
+        if compiled else model
+    optimizer = _make_optimizer(model, cfg)
+    s = cfg.schedule
+    steps_per_epoch = len(loaders.train)
+    scheduler = make_scheduler(optimizer, steps_per_epoch, s.epochs, s.peak_epoch, s.min_lr, s.max_lr)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    augment = BatchAugment(AugmentSettings(d.crop_padding, d.pad_mode, d.flip, d.cutout_size), device,
+                           cfg.run.seed, amp.dtype, cfg.run.channels_last)
+
+    log(f"run dir {run_dir} | device {env['device_name']} ({device}) | {str(amp.dtype).removeprefix('torch.')} | "
+        f"channels_last={cfg.run.channels_last} | compile={compiled} | threads {torch.get_num_threads()} | "
+        f"{loaders.train_size:,} train / {loaders.test_size:,} test images, {steps_per_epoch} steps/epoch")
+    compile_seconds = 0.0
+    if compiled:
+        compile_seconds = warm_up(forward, optimizer, loss_fn, amp, _batch_shapes(loaders.train_size, d.batch_size),
+                                  _batch_shapes(loaders.test_size, d.test_batch_size), memory_format)
+        log(f"torch.compile warm-up: {compile_seconds:.1f} s (not counted in epoch times)")
+
+    progress = {"auto": None, "on": True, "off": False}[cfg.run.progress]
+    table = EpochTable()
+    log(table.header())
+    metrics: list[dict] = []
+    for ep in range(1, s.epochs + 1):
+        lr = scheduler.get_last_lr()[0]
+        tr = train_one_epoch(forward, loaders.train, augment, optimizer, scheduler, loss_fn, amp,
+                             f"epoch {ep}/{s.epochs}", progress)
+        te = evaluate(forward, loaders.test, augment.test, loss_fn, amp)
+        row = {"epoch": ep, "lr": lr, "lr_end": scheduler.get_last_lr()[0], "train_loss": tr.loss,
+               "train_acc": tr.accuracy, "test_loss": te.loss, "test_acc": te.accuracy,
+               "train_s": tr.seconds, "test_s": te.seconds, "epoch_s": tr.seconds + te.seconds,
+               "train_img_s": tr.images / tr.seconds, "test_img_s": te.images / te.seconds}
+        metrics.append(row)
+        rundir.append_jsonl(run_dir / "metrics.jsonl", row)
+        log(table.row(row))
+
+    rundir.save_checkpoint(run_dir / "model.pt", {"model": model.state_dict(), "config": cfg.to_dict(),
+                                                  "epoch": s.epochs})
+    result = _summarise(metrics, compile_seconds, count_parameters(model))
+    rundir.write_json(run_dir / "results.json", result)
+    log(f"final test accuracy {result['final_test_acc']:.2%} (best {result['best_test_acc']:.2%}) | "
+        f"{result['train_seconds']:.0f} s training, {result['total_seconds']:.0f} s in epochs, "
+        f"{result['mean_train_img_s']:.0f} img/s | {run_dir}")
+    return TrainResult(run_dir, metrics, model, cfg, result)
+
+
+def _summarise(metrics: list[dict], compile_seconds: float, parameters: int) -> dict:
+    total = sum(m["epoch_s"] for m in metrics)
+    train_s = sum(m["train_s"] for m in metrics)
+    images = sum(m["train_img_s"] * m["train_s"] for m in metrics)
+    return {
+        "epochs": len(metrics),
+        "final_test_acc": metrics[-1]["test_acc"],
+        "best_test_acc": max(m["test_acc"] for m in metrics),
+        "final_test_loss": metrics[-1]["test_loss"],
+        "train_seconds": train_s,
+        "total_seconds": total,
+        "compile_seconds": compile_seconds,
+        "mean_train_img_s": images / train_s,
+        "parameters": parameters,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastcifar.train",
+        description="Train the custom ResNet on CIFAR-10 (betons from data_prep/write_beton.py).",
+        epilog="Every config field is a dotted flag, e.g. --optim.weight_decay 1e-3 (see fastcifar/config.py).",
+    )
+    add_config_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        train(config_from_args(args))
+    except FastCifarError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ValueError) else 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastcifar.augment import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    AugmentSettings,
+    BatchAugment,
+    cutout,
+    normalize,
+    random_crop,
+    random_flip,
+)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def batch(n: int = 16, channels_last: bool = True, seed: int = 0) -> torch.Tensor:
+    x = torch.randint(1, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen(seed))
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("pad_mode", ["zeros", "reflect"])
+def test_crop_is_a_window_of_the_padded_image(pad_mode, channels_last):
+    x = batch(channels_last=channels_last)
+    out = random_crop(x, 4, gen(), pad_mode)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    padded = F.pad(x.float(), (4, 4, 4, 4), mode="constant" if pad_mode == "zeros" else "reflect")
+    offsets = set()
+    for i in range(len(x)):
+        matches = [(dy, dx) for dy in range(9) for dx in range(9)
+                   if torch.equal(padded[i, :, dy:dy + 32, dx:dx + 32], out[i].float())]
+        assert matches, f"image {i} is not a window of its padded input"
+        offsets.add(matches[0])
+    assert len(offsets) > 1  # each image draws its own offset
+
+
+def test_crop_without_padding_is_identity():
+    x = batch()
+    assert torch.equal(random_crop(x, 0, gen()), x)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_flip_p1_mirrors_and_p0_is_identity(channels_last):
+    x = batch(channels_last=channels_last)
+    assert torch.equal(random_flip(x, gen(), p=1.0), x.flip(-1))
+    assert torch.equal(random_flip(x, gen(), p=0.0), x)
+
+
+def test_flip_half_flips_some_images_and_not_others():
+    x = batch(64)
+    out = random_flip(x, gen(), p=0.5)
+    flipped = [torch.equal(out[i], x[i].flip(-1)) for i in range(64)]
+    kept = [torch.equal(out[i], x[i]) for i in range(64)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True)) and 10 < sum(flipped) < 54
+
+
+@pytest.mark.parametrize("size", [8, 5])
+def test_cutout_fills_exactly_one_clipped_square_per_image(size):
+    x = torch.full((200, 3, 32, 32), 255, dtype=torch.uint8)
+    out = cutout(x, size, gen(), torch.tensor([0, 0, 0], dtype=torch.uint8))
+    clipped = 0
+    for img in out:
+        mask = (img == 0).all(dim=0)
+        rows, cols = mask.any(dim=1).nonzero().flatten(), mask.any(dim=0).nonzero().flatten()
+        assert len(rows) and len(cols)
+        # the filled pixels form one solid rectangle of at most size x size
+        block = mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert block.all() and mask.sum() == block.numel()
+        assert len(rows) <= size and len(cols) <= size
+        # a rectangle smaller than the square only where it touches the border
+        assert len(rows) == size or rows.min() == 0 or rows.max() == 31
+        assert len(cols) == size or cols.min() == 0 or cols.max() == 31
+        clipped += mask.sum() < size * size
+        assert ((img == 255).all(dim=0) | mask).all()  # nothing else changed
+    assert 0 < clipped < 200
+
+
+def test_cutout_fill_value_is_per_channel():
+    x = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    out = cutout(x, 8, gen(), torch.tensor([10, 20, 30], dtype=torch.uint8))
+    for c, value in enumerate([10, 20, 30]):
+        assert set(out[:, c].unique().tolist()) == {0, value}
+
+
+def test_normalize_matches_the_formula_and_keeps_dtype():
+    x = batch()
+    mean, std = torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD)
+    out = normalize(x, mean, std, torch.bfloat16)
+    expected = (x.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_augment_is_reproducible_and_channels_last(dtype):
+    x = batch(32)
+    settings = AugmentSettings(crop_padding=4, pad_mode="zeros", flip=True, cutout_size=8)
+    a = BatchAugment(settings, torch.device("cpu"), seed=3, dtype=dtype).train(x)
+    b = BatchAugment(settings, torch.device("cpu"), seed=3, dtype=dtype).train(x)
+    c = BatchAugment(settings, torch.device("cpu"), seed=4, dtype=dtype).train(x)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == x.shape and a.dtype == dtype and a.is_contiguous(memory_format=torch.channels_last)
+    assert torch.isfinite(a.float()).all()
+
+
+def test_cutout_fill_normalises_to_about_zero():
+    aug = BatchAugment(AugmentSettings(), torch.device("cpu"), 0, torch.float32)
+    filled = aug.test(aug.fill.view(1, 3, 1, 1).expand(1, 3, 32, 32))
+    assert filled.abs().max() < 0.5 / 255 / min(CIFAR10_STD)  # within uint8 rounding of zero

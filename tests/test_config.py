@@ -1,0 +1,90 @@
+import json
+
+import pytest
+
+from fastcifar.config import PRESETS, Config, ConfigError, add_config_arguments, all_keys, config_from_args
+from fastcifar.train import build_parser
+
+
+def test_reference_defaults_match_the_spec():
+    cfg = Config.from_preset("reference")
+    assert cfg.schedule.epochs == 24 and cfg.schedule.peak_epoch == 5
+    assert cfg.data.batch_size == 512 and cfg.optim.momentum == 0.9
+    assert cfg.model.widths == (64, 128, 256, 512)
+    assert (cfg.data.crop_padding, cfg.data.flip, cfg.data.cutout_size) == (4, True, 8)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_are_valid(name):
+    assert Config.from_preset(name).preset == name
+
+
+@pytest.mark.parametrize(("key", "text", "expected"), [
+    ("schedule.epochs", "30", 30),
+    ("schedule.max_lr", "0.1", 0.1),
+    ("optim.nesterov", "true", True),
+    ("optim.nesterov", "off", False),
+    ("model.widths", "8,16,32,64", (8, 16, 32, 64)),
+    ("run.device", "cpu", "cpu"),
+])
+def test_override_parses_strings_to_field_types(key, text, expected):
+    section, name = key.split(".")
+    assert getattr(getattr(Config().override({key: text}), section), name) == expected
+
+
+@pytest.mark.parametrize(("key", "value", "fragment"), [
+    ("schedule.epochs", 0, "epochs must be >= 1"),
+    ("schedule.peak_epoch", 30, "peak_epoch"),
+    ("schedule.min_lr", 1.0, "min_lr <= schedule.max_lr"),
+    ("data.pad_mode", "wrap", "pad_mode"),
+    ("model.widths", "1,2,3", "4 positive integers"),
+    ("run.device", "tpu", "run.device"),
+    ("run.precision", "fp8", "run.precision"),
+    ("schedule.epochs", "many", "cannot read 'many' as int"),
+    ("optim.nesterov", "maybe", "as bool"),
+    ("schedule.epochs", 2.5, "as int"),
+    ("optim.nesterov_momentum", 1, "unknown option 'optim.nesterov_momentum'"),
+    ("training.lr", 1, "unknown config section 'training'"),
+])
+def test_invalid_values_are_rejected_with_the_field_named(key, value, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(".", r"\.")):
+        Config().override({key: value})
+
+
+def test_dict_round_trip_and_unknown_keys():
+    cfg = Config.from_preset("smoke", {"optim.weight_decay": 1e-3})
+    assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ConfigError, match="unknown option 'data.colour'"):
+        Config.from_dict({"data": {"colour": 1}})
+
+
+def test_cli_short_and_dotted_flags_map_onto_the_config():
+    args = build_parser().parse_args(["--preset", "smoke", "--epochs", "3", "--batch-size", "64", "--max-lr", "0.2",
+                                      "--optim.weight_decay", "1e-3", "--run.channels_last", "false", "--overwrite"])
+    cfg = config_from_args(args)
+    assert (cfg.schedule.epochs, cfg.data.batch_size, cfg.schedule.max_lr) == (3, 64, 0.2)
+    assert cfg.optim.weight_decay == 1e-3 and cfg.run.channels_last is False and cfg.run.overwrite is True
+    assert cfg.model.widths == PRESETS["smoke"].model.widths  # untouched fields keep the preset's values
+
+
+def test_cli_rejects_unknown_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["--optim.lr", "0.1"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --optim.lr" in capsys.readouterr().err
+
+
+def test_every_field_has_a_dotted_flag():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    flags = {s for action in parser._actions for s in action.option_strings}
+    assert all(f"--{key}" in flags for key in all_keys())
+
+
+def test_config_file_is_a_starting_point(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(Config.from_preset("smoke", {"run.seed": 7}).to_dict()))
+    cfg = config_from_args(build_parser().parse_args(["--config", str(path), "--epochs", "1"]))
+    assert (cfg.preset, cfg.run.seed, cfg.schedule.epochs) == ("smoke", 7, 1)

@@ -1,0 +1,116 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastcifar.config import Config
+from fastcifar.custom_resnet import CustomResNet
+from fastcifar.errors import FastCifarError
+from fastcifar.train import EpochTable, main, resolve_precision, train
+
+TINY = {"model.widths": "8,16,32,64", "data.batch_size": 64, "data.test_batch_size": 64, "data.num_workers": 1,
+        "schedule.epochs": 3, "schedule.peak_epoch": 1, "schedule.max_lr": 0.05, "schedule.min_lr": 0.005,
+        "run.compile": "off", "run.precision": "fp32", "run.progress": "off"}
+
+
+def tiny_config(synthetic, tmp_path, **overrides) -> Config:
+    return Config.from_preset("reference", TINY | {"data.data_dir": str(synthetic["data_dir"]),
+                                                   "run.out_dir": str(tmp_path), "run.name": "run"} | overrides)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(synthetic, tmp_path_factory):
+    return train(tiny_config(synthetic, tmp_path_factory.mktemp("runs")), log=lambda _: None)
+
+
+def test_training_lowers_the_loss_and_learns(tiny_run):
+    losses = [m["train_loss"] for m in tiny_run.metrics]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert tiny_run.metrics[-1]["test_acc"] > 0.5  # 10 colour classes; chance is 0.1
+    assert all(m["train_img_s"] > 0 and m["epoch_s"] > 0 for m in tiny_run.metrics)
+
+
+def test_run_directory_holds_config_metrics_env_results_and_checkpoint(tiny_run):
+    run_dir = tiny_run.run_dir
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    assert Config.from_dict(json.loads((run_dir / "config.json").read_text())) == tiny_run.config
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["final_test_acc"] == tiny_run.metrics[-1]["test_acc"] and results["epochs"] == 3
+    ckpt = torch.load(run_dir / "model.pt", weights_only=True)
+    model = CustomResNet(tiny_run.config.model)
+    model.load_state_dict(ckpt["model"])
+    assert Config.from_dict(ckpt["config"]) == tiny_run.config
+    for name, tensor in tiny_run.model.state_dict().items():
+        assert torch.equal(tensor.cpu(), model.state_dict()[name])
+
+
+def test_lr_column_follows_the_one_cycle(tiny_run):
+    lrs = [m["lr"] for m in tiny_run.metrics]
+    assert lrs[0] == pytest.approx(0.005) and lrs[1] == pytest.approx(0.05)  # peak at the end of epoch 1
+    assert lrs[1] > lrs[2] > 0.005
+
+
+def test_finished_run_is_not_overwritten_without_permission(tiny_run, synthetic):
+    cfg = tiny_config(synthetic, tiny_run.run_dir.parent)
+    with pytest.raises(FastCifarError, match="already holds a finished run.*--overwrite"):
+        train(cfg, log=lambda _: None)
+    assert (tiny_run.run_dir / "results.json").exists()
+
+
+def test_same_seed_same_metrics(synthetic, tmp_path):
+    overrides = {"schedule.epochs": 1, "schedule.peak_epoch": 1, "run.deterministic": True}
+    a = train(tiny_config(synthetic, tmp_path, **overrides, **{"run.name": "a"}), log=lambda _: None)
+    b = train(tiny_config(synthetic, tmp_path, **overrides, **{"run.name": "b"}), log=lambda _: None)
+    keys = ("train_loss", "train_acc", "test_loss", "test_acc")
+    assert [a.metrics[0][k] for k in keys] == [b.metrics[0][k] for k in keys]
+
+
+def test_bf16_channels_last_path_runs(synthetic, tmp_path):
+    result = train(tiny_config(synthetic, tmp_path, **{"schedule.epochs": 1, "schedule.peak_epoch": 1,
+                                                       "run.precision": "bf16"}), log=lambda _: None)
+    assert result.metrics[0]["train_loss"] == pytest.approx(result.metrics[0]["train_loss"])  # not NaN
+    assert result.summary["parameters"] == sum(p.numel() for p in result.model.parameters())
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_shapes_and_learns(synthetic, tmp_path):
+    result = train(tiny_config(synthetic, tmp_path, **{"schedule.epochs": 2, "run.compile": "on"}),
+                   log=lambda _: None)
+    assert result.summary["compile_seconds"] > 0
+    assert result.metrics[-1]["train_loss"] < result.metrics[0]["train_loss"]
+
+
+def test_fp16_is_refused_on_cpu():
+    with pytest.raises(FastCifarError, match="fp16 is for CUDA"):
+        resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_epoch_table_aligns_header_and_rows():
+    table = EpochTable()
+    row = table.row({"epoch": 3, "lr": 0.1, "train_loss": 1.2, "train_acc": 0.5, "test_loss": 1.1, "test_acc": 0.6,
+                     "epoch_s": 12.3, "train_img_s": 150.2})
+    assert len(row) == len(table.header()) and "50.00%" in row
+
+
+def test_cli_errors_are_one_line_with_exit_2(capsys, tmp_path):
+    assert main(["--epochs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: schedule.epochs must be >= 1, got 0\n"
+    assert main(["--preset", "smoke", "--data-dir", str(tmp_path)]) == 1
+    assert "missing" in capsys.readouterr().err
+
+
+def test_cli_runs_end_to_end_as_a_module(synthetic, tmp_path):
+    args = [f"--{k}={v}" for k, v in TINY.items()] + [
+        "--data-dir", str(synthetic["data_dir"]), "--out-dir", str(tmp_path), "--name", "cli", "--epochs", "1",
+        "--schedule.peak_epoch", "1"]
+    proc = subprocess.run([sys.executable, "-m", "fastcifar.train", *args], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Total params" in proc.stdout and "train_img_s" in proc.stdout and "final test accuracy" in proc.stdout
+    assert (tmp_path / "cli" / "model.pt").is_file()

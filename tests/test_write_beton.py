@@ -1,0 +1,253 @@
+import contextlib
+import http.server
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep import write_beton as wb
+from fastcifar.errors import DataError
+from tests.synthetic import add_bytes, md5_of, write_archive
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def archive(tmp_path) -> Path:
+    path = tmp_path / "src" / "cifar-10-python.tar.gz"
+    path.parent.mkdir()
+    write_archive(path, per_batch=10, n_test=20)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def no_archive_env(monkeypatch):
+    monkeypatch.delenv(wb.ARCHIVE_ENV, raising=False)
+
+
+def test_reads_the_exact_cifar_layout(archive, tmp_path):
+    train_x, train_y, test_x, test_y = write_archive(archive, per_batch=10, n_test=20)
+    train, test = wb.read_cifar10(archive, tmp_path, counts=(50, 20))
+    np.testing.assert_array_equal(train.images, train_x)
+    np.testing.assert_array_equal(train.labels, train_y)
+    np.testing.assert_array_equal(test.images, test_x)
+    assert train.images.shape == (50, 32, 32, 3) and train.images.dtype == np.uint8
+
+
+def test_prepare_writes_betons_and_manifest_then_skips(archive, tmp_path, capsys):
+    data = tmp_path / "data"
+    manifest = wb.prepare(data, archive=str(archive), counts=(50, 20), num_workers=1)
+    assert manifest["train"]["count"] == 50 and manifest["test"]["count"] == 20
+    assert manifest["source_md5"] == md5_of(archive)
+    assert sorted(p.name for p in data.iterdir()) == ["betons.json", "test.beton", "train.beton"]
+    out = capsys.readouterr().out
+    assert "wrote" in out and "50 images" in out
+    mtime = (data / "train.beton").stat().st_mtime_ns
+    wb.prepare(data, archive=str(archive), counts=(50, 20))
+    assert "up to date" in capsys.readouterr().out
+    assert (data / "train.beton").stat().st_mtime_ns == mtime
+    wb.prepare(data, archive=str(archive), counts=(50, 20), force=True, num_workers=1)
+    assert (data / "train.beton").stat().st_mtime_ns != mtime
+
+
+def test_archive_source_order(archive, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    other = tmp_path / "env.tar.gz"
+    other.write_bytes(archive.read_bytes())
+    (data / wb.ARCHIVE_NAME).write_bytes(archive.read_bytes())
+    assert wb.resolve_archive(str(archive), data, "http://unused", "x") == (archive, False)
+    monkeypatch.setenv(wb.ARCHIVE_ENV, str(other))
+    assert wb.resolve_archive(None, data, "http://unused", "x") == (other, False)
+    monkeypatch.delenv(wb.ARCHIVE_ENV)
+    assert wb.resolve_archive(None, data, "http://unused", "x") == (data / wb.ARCHIVE_NAME, False)
+
+
+def test_counts_are_checked_against_the_real_sizes(archive, tmp_path):
+    with pytest.raises(DataError, match="50 train images, expected 50000; not CIFAR-10"):
+        wb.read_cifar10(archive, tmp_path)
+
+
+def _tar(path: Path, members: dict[str, bytes], links: dict[str, str] | None = None) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, payload in members.items():
+            add_bytes(tar, name, payload)
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+    return path
+
+
+@pytest.mark.parametrize(("members", "links", "fragment"), [
+    ({"../evil": b"x"}, None, "unsafe"),
+    ({"/etc/evil": b"x"}, None, "unsafe"),
+    ({}, {"cifar-10-batches-py/data_batch_1": "/etc/passwd"}, "link or special file"),
+    ({"cifar-10-batches-py/readme.txt": b"hi"}, None, "no cifar-10-batches-py/batches.meta"),
+])
+def test_unsafe_or_foreign_archives_are_refused(tmp_path, members, links, fragment):
+    path = _tar(tmp_path / "bad.tar.gz", members, links)
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(DataError, match=fragment):
+        wb.read_cifar10(path, work, counts=None)
+    assert not (tmp_path / "evil").exists() and list(work.iterdir()) == []
+
+
+def test_a_file_that_is_not_an_archive_is_refused(tmp_path):
+    path = tmp_path / "cifar-10-python.tar.gz"
+    path.write_bytes(b"\x1f\x8b" + os.urandom(1000))
+    with pytest.raises(DataError, match="not a readable tar.gz"):
+        wb.read_cifar10(path, tmp_path, counts=None)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_pickles_cannot_run_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    evil = pickle.dumps({b"data": _Boom()}, protocol=2)
+    with pytest.raises(DataError, match="refusing to load (posix|os).system"):
+        wb.load_pickle(evil, "data_batch_1")
+    assert not (tmp_path / "pwned").exists()
+    path = tmp_path / "a.tar.gz"
+    write_archive(path, per_batch=10, n_test=20)
+    with tarfile.open(path) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    members["cifar-10-batches-py/data_batch_3"] = evil
+    with pytest.raises(DataError, match="data_batch_3 is not a CIFAR-10 batch pickle"):
+        wb.read_cifar10(_tar(tmp_path / "b.tar.gz", members), tmp_path / "w", counts=None)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_wrong_image_shape_is_refused(tmp_path):
+    bad = pickle.dumps({b"data": np.zeros((4, 100), np.uint8), b"labels": [0, 1, 2, 3]}, protocol=2)
+    with pytest.raises(DataError, match=r"uint8 array \[N, 3072\]"):
+        wb._split([wb.load_pickle(bad, "data_batch_1")], ["data_batch_1"])
+
+
+# ----------------------------------------------------------------------------------- download path
+
+
+@pytest.fixture
+def http_server(archive):
+    """Serves the synthetic archive on 127.0.0.1 (an ephemeral port)."""
+    payload = archive.read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            if self.path != "/cifar-10-python.tar.gz":
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_with_good_md5(http_server, archive, tmp_path):
+    data = tmp_path / "data"
+    manifest = wb.prepare(data, url=f"{http_server}/cifar-10-python.tar.gz", md5=md5_of(archive), counts=(50, 20),
+                          num_workers=1)
+    assert (data / wb.ARCHIVE_NAME).read_bytes() == archive.read_bytes()
+    assert manifest["train"]["count"] == 50
+    assert not list(data.glob("*.part"))
+
+
+def test_download_with_bad_md5_deletes_the_file(http_server, tmp_path):
+    data = tmp_path / "data"
+    with pytest.raises(DataError, match="expected 0123"):
+        wb.prepare(data, url=f"{http_server}/cifar-10-python.tar.gz", md5="0123", counts=(50, 20))
+    assert list(data.iterdir()) == []
+
+
+def test_download_of_missing_file_fails_cleanly(http_server, tmp_path):
+    with pytest.raises(DataError, match="cannot download .*404.*--archive"):
+        wb.prepare(tmp_path / "data", url=f"{http_server}/nope.tar.gz", md5="x")
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_unreachable_host_fails_with_the_offline_hint(tmp_path):
+    with contextlib.closing(socket.socket()) as sock:  # a port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(DataError, match=f"offline\\? pass a local archive with --archive PATH or set {wb.ARCHIVE_ENV}"):
+        wb.prepare(tmp_path / "data", url=f"http://127.0.0.1:{port}/c.tar.gz", md5="x", counts=None)
+
+
+# ------------------------------------------------------------------------------------ command line
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != wb.ARCHIVE_ENV} | (env or {})
+    return subprocess.run([sys.executable, str(REPO / "data_prep" / "write_beton.py"), *args],
+                          capture_output=True, text=True, env=environ, timeout=120)
+
+
+def test_cli_reports_errors_in_one_line_and_exits_nonzero(archive, tmp_path):
+    proc = _cli("--archive", str(tmp_path / "missing.tar.gz"), "--data-dir", str(tmp_path / "d"))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: --archive names")
+    proc = _cli("--archive", str(archive), "--data-dir", str(tmp_path / "d"))  # 50 images is not CIFAR-10
+    assert proc.returncode == 1 and "expected 50000" in proc.stderr
+    assert not list((tmp_path / "d").glob("*.beton"))
+
+
+def test_cli_env_var_and_counts(archive, tmp_path):
+    proc = _cli("--data-dir", str(tmp_path / "d"), "--expect-counts", "50,20", "--workers", "1",
+                env={wb.ARCHIVE_ENV: str(archive)})
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout and (tmp_path / "d" / "train.beton").is_file()
+
+
+def test_unwritable_data_dir(archive, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(DataError, match="cannot write to data directory"):
+        wb.prepare(blocker / "data", archive=str(archive))
+
+
+def test_stale_betons_without_manifest_are_rebuilt(archive, tmp_path):
+    data = tmp_path / "data"
+    wb.prepare(data, archive=str(archive), counts=(50, 20), num_workers=1)
+    (data / "train.beton").write_bytes(b"truncated")
+    assert wb.read_manifest(data) is None
+    wb.prepare(data, archive=str(archive), counts=(50, 20), num_workers=1)
+    assert wb.read_manifest(data) is not None
+
+
+def test_interrupted_write_leaves_no_complete_looking_beton(archive, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    calls = []
+
+    def fail_second(split, path, workers):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        original(split, path, workers)
+
+    original = wb.write_beton
+    monkeypatch.setattr(wb, "write_beton", fail_second)
+    with pytest.raises(KeyboardInterrupt):
+        wb.prepare(data, archive=str(archive), counts=(50, 20), num_workers=1)
+    assert wb.read_manifest(data) is None and not (data / "test.beton").exists()
+    assert not list(data.glob("*.tmp")) and not list(data.glob(".extract-*"))
