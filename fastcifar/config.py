@@ -64,6 +64,22 @@ class ScheduleConfig:
     peak_epoch: float = 5.0
     min_lr: float = 0.04
     max_lr: float = 0.4
+    lr_from: str = ""  # a find_lr.json whose suggestion sets min_lr/max_lr (recorded here when used)
+
+
+@dataclass(frozen=True)
+class LRFinderConfig:
+    """LR range test (python -m fastcifar.find_lr): see fastcifar/find_lr.py for the suggestion rule."""
+
+    start_lr: float = 1e-4
+    end_lr: float = 10.0
+    steps: int = 100  # optimizer steps from start_lr to end_lr (fewer if the loss diverges)
+    mode: str = "exp"  # exp (geometric LR steps) | linear
+    smoothing: float = 0.95  # EMA factor for the loss curve (0 = no smoothing)
+    diverge_factor: float = 4.0  # stop once the smoothed loss exceeds this multiple of the best seen
+    min_lr_divisor: float = 10.0  # suggested min_lr = suggested max_lr / this
+    sweep: tuple[float, ...] = ()  # epoch-wise sweep instead: one short training epoch per LR value
+    sweep_images: int = 0  # images per sweep epoch (0 = the whole training set)
 
 
 @dataclass(frozen=True)
@@ -87,6 +103,7 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "optim": OptimConfig,
     "schedule": ScheduleConfig,
+    "lr_finder": LRFinderConfig,
     "run": RunConfig,
 }
 
@@ -97,6 +114,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    lr_finder: LRFinderConfig = field(default_factory=LRFinderConfig)
     run: RunConfig = field(default_factory=RunConfig)
     preset: str = "reference"
 
@@ -182,6 +200,8 @@ def _is_device(text: str) -> bool:
     return head in {"auto", "cpu"} and not index or head == "cuda" and (not index or index.isdigit())
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 # Each check returns an error message, or "" when the config is fine.
 _CHECKS = [
     lambda c: "" if c.schedule.epochs >= 1 else f"schedule.epochs must be >= 1, got {c.schedule.epochs}",
@@ -210,13 +230,24 @@ _CHECKS = [
     else f"run.precision must be auto, fp32, bf16 or fp16, got {c.run.precision!r}",
     lambda c: "" if c.run.compile in ("auto", "on", "off")
     else f"run.compile must be auto, on or off, got {c.run.compile!r}",
-    lambda c: "" if c.run.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    lambda c: "" if c.run.compile_mode in COMPILE_MODES
     else f"run.compile_mode must be a torch.compile mode, got {c.run.compile_mode!r}",
+    lambda c: "" if 0 < c.lr_finder.start_lr < c.lr_finder.end_lr
+    else "need 0 < lr_finder.start_lr < lr_finder.end_lr",
+    lambda c: "" if c.lr_finder.steps >= 2 else "lr_finder.steps must be >= 2",
+    lambda c: "" if c.lr_finder.mode in ("exp", "linear")
+    else f"lr_finder.mode must be exp or linear, got {c.lr_finder.mode!r}",
+    lambda c: "" if 0 <= c.lr_finder.smoothing < 1 else "lr_finder.smoothing must be in [0, 1)",
+    lambda c: "" if c.lr_finder.diverge_factor > 1 else "lr_finder.diverge_factor must be > 1",
+    lambda c: "" if c.lr_finder.min_lr_divisor >= 1 else "lr_finder.min_lr_divisor must be >= 1",
+    lambda c: "" if all(lr > 0 for lr in c.lr_finder.sweep) else "lr_finder.sweep values must be > 0",
+    lambda c: "" if c.lr_finder.sweep_images >= 0 else "lr_finder.sweep_images must be >= 0",
     lambda c: "" if c.run.seed >= 0 else "run.seed must be >= 0",
     lambda c: "" if c.run.threads >= 0 else "run.threads must be >= 0 (0 = all cores)",
     lambda c: "" if c.run.progress in ("auto", "on", "off")
     else f"run.progress must be auto, on or off, got {c.run.progress!r}",
-    lambda c: "" if "/" not in c.run.name and c.run.name not in (".", "..") else "run.name must be a plain directory name",
+    lambda c: "" if "/" not in c.run.name and c.run.name not in (".", "..")
+    else "run.name must be a plain directory name",
 ]
 
 
@@ -240,6 +271,7 @@ SHORT_FLAGS: dict[str, str] = {
     "--batch-size": "data.batch_size",
     "--max-lr": "schedule.max_lr",
     "--min-lr": "schedule.min_lr",
+    "--lr-from": "schedule.lr_from",
     "--data-dir": "data.data_dir",
     "--workers": "data.num_workers",
     "--device": "run.device",
@@ -275,5 +307,21 @@ def config_from_args(args: argparse.Namespace) -> Config:
             base = Config.from_dict(json.loads(Path(args.config).read_text()))
         except (OSError, json.JSONDecodeError) as err:
             raise ConfigError(f"cannot read config file {args.config}: {err}") from None
-        return base.override(overrides)
-    return Config.from_preset(args.preset, overrides)
+        cfg = base.override(overrides)
+    else:
+        cfg = Config.from_preset(args.preset, overrides)
+    if "schedule.lr_from" in overrides:
+        if {"schedule.min_lr", "schedule.max_lr"} & overrides.keys():
+            raise ConfigError("give either --lr-from or --min-lr/--max-lr, not both")
+        cfg = with_lr_from(cfg, cfg.schedule.lr_from)
+    return cfg
+
+
+def with_lr_from(cfg: Config, path: str) -> Config:
+    """`cfg` with min_lr/max_lr taken from the suggestion in a find_lr.json (and its path recorded)."""
+    try:
+        suggestion = json.loads(Path(path).read_text())["suggestion"]
+        lrs = {"schedule.min_lr": float(suggestion["min_lr"]), "schedule.max_lr": float(suggestion["max_lr"])}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"--lr-from {path}: not a find_lr.json with a suggestion ({err})") from None
+    return cfg.override(lrs | {"schedule.lr_from": str(path)})

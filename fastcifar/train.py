@@ -24,12 +24,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from fastcifar import rundir
+from fastcifar import report, rundir
 from fastcifar.augment import AugmentSettings, BatchAugment
-from fastcifar.config import Config, RunConfig, add_config_arguments, config_from_args
+from fastcifar.config import Config, add_config_arguments, config_from_args
 from fastcifar.custom_resnet import CustomResNet, count_parameters, summary
 from fastcifar.data import Loaders, epoch, make_loaders
 from fastcifar.errors import FastCifarError
+from fastcifar.evaluate import predict
 from fastcifar.schedule import make_scheduler
 
 PROGRESS_EVERY = 10  # steps between progress-bar updates (each one is a host-device sync on a GPU)
@@ -134,6 +135,20 @@ def _progress(total: int, desc: str, enabled: bool | None) -> tqdm:
                 dynamic_ncols=True)
 
 
+def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, augment: BatchAugment,
+               optimizer: torch.optim.Optimizer, loss_fn: nn.Module, amp: Amp) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment, forward, backward and one optimizer step; returns (loss, logits), still on the device."""
+    inputs = augment.train(images)
+    with amp.autocast():
+        logits = model(inputs)
+        loss = loss_fn(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    amp.scaler.scale(loss).backward()
+    amp.scaler.step(optimizer)
+    amp.scaler.update()
+    return loss, logits
+
+
 def train_one_epoch(model: nn.Module, loader: Any, augment: BatchAugment, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, amp: Amp,
                     desc: str = "train", progress: bool | None = None) -> PassStats:
@@ -143,14 +158,7 @@ def train_one_epoch(model: nn.Module, loader: Any, augment: BatchAugment, optimi
     start = time.perf_counter()
     with epoch(loader) as batches, _progress(len(loader), desc, progress) as bar:
         for step, (images, labels) in enumerate(batches, 1):
-            inputs = augment.train(images)
-            with amp.autocast():
-                logits = model(inputs)
-                loss = loss_fn(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            amp.scaler.scale(loss).backward()
-            amp.scaler.step(optimizer)
-            amp.scaler.update()
+            loss, logits = train_step(model, images, labels, augment, optimizer, loss_fn, amp)
             scheduler.step()
             totals.add(loss, logits, labels)
             if not bar.disable and (step % PROGRESS_EVERY == 0 or step == len(loader)):
@@ -179,13 +187,22 @@ def evaluate(model: nn.Module, loader: Any, normalize: Callable[[torch.Tensor], 
     return PassStats(loss_avg, acc, totals.images, time.perf_counter() - start)
 
 
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Copies of the model's weights and buffers and of the optimizer state, for `restore`."""
+    return copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+
+
+def restore(model: nn.Module, optimizer: torch.optim.Optimizer, saved: tuple[dict, dict]) -> None:
+    model.load_state_dict(saved[0])
+    optimizer.load_state_dict(saved[1])
+
+
 def warm_up(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, amp: Amp,
             train_shapes: list[int], test_shapes: list[int], memory_format: torch.memory_format) -> float:
     """Run the compiled model on every batch shape the epoch will see (train and eval mode), then
     restore weights, BN statistics and optimizer state; returns the seconds it took (compile time)."""
     start = time.perf_counter()
-    saved_model = copy.deepcopy(model.state_dict())
-    saved_optim = copy.deepcopy(optimizer.state_dict())
+    saved = snapshot(model, optimizer)
     gen = torch.Generator(device=amp.device).manual_seed(12345)  # leaves the global RNG stream alone
 
     def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,8 +222,7 @@ def warm_up(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Modu
             x, y = batch(n)
             with amp.autocast():
                 loss_fn(model(x), y)
-    model.load_state_dict(saved_model)
-    optimizer.load_state_dict(saved_optim)
+    restore(model, optimizer, saved)
     _sync(amp.device)
     return time.perf_counter() - start
 
@@ -248,51 +264,78 @@ class EpochTable:
         return "  ".join(fmt.format(metrics[name]) for name, fmt in self.COLUMNS)
 
 
-def _setup_threads(run: RunConfig, device: torch.device) -> None:
-    if device.type == "cpu" and run.threads:
-        torch.set_num_threads(run.threads)
+@dataclass
+class Session:
+    """Everything a training-like job sets up from a config: device, precision, loaders, run directory,
+    model (and its compiled form), optimizer, loss and augmentation."""
+
+    cfg: Config
+    device: torch.device
+    amp: Amp
+    loaders: Loaders
+    run_dir: Path
+    env: dict
+    model: nn.Module  # the plain module (its state_dict has no compile prefixes)
+    forward: nn.Module  # what the loops call: `model`, or its torch.compile wrapper
+    compiled: bool
+    optimizer: torch.optim.Optimizer
+    loss_fn: nn.Module
+    augment: BatchAugment
+
+    @classmethod
+    def open(cls, cfg: Config, log: Callable[[str], None] = print) -> Session:
+        cfg = cfg.validated()
+        device = resolve_device(cfg.run.device)
+        if device.type == "cpu" and cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        amp = Amp(device, resolve_precision(cfg.run.precision, device))
+        compiled = resolve_compile(cfg.run.compile, device)
+        seed_everything(cfg.run.seed, cfg.run.deterministic)
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmuls/convs left
+        d = cfg.data
+        loaders = make_loaders(d.data_dir, d.batch_size, d.test_batch_size, d.num_workers, device, cfg.run.seed,
+                               d.train_subset, d.test_subset)
+        run_dir = rundir.create_run_dir(cfg.run.out_dir, cfg.run.name, cfg.preset, cfg.run.overwrite)
+        env = rundir.environment(device)
+        rundir.write_json(run_dir / "config.json", cfg.to_dict())
+        rundir.write_json(run_dir / "env.json", env)
+        model = CustomResNet(cfg.model)
+        log(summary(model))
+        model = model.to(device=device, memory_format=_memory_format(cfg))
+        mode = None if cfg.run.compile_mode == "default" else cfg.run.compile_mode
+        forward = torch.compile(model, mode=mode) if compiled else model
+        augment = BatchAugment(AugmentSettings(d.crop_padding, d.pad_mode, d.flip, d.cutout_size), device,
+                               cfg.run.seed, amp.dtype, cfg.run.channels_last)
+        log(f"run dir {run_dir} | device {env['device_name']} ({device}) | {str(amp.dtype).removeprefix('torch.')} "
+            f"| channels_last={cfg.run.channels_last} | compile={compiled} | threads {torch.get_num_threads()} | "
+            f"{loaders.train_size:,} train / {loaders.test_size:,} test images, {len(loaders.train)} steps/epoch")
+        return cls(cfg, device, amp, loaders, run_dir, env, model, forward, compiled, _make_optimizer(model, cfg),
+                   nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing), augment)
+
+    def warm_up(self) -> float:
+        """Compile (if enabled) on every batch shape of the run; returns seconds spent (0 when eager)."""
+        if not self.compiled:
+            return 0.0
+        d = self.cfg.data
+        return warm_up(self.forward, self.optimizer, self.loss_fn, self.amp,
+                       _batch_shapes(self.loaders.train_size, d.batch_size),
+                       _batch_shapes(self.loaders.test_size, d.test_batch_size), _memory_format(self.cfg))
+
+
+def _memory_format(cfg: Config) -> torch.memory_format:
+    return torch.channels_last if cfg.run.channels_last else torch.contiguous_format
 
 
 def train(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
     """Train the network as `cfg` says, writing the run directory; returns metrics and the model."""
-    cfg = cfg.validated()
-    device = resolve_device(cfg.run.device)
-    _setup_threads(cfg.run, device)
-    amp = Amp(device, resolve_precision(cfg.run.precision, device))
-    compiled = resolve_compile(cfg.run.compile, device)
-    seed_everything(cfg.run.seed, cfg.run.deterministic)
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmuls/convs left
-
-    d = cfg.data
-    loaders: Loaders = make_loaders(d.data_dir, d.batch_size, d.test_batch_size, d.num_workers, device,
-                                    cfg.run.seed, d.train_subset, d.test_subset)
-    run_dir = rundir.create_run_dir(cfg.run.out_dir, cfg.run.name, cfg.preset, cfg.run.overwrite)
-    env = rundir.environment(device)
-    rundir.write_json(run_dir / "config.json", cfg.to_dict())
-    rundir.write_json(run_dir / "env.json", env)
-
-    model = CustomResNet(cfg.model)
-    log(summary(model))
-    memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
-    model = model.to(device=device, memory_format=memory_format)
-    forward = torch.compile(model, mode=None if cfg.run.compile_mode == "default" else cfg.run.compile_mode) \
-        if compiled else model
-    optimizer = _make_optimizer(model, cfg)
+    session = Session.open(cfg, log)
+    cfg, run_dir = session.cfg, session.run_dir
     s = cfg.schedule
-    steps_per_epoch = len(loaders.train)
-    scheduler = make_scheduler(optimizer, steps_per_epoch, s.epochs, s.peak_epoch, s.min_lr, s.max_lr)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    augment = BatchAugment(AugmentSettings(d.crop_padding, d.pad_mode, d.flip, d.cutout_size), device,
-                           cfg.run.seed, amp.dtype, cfg.run.channels_last)
-
-    log(f"run dir {run_dir} | device {env['device_name']} ({device}) | {str(amp.dtype).removeprefix('torch.')} | "
-        f"channels_last={cfg.run.channels_last} | compile={compiled} | threads {torch.get_num_threads()} | "
-        f"{loaders.train_size:,} train / {loaders.test_size:,} test images, {steps_per_epoch} steps/epoch")
-    compile_seconds = 0.0
-    if compiled:
-        compile_seconds = warm_up(forward, optimizer, loss_fn, amp, _batch_shapes(loaders.train_size, d.batch_size),
-                                  _batch_shapes(loaders.test_size, d.test_batch_size), memory_format)
+    scheduler = make_scheduler(session.optimizer, len(session.loaders.train), s.epochs, s.peak_epoch, s.min_lr,
+                               s.max_lr)
+    compile_seconds = session.warm_up()
+    if session.compiled:
         log(f"torch.compile warm-up: {compile_seconds:.1f} s (not counted in epoch times)")
 
     progress = {"auto": None, "on": True, "off": False}[cfg.run.progress]
@@ -301,9 +344,9 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
     metrics: list[dict] = []
     for ep in range(1, s.epochs + 1):
         lr = scheduler.get_last_lr()[0]
-        tr = train_one_epoch(forward, loaders.train, augment, optimizer, scheduler, loss_fn, amp,
-                             f"epoch {ep}/{s.epochs}", progress)
-        te = evaluate(forward, loaders.test, augment.test, loss_fn, amp)
+        tr = train_one_epoch(session.forward, session.loaders.train, session.augment, session.optimizer, scheduler,
+                             session.loss_fn, session.amp, f"epoch {ep}/{s.epochs}", progress)
+        te = evaluate(session.forward, session.loaders.test, session.augment.test, session.loss_fn, session.amp)
         row = {"epoch": ep, "lr": lr, "lr_end": scheduler.get_last_lr()[0], "train_loss": tr.loss,
                "train_acc": tr.accuracy, "test_loss": te.loss, "test_acc": te.accuracy,
                "train_s": tr.seconds, "test_s": te.seconds, "epoch_s": tr.seconds + te.seconds,
@@ -312,10 +355,15 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
         rundir.append_jsonl(run_dir / "metrics.jsonl", row)
         log(table.row(row))
 
+    model = session.model
     rundir.save_checkpoint(run_dir / "model.pt", {"model": model.state_dict(), "config": cfg.to_dict(),
                                                   "epoch": s.epochs})
-    result = _summarise(metrics, compile_seconds, count_parameters(model))
+    # One more, untimed test pass that keeps every prediction, for the report (confusion, misclassified).
+    predict(model, session.loaders.test, session.augment.test, session.amp.autocast).save(run_dir / "predictions.npz")
+    result = _summarise(metrics, compile_seconds, count_parameters(model)) | {
+        "steps_per_epoch": len(session.loaders.train)}
     rundir.write_json(run_dir / "results.json", result)
+    report.write_report(run_dir)
     log(f"final test accuracy {result['final_test_acc']:.2%} (best {result['best_test_acc']:.2%}) | "
         f"{result['train_seconds']:.0f} s training, {result['total_seconds']:.0f} s in epochs, "
         f"{result['mean_train_img_s']:.0f} img/s | {run_dir}")

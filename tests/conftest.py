@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from data_prep.write_beton import prepare
+from fastcifar.config import Config
+from fastcifar.train import TrainResult, train
 from tests.synthetic import write_archive
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,3 +33,21 @@ def real_archive() -> Path | None:
     given = os.environ.get("FASTCIFAR_CIFAR_ARCHIVE")
     path = Path(given) if given else _SHARED_ARCHIVE
     return path if path.is_file() else None
+
+
+# A tiny network on the synthetic betons: learns the colour classes in 3 short epochs.
+TINY = {"model.widths": "8,16,32,64", "data.batch_size": 64, "data.test_batch_size": 64, "data.num_workers": 1,
+        "schedule.epochs": 3, "schedule.peak_epoch": 1, "schedule.max_lr": 0.05, "schedule.min_lr": 0.005,
+        "run.compile": "off", "run.precision": "fp32", "run.progress": "off"}
+
+
+def tiny_config(synthetic: dict, out_dir: Path, **overrides) -> Config:
+    """TINY on the synthetic data, writing to out_dir/run unless overridden (dotted keys)."""
+    return Config.from_preset("reference", TINY | {"data.data_dir": str(synthetic["data_dir"]),
+                                                   "run.out_dir": str(out_dir), "run.name": "run"} | overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synthetic: dict, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    """One finished tiny training run, shared by the tests that read a run directory."""
+    return train(tiny_config(synthetic, tmp_path_factory.mktemp("runs")), log=lambda _: None)

@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fastcifar.data import make_loader
+from fastcifar.errors import FastCifarError
+from fastcifar.evaluate import Predictions, evaluate_checkpoint, load_checkpoint, main, predict
+from fastcifar.rundir import save_checkpoint
+
+
+def test_checkpoint_evaluation_matches_the_training_run(tiny_run, capsys):
+    preds = evaluate_checkpoint(tiny_run.run_dir / "model.pt", device="cpu", batch_size=50, num_workers=1)
+    assert preds.accuracy == pytest.approx(tiny_run.metrics[-1]["test_acc"], abs=1e-9)
+    assert preds.loss == pytest.approx(tiny_run.metrics[-1]["test_loss"], rel=1e-3)
+    assert main(["--checkpoint", str(tiny_run.run_dir / "model.pt"), "--device", "cpu", "--tta"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("test accuracy") and "airplane" in out and "truck" in out
+
+
+class FlipInvariant(nn.Module):
+    """f(x) = g(x) + g(mirror(x)): the same output for an image and its mirror image, by construction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.g = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(10))
+
+    def forward(self, x):
+        return self.g(x) + self.g(x.flip(-1))
+
+
+def _no_autocast():
+    return torch.autocast("cpu", enabled=False)
+
+
+def test_flip_tta_changes_nothing_for_a_flip_invariant_model(synthetic):
+    model = FlipInvariant()
+    model(torch.zeros(1, 3, 32, 32))  # materialise the lazy layer
+    loader = make_loader(synthetic["data_dir"] / "test.beton", 50, 1, torch.device("cpu"), train=False)
+    plain = predict(model, loader, _to_float, _no_autocast)
+    tta = predict(model, loader, _to_float, _no_autocast, tta=True)
+    np.testing.assert_allclose(tta.probs, plain.probs, rtol=1e-5, atol=1e-6)
+    assert len(tta.labels) == 200
+
+
+def _to_float(images):
+    return images.float() / 255
+
+
+def test_unsafe_and_foreign_checkpoints_are_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"format": 1, "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(FastCifarError, match="not a loadable fastcifar checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+    save_checkpoint(tmp_path / "old.pt", {"model": {}, "config": {}})
+    torch.save({"format": 0, "model": {}}, tmp_path / "old.pt")
+    with pytest.raises(FastCifarError, match="checkpoint format 0"):
+        load_checkpoint(tmp_path / "old.pt")
+    with pytest.raises(FastCifarError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_prediction_statistics_on_hand_made_arrays():
+    probs = np.eye(3, dtype=np.float32)[[0, 1, 2, 2]]
+    preds = Predictions(probs * 0.9 + 0.1 / 3, np.array([0, 1, 2, 1]), np.zeros((0, 32, 32, 3), np.uint8),
+                        np.zeros(0, np.int64))
+    assert preds.accuracy == 0.75
+    np.testing.assert_array_equal(preds.confusion(3), [[1, 0, 0], [0, 1, 1], [0, 0, 1]])
+    np.testing.assert_allclose(preds.per_class_accuracy(3), [1, 0.5, 1])

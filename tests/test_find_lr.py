@@ -1,0 +1,94 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastcifar.config import Config, ConfigError, LRFinderConfig, config_from_args
+from fastcifar.errors import FastCifarError
+from fastcifar.find_lr import find_lr, lr_at, range_test, suggest
+from fastcifar.train import Session, build_parser
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def session(synthetic, tmp_path_factory):
+    return Session.open(tiny_config(synthetic, tmp_path_factory.mktemp("lr")), log=lambda _: None)
+
+
+def _state(session):
+    return ({k: v.clone() for k, v in session.model.state_dict().items()},
+            json.dumps(session.optimizer.state_dict()["param_groups"]))
+
+
+def test_range_test_returns_a_growing_lr_curve_and_restores_everything(session):
+    before_weights, before_groups = _state(session)
+    cfg = LRFinderConfig(start_lr=1e-3, end_lr=1e-1, steps=20, diverge_factor=1e9)
+    curve = range_test(session.model, session.loaders.train, session.augment, session.optimizer, session.loss_fn,
+                       session.amp, cfg)
+    assert len(curve["lrs"]) == 20 and not curve["diverged"]
+    np.testing.assert_allclose(curve["lrs"], np.geomspace(1e-3, 1e-1, 20))
+    assert all(np.isfinite(curve["losses"])) and len(curve["smoothed"]) == 20
+    after_weights, after_groups = _state(session)
+    assert after_weights.keys() == before_weights.keys()
+    for name, tensor in before_weights.items():  # weights and BN statistics, bit for bit
+        assert torch.equal(tensor, after_weights[name]), name
+    assert after_groups == before_groups and session.optimizer.state_dict()["state"] == {}
+
+
+def test_range_test_stops_on_divergence(session):
+    cfg = LRFinderConfig(start_lr=1e-2, end_lr=1e6, steps=60, diverge_factor=2.0)
+    curve = range_test(session.model, session.loaders.train, session.augment, session.optimizer, session.loss_fn,
+                       session.amp, cfg)
+    assert curve["diverged"] and len(curve["lrs"]) < 60
+
+
+def test_linear_mode():
+    cfg = LRFinderConfig(start_lr=0.1, end_lr=1.0, steps=10, mode="linear")
+    assert [round(lr_at(i, cfg), 6) for i in (0, 9)] == [0.1, 1.0]
+    assert lr_at(1, cfg) == pytest.approx(0.2)
+
+
+def test_suggestion_rule_on_a_hand_made_curve():
+    lrs = np.geomspace(1e-4, 10, 101)
+    x = np.log10(lrs)
+    # falls fastest at lr = 1e-1 (x = -1), bottoms out at lr = 1 (x = 0), then climbs
+    loss = 2.3 - 1.5 / (1 + np.exp(-3 * (x + 1))) + np.where(x > 0, 4 * x**2, 0.0)
+    s = suggest(list(lrs), list(loss), min_lr_divisor=10)
+    assert s["max_lr"] == pytest.approx(0.1, rel=0.13)  # the grid point nearest the steepest descent
+    assert s["min_lr"] == pytest.approx(s["max_lr"] / 10)
+    assert s["min_loss_lr"] == pytest.approx(1.0, rel=0.5)
+
+
+def test_suggestion_refuses_a_curve_that_never_falls():
+    with pytest.raises(FastCifarError, match="never fell"):
+        suggest([1e-3, 1e-2, 1e-1, 1], [1.0, 2.0, 3.0, 4.0], 10)
+
+
+def test_find_lr_writes_json_and_png_and_train_takes_it(synthetic, tmp_path):
+    cfg = tiny_config(synthetic, tmp_path, **{"run.name": "lr", "lr_finder.steps": 30, "lr_finder.start_lr": 1e-3,
+                                              "lr_finder.end_lr": 10})
+    result = find_lr(cfg, log=lambda _: None)
+    path = tmp_path / "lr" / "find_lr.json"
+    saved = json.loads(path.read_text())
+    assert saved["suggestion"] == result["suggestion"] and saved["batch_size"] == 64
+    assert (tmp_path / "lr" / "find_lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    trained = config_from_args(build_parser().parse_args(["--lr-from", str(path)]))
+    assert trained.schedule.max_lr == pytest.approx(result["suggestion"]["max_lr"])
+    assert trained.schedule.min_lr == pytest.approx(result["suggestion"]["min_lr"])
+    assert trained.schedule.lr_from == str(path)
+    with pytest.raises(ConfigError, match="either --lr-from or --min-lr/--max-lr"):
+        config_from_args(build_parser().parse_args(["--lr-from", str(path), "--max-lr", "1"]))
+    with pytest.raises(ConfigError, match="not a find_lr.json"):
+        config_from_args(build_parser().parse_args(["--lr-from", str(tmp_path / "lr" / "config.json")]))
+
+
+def test_epoch_wise_sweep(synthetic, tmp_path):
+    cfg = tiny_config(synthetic, tmp_path, **{"run.name": "sweep", "lr_finder.sweep": "0.01,0.05",
+                                              "lr_finder.sweep_images": 256})
+    result = find_lr(cfg, log=lambda _: None)
+    rows = result["sweep"]
+    assert [r["lr"] for r in rows] == [0.01, 0.05] and all(r["images"] == 256 for r in rows)
+    assert all(0 <= r["train_acc"] <= 1 and np.isfinite(r["train_loss"]) for r in rows)
+    assert (tmp_path / "sweep" / "lr_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert Config.from_dict(json.loads((tmp_path / "sweep" / "config.json").read_text())).data.train_subset == 256

@@ -1,0 +1,72 @@
+import json
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+from fastcifar import report
+from fastcifar.config import Config
+from fastcifar.evaluate import Predictions
+from fastcifar.rundir import append_jsonl, write_json
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A hand-made run directory: 3 epochs, predictions for 100 test images (30 wrong)."""
+    cfg = Config.from_preset("reference", {"schedule.epochs": 3, "schedule.peak_epoch": 1})
+    write_json(tmp_path / "config.json", cfg.to_dict())
+    write_json(tmp_path / "env.json", {"device": "cpu", "device_name": "test CPU", "torch": "x", "git_commit": None})
+    for epoch in (1, 2, 3):
+        append_jsonl(tmp_path / "metrics.jsonl", {"epoch": epoch, "train_loss": 2 / epoch, "train_acc": 0.3 * epoch,
+                                                  "test_loss": 2.1 / epoch, "test_acc": 0.25 * epoch})
+    write_json(tmp_path / "results.json", {"epochs": 3, "final_test_acc": 0.7, "best_test_acc": 0.75,
+                                           "train_seconds": 10.0, "total_seconds": 12.0, "compile_seconds": 0.0,
+                                           "mean_train_img_s": 99.0, "steps_per_epoch": 98})
+    rng = np.random.default_rng(0)
+    labels = np.arange(100) % 10
+    predicted = np.where(np.arange(100) < 30, (labels + 1) % 10, labels)
+    probs = np.full((100, 10), 0.02, np.float32)
+    probs[np.arange(100), predicted] = 0.82
+    wrong = np.arange(30)
+    Predictions(probs, labels, rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8), wrong).save(
+        tmp_path / "predictions.npz")
+    return tmp_path
+
+
+def test_write_report_makes_every_file(run_dir):
+    written = report.write_report(run_dir)
+    assert sorted(p.name for p in written) == sorted(report.FILES)
+    for name in report.FILES:
+        data = (run_dir / name).read_bytes()
+        assert data[:8] == PNG if name.endswith(".png") else data.startswith(b"# Run summary")
+    summary = (run_dir / "summary.md").read_text()
+    assert "**70.00%**" in summary and "best 75.00%" in summary and "99 images/s" in summary
+    assert "| cat | 70.00% |" in summary  # 3 of the 10 cats are among the first 30 (wrong) images
+    assert json.loads(summary.split("```json")[1].split("```")[0])["schedule"]["epochs"] == 3
+
+
+def test_figures_are_matplotlib_objects(run_dir):
+    preds = Predictions.load(run_dir / "predictions.npz")
+    cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
+    figures = [report.plot_curves([{"epoch": 1, "train_loss": 1, "train_acc": 0.5, "test_loss": 1, "test_acc": 0.5}]),
+               report.plot_schedule(cfg, 98), report.plot_misclassified(preds), report.plot_confusion(preds)]
+    assert all(isinstance(f, Figure) for f in figures)
+    grid = figures[2]
+    assert sum(1 for ax in grid.axes if ax.images) == 24  # at least 20 misclassified images shown
+    assert "true class0" not in grid.axes[0].get_title() and "pred" in grid.axes[0].get_title()
+
+
+def test_schedule_plot_has_its_peak_at_the_end_of_epoch_5():
+    fig = report.plot_schedule(Config(), 98)
+    xs, ys = fig.axes[0].lines[0].get_data()
+    assert xs[np.argmax(ys)] == 5 * 98 and max(ys) == pytest.approx(0.4)
+
+
+def test_cli(run_dir, tmp_path, capsys):
+    assert report.main([str(run_dir)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert report.main([str(tmp_path / "nothing")]) == 1
+    assert "not a finished run directory" in capsys.readouterr().err
+    assert report.main([]) == 2
