@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from fastcifar.config import DataConfig
-from fastcifar.errors import DataError
+from fastcifar.errors import DataError, run_cli
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -298,15 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expect-counts", type=_counts, default=COUNTS, metavar="TRAIN,TEST",
                         help="image counts the archive must hold, or 'any' (default: 50000,10000)")
     args = parser.parse_args(argv)
-    try:
-        prepare(Path(args.data_dir), args.archive, args.force, args.url, args.md5, args.expect_counts, args.workers)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: nothing half-written was kept", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(lambda: prepare(Path(args.data_dir), args.archive, args.force, args.url, args.md5,
+                                   args.expect_counts, args.workers),
+                   interrupted="interrupted: nothing half-written was kept")
 
 
 if __name__ == "__main__":

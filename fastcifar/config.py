@@ -62,8 +62,10 @@ class ScheduleConfig:
 
     epochs: int = 24
     peak_epoch: float = 5.0
-    min_lr: float = 0.04
-    max_lr: float = 0.4
+    # From the LR range test on the real data (benchmarks/results/find_lr-real/find_lr.json: the smoothed
+    # loss is lowest at 0.01485, and climbs past it); min_lr = max_lr / 10. See README.
+    min_lr: float = 0.001485
+    max_lr: float = 0.01485
     lr_from: str = ""  # a find_lr.json whose suggestion sets min_lr/max_lr (recorded here when used)
 
 

@@ -1,5 +1,8 @@
 """Errors that the command-line tools turn into a one-line message and a non-zero exit."""
 
+import sys
+from collections.abc import Callable
+
 
 class FastCifarError(Exception):
     """Base class: bad input or environment, explained in the message (no traceback needed)."""
@@ -7,3 +10,17 @@ class FastCifarError(Exception):
 
 class DataError(FastCifarError):
     """Missing, corrupt or unsuitable data files (archives, betons)."""
+
+
+def run_cli(action: Callable[[], object], interrupted: str = "interrupted") -> int:
+    """Run a command-line action: our errors become one line on stderr and an exit status
+    (2 for invalid options or config, 1 for anything else), Ctrl-C becomes 130."""
+    try:
+        action()
+    except FastCifarError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ValueError) else 1
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
+    return 0

@@ -21,7 +21,7 @@ from fastcifar.augment import AugmentSettings, BatchAugment
 from fastcifar.config import Config, ConfigError
 from fastcifar.custom_resnet import CustomResNet
 from fastcifar.data import epoch, make_loader
-from fastcifar.errors import FastCifarError
+from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.rundir import CHECKPOINT_FORMAT
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -30,7 +30,7 @@ KEEP_MISCLASSIFIED = 64  # images of wrong predictions kept for the report's gri
 
 @dataclass
 class Predictions:
-    probs: np.ndarray  # [N, C] float32 softmax
+    probs: np.ndarray  # [N, C] float32 softmax (saved as float32: float16 would turn near-ties around)
     labels: np.ndarray  # [N] int64
     wrong_images: np.ndarray  # [K, 32, 32, 3] uint8: the first K misclassified test images
     wrong_index: np.ndarray  # [K] their positions in the test set
@@ -59,7 +59,7 @@ class Predictions:
         return matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
 
     def save(self, path: Path) -> None:
-        np.savez_compressed(path, probs=self.probs.astype(np.float16), labels=self.labels,
+        np.savez_compressed(path, probs=self.probs.astype(np.float32), labels=self.labels,
                             wrong_images=self.wrong_images, wrong_index=self.wrong_index)
 
     @classmethod
@@ -88,7 +88,8 @@ def predict(model: nn.Module, loader: Any, normalize: Any, autocast: Any, tta: b
                 wrong_images.append(images[wrong.to(images.device)].permute(0, 2, 3, 1).cpu().numpy())
                 wrong_index.append(wrong.numpy() + seen)
             probs.append(p.numpy())
-            labels.append(targets.cpu().numpy())
+            # a copy: on a CPU `.cpu()` is a view of FFCV's batch buffer, which later batches overwrite
+            labels.append(targets.to("cpu", copy=True).numpy())
             seen += len(targets)
     return Predictions(np.concatenate(probs), np.concatenate(labels),
                        np.concatenate(wrong_images) if wrong_images else np.zeros((0, 32, 32, 3), np.uint8),
@@ -151,13 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=1000)
     args = parser.parse_args(argv)
-    try:
-        preds = evaluate_checkpoint(args.checkpoint, args.tta, args.data_dir, args.device, args.batch_size)
-    except FastCifarError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(format_report(preds))
-    return 0
+    return run_cli(lambda: print(format_report(
+        evaluate_checkpoint(args.checkpoint, args.tta, args.data_dir, args.device, args.batch_size))))
 
 
 if __name__ == "__main__":

@@ -6,12 +6,13 @@ augmentation, precision, batch size). The loss is smoothed with a bias-corrected
 average, and the test stops once the smoothed loss exceeds `diverge_factor` times the best seen.
 
 Suggestion rule (documented in README, recorded in the JSON):
-- max_lr = the LR of steepest descent of the smoothed loss against log(LR), searched before the loss
-  minimum: the LR at which the network learns fastest. Above it the gain per step shrinks and the loss
-  soon turns upwards; a one-cycle peak there is high but still stable.
+- max_lr = the LR at the minimum of the smoothed loss: the largest LR at which the loss still falls
+  (Smith's upper bound), beyond which it climbs. The one-cycle warm-up approaches it gradually.
 - min_lr = max_lr / min_lr_divisor (10 by default): Smith's one-cycle lower bound ("1/10 of the
   maximum"), which is also where the schedule starts and, with no annihilation, where it ends.
-The curve's minimum-loss LR is recorded too, for information.
+The LR of steepest descent is recorded too, for information. It is not the rule: on this network it
+falls in the first steps, where the loss drops from its large initial value whatever the LR (the
+network's logits start large; measured on the real data, see benchmarks/results/find_lr-real).
 
 Epoch-wise sweep (`--lr_finder.sweep 0.01,0.05,0.1,...`): for each LR, from the same initial weights,
 one training epoch (or `sweep_images` images) at that constant LR; reports train loss and accuracy per LR.
@@ -36,9 +37,9 @@ from fastcifar import rundir
 from fastcifar.augment import BatchAugment
 from fastcifar.config import Config, LRFinderConfig, add_config_arguments, config_from_args
 from fastcifar.data import epoch
-from fastcifar.errors import FastCifarError
+from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.report import plot_range_test, plot_sweep, save_figure
-from fastcifar.train import Amp, Session, restore, snapshot, train_step
+from fastcifar.train import Amp, Session, progress_bar, restore, snapshot, train_step
 
 
 def lr_at(step: int, cfg: LRFinderConfig) -> float:
@@ -54,7 +55,7 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def range_test(model: nn.Module, loader: Any, augment: BatchAugment, optimizer: torch.optim.Optimizer,
-               loss_fn: nn.Module, amp: Amp, cfg: LRFinderConfig) -> dict:
+               loss_fn: nn.Module, amp: Amp, cfg: LRFinderConfig, progress: bool | None = None) -> dict:
     """Run the step-wise range test; returns the raw and smoothed curve and whether it diverged."""
     saved = snapshot(model, optimizer)
     lrs: list[float] = []
@@ -62,6 +63,7 @@ def range_test(model: nn.Module, loader: Any, augment: BatchAugment, optimizer: 
     smoothed: list[float] = []
     average, best, diverged = 0.0, math.inf, False
     model.train()
+    bar = progress_bar(cfg.steps, "LR range test", progress)
     try:
         while len(lrs) < cfg.steps and not diverged:
             with epoch(loader) as batches:
@@ -75,6 +77,7 @@ def range_test(model: nn.Module, loader: Any, augment: BatchAugment, optimizer: 
                     lrs.append(lr)
                     losses.append(value)
                     smoothed.append(smooth)
+                    bar.update(1)
                     if not math.isfinite(smooth) or smooth > cfg.diverge_factor * best:
                         diverged = True
                         break
@@ -82,6 +85,7 @@ def range_test(model: nn.Module, loader: Any, augment: BatchAugment, optimizer: 
                     if len(lrs) == cfg.steps:
                         break
     finally:
+        bar.close()
         restore(model, optimizer, saved)
     return {"lrs": lrs, "losses": losses, "smoothed": smoothed, "diverged": diverged}
 
@@ -98,15 +102,13 @@ def suggest(lrs: list[float], smoothed: list[float], min_lr_divisor: float) -> d
     if i_min < 2:
         raise FastCifarError(f"the loss never fell (lowest at {lr[i_min]:.3g}, the start); lower lr_finder.start_lr")
     slope = np.gradient(loss[: i_min + 1], np.log(lr[: i_min + 1]))
-    i_steep = int(np.argmin(slope))
-    max_lr = float(lr[i_steep])
+    max_lr = float(lr[i_min])
     return {
         "max_lr": max_lr,
         "min_lr": max_lr / min_lr_divisor,
-        "steepest_lr": max_lr,
-        "min_loss_lr": float(lr[i_min]),
-        "rule": f"max_lr = steepest descent of the smoothed loss vs log LR (before its minimum); "
-                f"min_lr = max_lr / {min_lr_divisor:g}",
+        "min_loss_lr": max_lr,
+        "steepest_lr": float(lr[int(np.argmin(slope))]),
+        "rule": f"max_lr = LR at the minimum of the smoothed loss; min_lr = max_lr / {min_lr_divisor:g}",
     }
 
 
@@ -153,7 +155,7 @@ def find_lr(cfg: Config, log: Callable[[str], None] = print) -> dict:
         save_figure(plot_sweep(rows), out / "lr_sweep.png")
         log(f"wrote {out / 'lr_sweep.json'} and {out / 'lr_sweep.png'}")
         return result
-    curve = range_test(*args, f)
+    curve = range_test(*args, f, progress={"auto": None, "on": True, "off": False}[cfg.run.progress])
     result = {**curve, "suggestion": suggest(curve["lrs"], curve["smoothed"], f.min_lr_divisor), **common}
     rundir.write_json(out / "find_lr.json", result)
     save_figure(plot_range_test(result), out / "find_lr.png")
@@ -168,15 +170,15 @@ def find_lr(cfg: Config, log: Callable[[str], None] = print) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastcifar.find_lr", description=__doc__.split("\n")[0])
     add_config_arguments(parser)
-    try:
-        cfg = config_from_args(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+
+    def run() -> None:
+        cfg = config_from_args(args)
         if not cfg.run.name:
             cfg = cfg.override({"run.name": f"find_lr-{time.strftime('%Y%m%d-%H%M%S')}"})
         find_lr(cfg)
-    except FastCifarError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, ValueError) else 1
-    return 0
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from fastcifar.config import Config
-from fastcifar.errors import FastCifarError
+from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.evaluate import CLASSES, Predictions
 from fastcifar.rundir import read_jsonl
 from fastcifar.schedule import one_cycle_lr
@@ -55,7 +55,7 @@ def plot_schedule(cfg: Config, steps_per_epoch: int) -> Figure:
     ax.plot(steps, lrs, color="C0", label="learning rate")
     peak = int(np.argmax(lrs))
     ax.annotate(f"peak {s.max_lr:g} at step {peak} (end of epoch {s.peak_epoch:g})", (peak, lrs[peak]),
-                xytext=(10, -15), textcoords="offset points", fontsize=8)
+                xytext=(12, -40), textcoords="offset points", fontsize=8)
     ax.axvline(peak, color="C3", ls=":", lw=1)
     ax.set(xlabel=f"optimizer step ({steps_per_epoch} per epoch)", ylabel="learning rate",
            title=f"One-cycle schedule: {s.min_lr:g} -> {s.max_lr:g} -> {s.min_lr:g} (no annihilation)")
@@ -109,7 +109,7 @@ def plot_range_test(result: dict) -> Figure:
     s = result["suggestion"]
     ax.axvline(s["max_lr"], color="C3", ls="--", label=f"suggested max_lr = {s['max_lr']:.3g}")
     ax.axvline(s["min_lr"], color="C2", ls="--", label=f"suggested min_lr = {s['min_lr']:.3g}")
-    ax.axvline(s["min_loss_lr"], color="0.4", ls=":", label=f"minimum loss at {s['min_loss_lr']:.3g}")
+    ax.axvline(s["steepest_lr"], color="0.4", ls=":", label=f"steepest descent at {s['steepest_lr']:.3g}")
     ax.set_xscale("log")
     finite = [v for v in result["smoothed"] if math.isfinite(v)]
     ax.set_ylim(min(finite) * 0.9, min(max(finite), 3 * finite[0]) * 1.05)
@@ -188,13 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1 or args[0].startswith("-"):
         print("usage: python -m fastcifar.report RUN_DIR", file=sys.stderr)
         return 2
-    try:
-        for path in write_report(args[0]):
-            print(f"wrote {path}")
-    except FastCifarError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(lambda: [print(f"wrote {path}") for path in write_report(args[0])])
 
 
 if __name__ == "__main__":

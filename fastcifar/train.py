@@ -29,7 +29,7 @@ from fastcifar.augment import AugmentSettings, BatchAugment
 from fastcifar.config import Config, add_config_arguments, config_from_args
 from fastcifar.custom_resnet import CustomResNet, count_parameters, summary
 from fastcifar.data import Loaders, epoch, make_loaders
-from fastcifar.errors import FastCifarError
+from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.evaluate import predict
 from fastcifar.schedule import make_scheduler
 
@@ -130,7 +130,7 @@ class _Totals:
         return self.loss.item() / n, self.correct.item() / n
 
 
-def _progress(total: int, desc: str, enabled: bool | None) -> tqdm:
+def progress_bar(total: int, desc: str, enabled: bool | None) -> tqdm:
     return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=None if enabled is None else not enabled,
                 dynamic_ncols=True)
 
@@ -156,7 +156,7 @@ def train_one_epoch(model: nn.Module, loader: Any, augment: BatchAugment, optimi
     model.train()
     totals = _Totals(amp.device)
     start = time.perf_counter()
-    with epoch(loader) as batches, _progress(len(loader), desc, progress) as bar:
+    with epoch(loader) as batches, progress_bar(len(loader), desc, progress) as bar:
         for step, (images, labels) in enumerate(batches, 1):
             loss, logits = train_step(model, images, labels, augment, optimizer, loss_fn, amp)
             scheduler.step()
@@ -252,7 +252,7 @@ def _make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
 class EpochTable:
     """The aligned per-epoch table printed during training."""
 
-    COLUMNS = [("epoch", "{:>5d}"), ("lr", "{:>8.4f}"), ("train_loss", "{:>10.4f}"), ("train_acc", "{:>9.2%}"),
+    COLUMNS = [("epoch", "{:>5d}"), ("lr", "{:>9.5f}"), ("train_loss", "{:>10.4f}"), ("train_acc", "{:>9.2%}"),
                ("test_loss", "{:>9.4f}"), ("test_acc", "{:>8.2%}"), ("epoch_s", "{:>7.1f}"),
                ("train_img_s", "{:>11.0f}")]
 
@@ -399,15 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        train(config_from_args(args))
-    except FastCifarError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, ValueError) else 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(lambda: train(config_from_args(args)))
 
 
 if __name__ == "__main__":

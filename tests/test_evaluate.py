@@ -9,8 +9,10 @@ from fastcifar.evaluate import Predictions, evaluate_checkpoint, load_checkpoint
 from fastcifar.rundir import save_checkpoint
 
 
-def test_checkpoint_evaluation_matches_the_training_run(tiny_run, capsys):
-    preds = evaluate_checkpoint(tiny_run.run_dir / "model.pt", device="cpu", batch_size=50, num_workers=1)
+def test_checkpoint_evaluation_matches_the_training_run(tiny_run, synthetic, capsys):
+    # batch 16: 13 batches, more than FFCV's buffer slots, so a kept view of a batch would be overwritten
+    preds = evaluate_checkpoint(tiny_run.run_dir / "model.pt", device="cpu", batch_size=16, num_workers=1)
+    np.testing.assert_array_equal(preds.labels, synthetic["test"][1])
     assert preds.accuracy == pytest.approx(tiny_run.metrics[-1]["test_acc"], abs=1e-9)
     assert preds.loss == pytest.approx(tiny_run.metrics[-1]["test_loss"], rel=1e-3)
     assert main(["--checkpoint", str(tiny_run.run_dir / "model.pt"), "--device", "cpu", "--tta"]) == 0

@@ -29,11 +29,13 @@ def test_archive_has_the_cifar10_structure(tmp_path):
 
 @pytest.mark.slow
 def test_short_run_on_a_subset_is_far_above_chance(real_betons, tmp_path):
-    # 2 epochs on the first 10,000 training images with a 4x narrower network (the full one runs at
-    # ~60 img/s on a 2-core CPU), tested on the first 2,000 test images.
+    # The default recipe (LRs from the range test) for 2 epochs on the first 10,000 training images, with a
+    # 4x narrower network and batch 128 so that it takes about a minute on a 2-core CPU (the full network
+    # trains at ~60 img/s there); tested on the first 2,000 test images. Measured
+    # here: 45.6% after 2 epochs (36.6% after 1) in 47 s; chance is 10%.
     cfg = Config.from_preset("reference", {
         "data.data_dir": str(real_betons), "data.train_subset": 10_000, "data.test_subset": 2_000,
-        "model.widths": "16,32,64,128", "schedule.epochs": 2, "schedule.peak_epoch": 0.5,
+        "data.batch_size": 128, "model.widths": "16,32,64,128", "schedule.epochs": 2, "schedule.peak_epoch": 0.5,
         "run.precision": "fp32", "run.compile": "off", "run.progress": "off", "run.out_dir": str(tmp_path)})
     result = train(cfg, log=print)
     assert result.metrics[-1]["test_acc"] > 0.30

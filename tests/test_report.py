@@ -59,9 +59,11 @@ def test_figures_are_matplotlib_objects(run_dir):
 
 
 def test_schedule_plot_has_its_peak_at_the_end_of_epoch_5():
-    fig = report.plot_schedule(Config(), 98)
+    cfg = Config()
+    fig = report.plot_schedule(cfg, 98)
     xs, ys = fig.axes[0].lines[0].get_data()
-    assert xs[np.argmax(ys)] == 5 * 98 and max(ys) == pytest.approx(0.4)
+    assert xs[np.argmax(ys)] == 5 * 98 and max(ys) == pytest.approx(cfg.schedule.max_lr)
+    assert len(xs) == 24 * 98 and min(ys) >= cfg.schedule.min_lr
 
 
 def test_cli(run_dir, tmp_path, capsys):
