@@ -39,7 +39,7 @@ from fastcifar.config import Config, LRFinderConfig, add_config_arguments, confi
 from fastcifar.data import epoch
 from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.report import plot_range_test, plot_sweep, save_figure
-from fastcifar.train import Amp, Session, progress_bar, restore, snapshot, train_step
+from fastcifar.train import Amp, Session, progress_bar, restore, snapshot, train_one_epoch, train_step
 
 
 def lr_at(step: int, cfg: LRFinderConfig) -> float:
@@ -51,7 +51,7 @@ def lr_at(step: int, cfg: LRFinderConfig) -> float:
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = group["initial_lr"] = lr  # initial_lr: what a new LR scheduler starts from
 
 
 def range_test(model: nn.Module, loader: Any, augment: BatchAugment, optimizer: torch.optim.Optimizer,
@@ -121,17 +121,11 @@ def sweep(model: nn.Module, loader: Any, augment: BatchAugment, optimizer: torch
         for lr in lrs:
             restore(model, optimizer, saved)
             _set_lr(optimizer, lr)
-            model.train()
-            total, correct, images, start = 0.0, 0, 0, time.perf_counter()
-            with epoch(loader) as batches:
-                for x, y in batches:
-                    loss, logits = train_step(model, x, y, augment, optimizer, loss_fn, amp)
-                    total += loss.item() * len(y)
-                    correct += int((logits.argmax(1) == y).sum())
-                    images += len(y)
-            rows.append({"lr": lr, "train_loss": total / images, "train_acc": correct / images,
-                         "images": images, "seconds": time.perf_counter() - start})
-            log(f"lr {lr:<8g} train loss {total / images:.4f}  train acc {correct / images:.2%}")
+            constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+            stats = train_one_epoch(model, loader, augment, optimizer, constant, loss_fn, amp, f"lr {lr:g}")
+            rows.append({"lr": lr, "train_loss": stats.loss, "train_acc": stats.accuracy, "images": stats.images,
+                         "seconds": stats.seconds})
+            log(f"lr {lr:<8g} train loss {stats.loss:.4f}  train acc {stats.accuracy:.2%}")
     finally:
         restore(model, optimizer, saved)
     return rows

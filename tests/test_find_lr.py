@@ -90,6 +90,7 @@ def test_epoch_wise_sweep(synthetic, tmp_path):
     result = find_lr(cfg, log=lambda _: None)
     rows = result["sweep"]
     assert [r["lr"] for r in rows] == [0.01, 0.05] and all(r["images"] == 256 for r in rows)
+    assert rows[0]["train_loss"] != rows[1]["train_loss"]  # each LR really trained at its own LR
     assert all(0 <= r["train_acc"] <= 1 and np.isfinite(r["train_loss"]) for r in rows)
     assert (tmp_path / "sweep" / "lr_sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert Config.from_dict(json.loads((tmp_path / "sweep" / "config.json").read_text())).data.train_subset == 256
