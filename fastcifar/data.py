@@ -40,7 +40,8 @@ def _keep_torch_threads() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _check_beton(path: Path, data_dir: Path) -> None:
+def check_beton(path: Path, data_dir: Path) -> None:
+    """A clear error naming the command that creates `path`, when it is missing."""
     if not path.is_file():
         raise DataError(f"missing {path}; " + PREPARE_HINT.format(data_dir=data_dir))
 
@@ -81,7 +82,7 @@ def make_loaders(data_dir: str | Path, batch_size: int, test_batch_size: int, nu
     data_dir = Path(data_dir)
     train_path, test_path = data_dir / "train.beton", data_dir / "test.beton"
     for path in (train_path, test_path):
-        _check_beton(path, data_dir)
+        check_beton(path, data_dir)
     train = make_loader(train_path, batch_size, num_workers, device, True, train_subset, seed)
     test = make_loader(test_path, test_batch_size, num_workers, device, False, test_subset, seed)
     return Loaders(train, test, len(train.indices), len(test.indices))

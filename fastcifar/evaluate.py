@@ -20,7 +20,7 @@ from torch import nn
 from fastcifar.augment import AugmentSettings, BatchAugment
 from fastcifar.config import Config, ConfigError
 from fastcifar.custom_resnet import CustomResNet
-from fastcifar.data import epoch, make_loader
+from fastcifar.data import check_beton, epoch, make_loader
 from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.rundir import CHECKPOINT_FORMAT
 
@@ -127,9 +127,7 @@ def evaluate_checkpoint(path: str | Path, tta: bool = False, data_dir: str | Non
     memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
     model = model.to(device=dev, memory_format=memory_format)
     directory = Path(data_dir or cfg.data.data_dir)
-    if not (directory / "test.beton").is_file():
-        raise FastCifarError(f"missing {directory / 'test.beton'}; create it with: python data_prep/write_beton.py "
-                             f"--data-dir {directory}")
+    check_beton(directory / "test.beton", directory)
     loader = make_loader(directory / "test.beton", batch_size, num_workers, dev, train=False,
                          subset=cfg.data.test_subset)
     normalize = BatchAugment(AugmentSettings(), dev, 0, amp.dtype, cfg.run.channels_last).test

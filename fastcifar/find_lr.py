@@ -39,7 +39,16 @@ from fastcifar.config import Config, LRFinderConfig, add_config_arguments, confi
 from fastcifar.data import epoch
 from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.report import plot_range_test, plot_sweep, save_figure
-from fastcifar.train import Amp, Session, progress_bar, restore, snapshot, train_one_epoch, train_step
+from fastcifar.train import (
+    Amp,
+    Session,
+    progress_bar,
+    progress_enabled,
+    restore,
+    snapshot,
+    train_one_epoch,
+    train_step,
+)
 
 
 def lr_at(step: int, cfg: LRFinderConfig) -> float:
@@ -149,7 +158,7 @@ def find_lr(cfg: Config, log: Callable[[str], None] = print) -> dict:
         save_figure(plot_sweep(rows), out / "lr_sweep.png")
         log(f"wrote {out / 'lr_sweep.json'} and {out / 'lr_sweep.png'}")
         return result
-    curve = range_test(*args, f, progress={"auto": None, "on": True, "off": False}[cfg.run.progress])
+    curve = range_test(*args, f, progress=progress_enabled(cfg.run.progress))
     result = {**curve, "suggestion": suggest(curve["lrs"], curve["smoothed"], f.min_lr_divisor), **common}
     rundir.write_json(out / "find_lr.json", result)
     save_figure(plot_range_test(result), out / "find_lr.png")

@@ -130,6 +130,11 @@ class _Totals:
         return self.loss.item() / n, self.correct.item() / n
 
 
+def progress_enabled(setting: str) -> bool | None:
+    """run.progress -> tqdm's switch: None lets tqdm decide (shown on a terminal only)."""
+    return {"auto": None, "on": True, "off": False}[setting]
+
+
 def progress_bar(total: int, desc: str, enabled: bool | None) -> tqdm:
     return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=None if enabled is None else not enabled,
                 dynamic_ncols=True)
@@ -338,7 +343,7 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
     if session.compiled:
         log(f"torch.compile warm-up: {compile_seconds:.1f} s (not counted in epoch times)")
 
-    progress = {"auto": None, "on": True, "off": False}[cfg.run.progress]
+    progress = progress_enabled(cfg.run.progress)
     table = EpochTable()
     log(table.header())
     metrics: list[dict] = []
