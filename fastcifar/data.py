@@ -40,15 +40,15 @@ def _keep_torch_threads() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def check_beton(path: Path, data_dir: Path) -> None:
-    """A clear error naming the command that creates `path`, when it is missing."""
+def _check_beton(path: Path) -> None:
     if not path.is_file():
-        raise DataError(f"missing {path}; " + PREPARE_HINT.format(data_dir=data_dir))
+        raise DataError(f"missing {path}; " + PREPARE_HINT.format(data_dir=path.parent))
 
 
 def make_loader(path: Path, batch_size: int, num_workers: int, device: torch.device, train: bool,
                 subset: int = 0, seed: int = 0) -> object:
     """An FFCV Loader over `path`: random order for training, sequential for test; never drops a batch."""
+    _check_beton(path)  # before importing FFCV (~3 s): a missing file is the common mistake
     with _keep_torch_threads():
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import SimpleRGBImageDecoder
@@ -81,8 +81,6 @@ def make_loaders(data_dir: str | Path, batch_size: int, test_batch_size: int, nu
                  device: torch.device, seed: int = 0, train_subset: int = 0, test_subset: int = 0) -> Loaders:
     data_dir = Path(data_dir)
     train_path, test_path = data_dir / "train.beton", data_dir / "test.beton"
-    for path in (train_path, test_path):
-        check_beton(path, data_dir)
     train = make_loader(train_path, batch_size, num_workers, device, True, train_subset, seed)
     test = make_loader(test_path, test_batch_size, num_workers, device, False, test_subset, seed)
     return Loaders(train, test, len(train.indices), len(test.indices))

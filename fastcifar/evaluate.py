@@ -20,7 +20,7 @@ from torch import nn
 from fastcifar.augment import AugmentSettings, BatchAugment
 from fastcifar.config import Config, ConfigError
 from fastcifar.custom_resnet import CustomResNet
-from fastcifar.data import check_beton, epoch, make_loader
+from fastcifar.data import epoch, make_loader
 from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.rundir import CHECKPOINT_FORMAT
 
@@ -82,14 +82,15 @@ def predict(model: nn.Module, loader: Any, normalize: Any, autocast: Any, tta: b
                 if tta:
                     logits = (logits + model(inputs.flip(-1)).float()) / 2
             p = torch.softmax(logits, dim=1).cpu()
-            wrong = (p.argmax(1) != targets.cpu()).nonzero().flatten()[: KEEP_MISCLASSIFIED - kept]
+            # a copy: on a CPU `.cpu()` is a view of FFCV's batch buffer, which later batches overwrite
+            y = targets.to("cpu", copy=True)
+            wrong = (p.argmax(1) != y).nonzero().flatten()[: KEEP_MISCLASSIFIED - kept]
             if len(wrong):
                 kept += len(wrong)
                 wrong_images.append(images[wrong.to(images.device)].permute(0, 2, 3, 1).cpu().numpy())
                 wrong_index.append(wrong.numpy() + seen)
             probs.append(p.numpy())
-            # a copy: on a CPU `.cpu()` is a view of FFCV's batch buffer, which later batches overwrite
-            labels.append(targets.to("cpu", copy=True).numpy())
+            labels.append(y.numpy())
             seen += len(targets)
     return Predictions(np.concatenate(probs), np.concatenate(labels),
                        np.concatenate(wrong_images) if wrong_images else np.zeros((0, 32, 32, 3), np.uint8),
@@ -127,7 +128,6 @@ def evaluate_checkpoint(path: str | Path, tta: bool = False, data_dir: str | Non
     memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
     model = model.to(device=dev, memory_format=memory_format)
     directory = Path(data_dir or cfg.data.data_dir)
-    check_beton(directory / "test.beton", directory)
     loader = make_loader(directory / "test.beton", batch_size, num_workers, dev, train=False,
                          subset=cfg.data.test_subset)
     normalize = BatchAugment(AugmentSettings(), dev, 0, amp.dtype, cfg.run.channels_last).test
