@@ -63,11 +63,13 @@ class CustomResNet(nn.Module):
         self.layer3 = Residual(w2, w3)
         self.pool = nn.MaxPool2d(4)
         self.fc = nn.Linear(w3, cfg.num_classes, bias=False)
+        self.logit_scale = cfg.logit_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [N, num_classes] for images [N, 3, 32, 32]; CrossEntropyLoss applies log-softmax."""
         x = self.layer3(self.layer2(self.layer1(self.prep(x))))
-        return self.fc(torch.flatten(self.pool(x), 1))
+        logits = self.fc(torch.flatten(self.pool(x), 1))
+        return logits if self.logit_scale == 1.0 else logits * self.logit_scale
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,23 @@ def _check_beton(path: Path) -> None:
         raise DataError(f"missing {path}; " + PREPARE_HINT.format(data_dir=path.parent))
 
 
+def _check_schema(reader: object, path: Path) -> None:
+    """The beton must hold 32x32 RGB images and integer labels, with every sample inside the file: a
+    wrong or damaged file is refused here rather than crashing (or silently training) later."""
+    fields = {name: type(handler).__name__ for name, handler in reader.handlers.items()}
+    if fields != {"image": "RGBImageField", "label": "IntField"}:
+        raise DataError(f"{path} has fields {fields}, not CIFAR-10's image (RGBImageField) and label (IntField); "
+                        f"rebuild it with: python data_prep/write_beton.py --force")
+    images = reader.metadata[f"f{list(reader.handlers).index('image')}"]  # FFCV names metadata columns f0, f1...
+    if reader.num_samples and not ((images["width"] == 32).all() and (images["height"] == 32).all()):
+        raise DataError(f"{path} holds images that are not 32x32 (e.g. {images['width'][0]}x{images['height'][0]}); "
+                        f"fastcifar trains on CIFAR-10's 32x32 images")
+    table = reader.alloc_table
+    if len(table) and int((table["ptr"] + table["size"]).max()) > path.stat().st_size:
+        raise DataError(f"{path} is truncated (samples point past its end); "
+                        f"rebuild it with: python data_prep/write_beton.py --force")
+
+
 def make_loader(path: Path, batch_size: int, num_workers: int, device: torch.device, train: bool,
                 subset: int = 0, seed: int = 0) -> object:
     """An FFCV Loader over `path`: random order for training, sequential for test; never drops a batch."""
@@ -57,10 +74,12 @@ def make_loader(path: Path, batch_size: int, num_workers: int, device: torch.dev
         from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
     try:
-        num_samples = Reader(str(path)).num_samples
-    except Exception as err:  # FFCV raises assorted errors for files that are not its format
+        reader = Reader(str(path))
+    except Exception as err:  # FFCV raises assorted errors for files that are not its format (or truncated)
         raise DataError(f"{path} is not a readable CIFAR-10 beton ({type(err).__name__}: {err}); "
                         f"rebuild it with: python data_prep/write_beton.py --force") from None
+    _check_schema(reader, path)
+    num_samples = reader.num_samples
     if subset > num_samples:
         raise DataError(f"{path} holds {num_samples} images; cannot take a subset of {subset}")
     with _keep_torch_threads():

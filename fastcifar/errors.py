@@ -14,12 +14,13 @@ class DataError(FastCifarError):
 
 def run_cli(action: Callable[[], object], interrupted: str = "interrupted") -> int:
     """Run a command-line action: our errors become one line on stderr and an exit status
-    (2 for invalid options or config, 1 for anything else), Ctrl-C becomes 130."""
+    (2 for invalid options or config, an error's own `exit_code` if it has one, 1 for anything else);
+    Ctrl-C becomes 130."""
     try:
         action()
     except FastCifarError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, ValueError) else 1
+        return 2 if isinstance(err, ValueError) else getattr(err, "exit_code", 1)
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return 130

@@ -22,7 +22,7 @@ from fastcifar.config import Config, ConfigError
 from fastcifar.custom_resnet import CustomResNet
 from fastcifar.data import epoch, make_loader
 from fastcifar.errors import FastCifarError, run_cli
-from fastcifar.rundir import CHECKPOINT_FORMAT
+from fastcifar.rundir import load_checkpoint_file
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 KEEP_MISCLASSIFIED = 64  # images of wrong predictions kept for the report's grid
@@ -99,16 +99,7 @@ def predict(model: nn.Module, loader: Any, normalize: Any, autocast: Any, tta: b
 
 def load_checkpoint(path: str | Path) -> tuple[CustomResNet, Config, dict]:
     """Model (on CPU, eval mode) and config from a fastcifar checkpoint, loaded without pickle code."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FastCifarError(f"no checkpoint at {path}") from None
-    except Exception as err:  # weights_only refuses anything but tensors and plain values
-        raise FastCifarError(f"{path} is not a loadable fastcifar checkpoint ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0]})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise FastCifarError(f"{path}: checkpoint format {found!r}, this fastcifar reads {CHECKPOINT_FORMAT}")
+    state = load_checkpoint_file(path)
     try:
         cfg = Config.from_dict(state["config"])
     except ConfigError as err:

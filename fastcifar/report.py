@@ -50,7 +50,7 @@ def plot_curves(metrics: list[dict]) -> Figure:
 def plot_schedule(cfg: Config, steps_per_epoch: int) -> Figure:
     s = cfg.schedule
     steps = np.arange(s.epochs * steps_per_epoch)
-    lrs = one_cycle_lr(steps, steps_per_epoch, s.epochs, s.peak_epoch, s.min_lr, s.max_lr)
+    lrs = one_cycle_lr(steps, steps_per_epoch, s.epochs, s.peak_epoch, s.min_lr, s.max_lr, s.end_lr)
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.plot(steps, lrs, color="C0", label="learning rate")
     peak = int(np.argmax(lrs))

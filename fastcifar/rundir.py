@@ -4,6 +4,8 @@
     env.json         versions, device, CPU, threads, git commit, start time
     metrics.jsonl    one JSON object per epoch
     results.json     final summary (written last: its presence marks a finished run)
+    checkpoint.pt    the full training state after the last finished epoch (or at a signal): --resume
+    best.pt          weights + config of the epoch with the best test accuracy so far
     model.pt         final weights + config (load with torch.load(..., weights_only=True))
 """
 
@@ -43,6 +45,24 @@ def create_run_dir(out_dir: str, name: str, preset: str, overwrite: bool) -> Pat
     return run_dir
 
 
+def reopen_run_dir(run_dir: Path) -> Path:
+    """An existing run directory, to resume in; must still be writable."""
+    try:
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as err:
+        raise FastCifarError(f"cannot write to {run_dir} ({err.strerror})") from None
+    return run_dir
+
+
+def record_environment(path: Path, env: dict[str, Any], resumed: bool) -> None:
+    """env.json: the environment of the start, plus one entry per resumption (which may be elsewhere)."""
+    if resumed and path.exists():
+        first = json.loads(path.read_text())
+        env = first | {"resumes": first.get("resumes", []) + [env]}
+    write_json(path, env)
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write `obj` as JSON atomically (temp file + rename), so a reader never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -55,6 +75,13 @@ def append_jsonl(path: Path, obj: Any) -> None:
         f.write(json.dumps(obj) + "\n")
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Replace a .jsonl file atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(tmp, path)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
@@ -64,6 +91,23 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
     os.replace(tmp, path)
+
+
+def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
+    """A checkpoint written by `save_checkpoint`, loaded with weights_only=True: tensors and plain values
+    only, so a malicious file cannot run code. Errors say what is wrong in one line."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FastCifarError(f"no checkpoint at {path}") from None
+    except Exception as err:  # weights_only refuses anything but tensors and plain values
+        raise FastCifarError(f"{path} is not a loadable fastcifar checkpoint ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else 'corrupt or truncated'})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise FastCifarError(f"{path}: checkpoint format {found!r}, this fastcifar reads {CHECKPOINT_FORMAT} "
+                             f"(written by an incompatible version)")
+    return state
 
 
 def _version(package: str) -> str | None:

@@ -12,8 +12,10 @@ import argparse
 import contextlib
 import copy
 import random
+import signal
 import sys
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +28,21 @@ from tqdm import tqdm
 
 from fastcifar import report, rundir
 from fastcifar.augment import AugmentSettings, BatchAugment
+from fastcifar.checkpoint import (
+    CHECKPOINT,
+    EpochProgress,
+    load_training_state,
+    resume_config,
+    save_training_state,
+    set_rng_states,
+)
 from fastcifar.config import Config, add_config_arguments, config_from_args
 from fastcifar.custom_resnet import CustomResNet, count_parameters, summary
 from fastcifar.data import Loaders, epoch, make_loaders
 from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.evaluate import predict
-from fastcifar.schedule import make_scheduler
+from fastcifar.interrupt import StopSignals, TrainingInterrupted
+from fastcifar.schedule import make_scheduler, one_cycle_lr
 
 PROGRESS_EVERY = 10  # steps between progress-bar updates (each one is a host-device sync on a GPU)
 
@@ -109,25 +120,49 @@ class PassStats:
     accuracy: float
     images: int
     seconds: float
+    finished: bool = True  # False when a training epoch stopped early on a signal
+    progress: EpochProgress | None = None  # a training epoch's position and sums (for a checkpoint)
+
+
+class NonFiniteLoss(FastCifarError):
+    """The loss became NaN or infinite: training diverged."""
+
+
+class StopRequested(Exception):
+    """A signal asked the test pass to stop (it is abandoned and redone on resume)."""
 
 
 class _Totals:
-    """Sums of loss and correct predictions kept on the device (no host sync until `read`)."""
+    """Sums of loss and correct predictions kept on the device (no host sync until `read`), continuing
+    from `start` when an interrupted epoch is resumed."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.loss = torch.zeros((), dtype=torch.float64, device=device)
-        self.correct = torch.zeros((), dtype=torch.int64, device=device)
-        self.images = 0
+    def __init__(self, device: torch.device, start: EpochProgress | None = None) -> None:
+        s = start or EpochProgress()
+        self.loss = torch.tensor(s.loss_sum, dtype=torch.float64, device=device)
+        self.correct = torch.tensor(s.correct, dtype=torch.int64, device=device)
+        self.images, self.steps, self.skipped = s.images, s.step, s.skipped
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first step with a non-finite loss
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.loss += loss.detach().double() * len(labels)
+        self.steps += 1
+        loss = loss.detach()
+        self.loss += loss.double() * len(labels)
         self.correct += (logits.argmax(dim=1) == labels).sum()
         self.images += len(labels)
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), self.steps, self.first_bad)
 
     def read(self) -> tuple[float, float]:
         """Mean loss and accuracy; a sync point."""
         n = max(self.images, 1)
         return self.loss.item() / n, self.correct.item() / n
+
+    def first_non_finite(self) -> int | None:
+        """The step (1-based, in this epoch) whose loss was first NaN/inf, or None; a sync point."""
+        step = int(self.first_bad)
+        return None if step < 0 else step
+
+    def progress(self, seconds: float) -> EpochProgress:
+        return EpochProgress(self.steps, self.loss.item(), int(self.correct), self.images, seconds, self.skipped)
 
 
 def progress_enabled(setting: str) -> bool | None:
@@ -156,34 +191,65 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, aug
 
 def train_one_epoch(model: nn.Module, loader: Any, augment: BatchAugment, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, amp: Amp,
-                    desc: str = "train", progress: bool | None = None) -> PassStats:
-    """One pass over `loader` with SGD steps; returns mean loss/accuracy over the epoch's batches."""
+                    desc: str = "train", progress: bool | None = None, start: EpochProgress | None = None,
+                    stop: Callable[[], bool] | None = None) -> PassStats:
+    """One pass over `loader` with SGD steps; returns mean loss/accuracy over the epoch's batches.
+
+    `start` continues an epoch interrupted after `start.step` steps: the loader replays the same order and
+    those batches are skipped. When `stop()` becomes true the epoch ends after the current step
+    (`finished` False, `progress` saying how far it got). A NaN/inf loss raises NonFiniteLoss.
+    """
     model.train()
-    totals = _Totals(amp.device)
-    start = time.perf_counter()
-    with epoch(loader) as batches, progress_bar(len(loader), desc, progress) as bar:
-        for step, (images, labels) in enumerate(batches, 1):
-            loss, logits = train_step(model, images, labels, augment, optimizer, loss_fn, amp)
-            scheduler.step()
-            totals.add(loss, logits, labels)
-            if not bar.disable and (step % PROGRESS_EVERY == 0 or step == len(loader)):
-                loss_avg, acc = totals.read()  # sync point, only while a progress bar is shown
-                bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{acc:.3f}", refresh=False)
-                bar.update(step - bar.n)
+    start = start or EpochProgress()
+    totals = _Totals(amp.device, start)
+    # On a CPU every step is synchronous anyway; on a GPU reading the loss is a sync, so only every few steps.
+    check_every = 1 if amp.device.type == "cpu" else PROGRESS_EVERY
+    began, lrs = time.perf_counter(), {}
+    if start.step < len(loader):
+        with epoch(loader) as batches, progress_bar(len(loader), desc, progress) as bar:
+            bar.update(start.step)
+            for step, (images, labels) in enumerate(batches, 1):
+                if step <= start.step:
+                    continue  # done before the interruption
+                lrs[step] = scheduler.get_last_lr()[0]
+                scale = amp.scaler.get_scale() if amp.scaler.is_enabled() else 0.0  # fp16 only (steps sync anyway)
+                loss, logits = train_step(model, images, labels, augment, optimizer, loss_fn, amp)
+                totals.skipped += int(amp.scaler.is_enabled() and amp.scaler.get_scale() < scale)
+                scheduler.step()
+                totals.add(loss, logits, labels)
+                if step % check_every == 0 or step == len(loader):
+                    _check_finite(totals, lrs, len(loader))
+                if not bar.disable and (step % PROGRESS_EVERY == 0 or step == len(loader)):
+                    loss_avg, acc = totals.read()  # sync point, only while a progress bar is shown
+                    bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{acc:.3f}", refresh=False)
+                    bar.update(step - bar.n)
+                if stop is not None and stop() and step < len(loader):
+                    break
     _sync(amp.device)
+    _check_finite(totals, lrs, len(loader))
+    seconds = start.seconds + time.perf_counter() - began
     loss_avg, acc = totals.read()
-    return PassStats(loss_avg, acc, totals.images, time.perf_counter() - start)
+    return PassStats(loss_avg, acc, totals.images, seconds, totals.steps == len(loader), totals.progress(seconds))
+
+
+def _check_finite(totals: _Totals, lrs: dict[int, float], steps: int) -> None:
+    bad = totals.first_non_finite()
+    if bad is not None:
+        raise NonFiniteLoss(f"the loss became NaN/inf at step {bad} of {steps} in this epoch (lr {lrs[bad]:.4g})")
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, normalize: Callable[[torch.Tensor], torch.Tensor], loss_fn: nn.Module,
-             amp: Amp) -> PassStats:
-    """Mean loss and accuracy of `model` on `loader` (eval mode, no augmentation)."""
+             amp: Amp, stop: Callable[[], bool] | None = None) -> PassStats:
+    """Mean loss and accuracy of `model` on `loader` (eval mode, no augmentation). Raises StopRequested
+    as soon as `stop()` is true."""
     model.eval()
     totals = _Totals(amp.device)
     start = time.perf_counter()
     with epoch(loader) as batches:
         for images, labels in batches:
+            if stop is not None and stop():
+                raise StopRequested
             with amp.autocast():
                 logits = model(normalize(images))
                 totals.add(loss_fn(logits, labels), logits, labels)
@@ -288,7 +354,7 @@ class Session:
     augment: BatchAugment
 
     @classmethod
-    def open(cls, cfg: Config, log: Callable[[str], None] = print) -> Session:
+    def open(cls, cfg: Config, log: Callable[[str], None] = print, resume: bool = False) -> Session:
         cfg = cfg.validated()
         device = resolve_device(cfg.run.device)
         if device.type == "cpu" and cfg.run.threads:
@@ -301,10 +367,13 @@ class Session:
         d = cfg.data
         loaders = make_loaders(d.data_dir, d.batch_size, d.test_batch_size, d.num_workers, device, cfg.run.seed,
                                d.train_subset, d.test_subset)
-        run_dir = rundir.create_run_dir(cfg.run.out_dir, cfg.run.name, cfg.preset, cfg.run.overwrite)
+        if resume:
+            run_dir = rundir.reopen_run_dir(Path(cfg.run.out_dir) / cfg.run.name)
+        else:
+            run_dir = rundir.create_run_dir(cfg.run.out_dir, cfg.run.name, cfg.preset, cfg.run.overwrite)
         env = rundir.environment(device)
         rundir.write_json(run_dir / "config.json", cfg.to_dict())
-        rundir.write_json(run_dir / "env.json", env)
+        rundir.record_environment(run_dir / "env.json", env, resumed=resume)
         model = CustomResNet(cfg.model)
         log(summary(model))
         model = model.to(device=device, memory_format=_memory_format(cfg))
@@ -332,37 +401,133 @@ def _memory_format(cfg: Config) -> torch.memory_format:
     return torch.channels_last if cfg.run.channels_last else torch.contiguous_format
 
 
-def train(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
-    """Train the network as `cfg` says, writing the run directory; returns metrics and the model."""
-    session = Session.open(cfg, log)
-    cfg, run_dir = session.cfg, session.run_dir
-    s = cfg.schedule
+def train(cfg: Config, log: Callable[[str], None] = print, resume: str | Path | None = None) -> TrainResult:
+    """Train the network as `cfg` says, writing the run directory; returns metrics and the model.
+
+    `resume`: a run directory whose checkpoint.pt to continue from (exactly: same batches, same random
+    draws); `cfg` may then differ from that run's config only in RESUMABLE_CHANGES (paths, speed settings).
+    """
+    state = None
+    if resume is not None:
+        state = load_training_state(resume)
+        run_dir = Path(resume)
+        cfg = resume_config(Config.from_dict(state["config"]),
+                            cfg.override({"run.out_dir": str(run_dir.parent), "run.name": run_dir.name}))
+    session = Session.open(cfg, log, resume=state is not None)
+    cfg, run_dir, s = session.cfg, session.run_dir, session.cfg.schedule
     scheduler = make_scheduler(session.optimizer, len(session.loaders.train), s.epochs, s.peak_epoch, s.min_lr,
-                               s.max_lr)
+                               s.max_lr, s.end_lr)
     compile_seconds = session.warm_up()
     if session.compiled:
         log(f"torch.compile warm-up: {compile_seconds:.1f} s (not counted in epoch times)")
+    metrics: list[dict] = []
+    progress: EpochProgress | None = None
+    if state is not None:  # after the warm-up, which puts back what it changed
+        metrics, progress = _restore(session, scheduler, state)
+        compile_seconds += state["compile_seconds"]
+        rundir.write_jsonl(run_dir / "metrics.jsonl", metrics)  # drops rows logged after the checkpoint
+        log(f"resumed {run_dir} after epoch {len(metrics)}"
+            + (f", step {progress.step} of epoch {len(metrics) + 1}" if progress else ""))
 
-    progress = progress_enabled(cfg.run.progress)
+    ckpt = Checkpointer(session, scheduler, metrics, compile_seconds)
     table = EpochTable()
     log(table.header())
-    metrics: list[dict] = []
-    for ep in range(1, s.epochs + 1):
-        lr = scheduler.get_last_lr()[0]
-        tr = train_one_epoch(session.forward, session.loaders.train, session.augment, session.optimizer, scheduler,
-                             session.loss_fn, session.amp, f"epoch {ep}/{s.epochs}", progress)
-        te = evaluate(session.forward, session.loaders.test, session.augment.test, session.loss_fn, session.amp)
-        row = {"epoch": ep, "lr": lr, "lr_end": scheduler.get_last_lr()[0], "train_loss": tr.loss,
-               "train_acc": tr.accuracy, "test_loss": te.loss, "test_acc": te.accuracy,
-               "train_s": tr.seconds, "test_s": te.seconds, "epoch_s": tr.seconds + te.seconds,
-               "train_img_s": tr.images / tr.seconds, "test_img_s": te.images / te.seconds}
-        metrics.append(row)
-        rundir.append_jsonl(run_dir / "metrics.jsonl", row)
+    for row in metrics:
         log(table.row(row))
+    with StopSignals() as stop:
+        for ep in range(len(metrics) + 1, s.epochs + 1):
+            row = _train_epoch(session, scheduler, ep, progress, stop, ckpt)
+            progress = None
+            metrics.append(row)
+            rundir.append_jsonl(run_dir / "metrics.jsonl", row)
+            log(table.row(row))
+            ckpt.end_of_epoch(ep, row["test_acc"])
+            if stop():
+                ckpt.interrupt(stop, ep, None)
+    return _finish(session, metrics, ckpt.compile_seconds, log)
 
-    model = session.model
+
+def _train_epoch(session: Session, scheduler: torch.optim.lr_scheduler.LRScheduler, ep: int,
+                 start: EpochProgress | None, stop: StopSignals, ckpt: Checkpointer) -> dict:
+    """Epoch `ep` (1-based): training, then the test pass; a signal saves a checkpoint and raises."""
+    s = session.cfg.schedule
+    loader = session.loaders.train
+    loader.next_epoch = ep - 1  # FFCV's shuffle of epoch e depends only on (seed, e): resumable
+    lr = float(one_cycle_lr((ep - 1) * len(loader), len(loader), s.epochs, s.peak_epoch, s.min_lr, s.max_lr,
+                            s.end_lr))  # at the epoch's first step, also when resuming in its middle
+    try:
+        tr = train_one_epoch(session.forward, loader, session.augment, session.optimizer, scheduler,
+                             session.loss_fn, session.amp, f"epoch {ep}/{s.epochs}",
+                             progress_enabled(session.cfg.run.progress), start, stop)
+    except NonFiniteLoss as err:
+        kept = f"the last checkpoint ({ckpt.path}) is intact" if ckpt.path.exists() else "no checkpoint was written"
+        raise NonFiniteLoss(f"training diverged in epoch {ep}: {err}; {kept}. Lower --max-lr (see python -m "
+                            f"fastcifar.find_lr), use --precision fp32, or add --model.logit_scale 0.125") from None
+    if not tr.finished or stop():
+        ckpt.interrupt(stop, ep - 1, tr.progress)
+    try:
+        te = evaluate(session.forward, session.loaders.test, session.augment.test, session.loss_fn, session.amp, stop)
+    except StopRequested:
+        ckpt.interrupt(stop, ep - 1, tr.progress)  # training part done: resume redoes only the test pass
+    return {"epoch": ep, "lr": lr, "lr_end": scheduler.get_last_lr()[0], "train_loss": tr.loss,
+            "train_acc": tr.accuracy, "test_loss": te.loss, "test_acc": te.accuracy,
+            "train_s": tr.seconds, "test_s": te.seconds, "epoch_s": tr.seconds + te.seconds,
+            "train_img_s": tr.images / tr.seconds, "test_img_s": te.images / te.seconds,
+            "skipped_steps": tr.progress.skipped}
+
+
+class Checkpointer:
+    """Writes checkpoint.pt (full training state) and best.pt (weights of the best test accuracy)."""
+
+    def __init__(self, session: Session, scheduler: torch.optim.lr_scheduler.LRScheduler, metrics: list[dict],
+                 compile_seconds: float) -> None:
+        self.session, self.scheduler, self.metrics = session, scheduler, metrics
+        self.compile_seconds = compile_seconds
+        self.path = session.run_dir / CHECKPOINT
+        self.best = max((m["test_acc"] for m in metrics), default=-1.0)
+
+    def save(self, epochs_done: int, progress: EpochProgress | None) -> None:
+        s = self.session
+        save_training_state(self.path, cfg=s.cfg, model=s.model, optimizer=s.optimizer, scheduler=self.scheduler,
+                            scaler=s.amp.scaler, augment_generator=s.augment.generator, epochs_done=epochs_done,
+                            progress=progress, metrics=self.metrics, compile_seconds=self.compile_seconds)
+
+    def end_of_epoch(self, ep: int, test_acc: float) -> None:
+        every, epochs = self.session.cfg.run.checkpoint_every, self.session.cfg.schedule.epochs
+        if every and (ep % every == 0 or ep == epochs):
+            self.save(ep, None)
+        if test_acc > self.best:
+            self.best = test_acc
+            rundir.save_checkpoint(self.session.run_dir / "best.pt", {
+                "model": self.session.model.state_dict(), "config": self.session.cfg.to_dict(), "epoch": ep,
+                "test_acc": test_acc})
+
+    def interrupt(self, stop: StopSignals, epochs_done: int, progress: EpochProgress | None) -> typing.NoReturn:
+        """Save the state at this point and stop with the command that continues the run."""
+        self.save(epochs_done, progress)
+        where = f"after epoch {epochs_done}" + (f", step {progress.step}" if progress else "")
+        name = signal.Signals(stop.signum).name
+        raise TrainingInterrupted(f"stopped by {name} {where}; checkpoint saved. Continue with: "
+                                  f"python -m fastcifar.train --resume {self.session.run_dir}", stop.signum)
+
+
+def _restore(session: Session, scheduler: torch.optim.lr_scheduler.LRScheduler,
+             state: dict) -> tuple[list[dict], EpochProgress | None]:
+    session.model.load_state_dict(state["model"])
+    session.optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    session.amp.scaler.load_state_dict(state["scaler"])
+    set_rng_states(state["rng"], session.augment.generator)
+    progress = EpochProgress(**state["progress"]) if state["progress"] else None
+    return list(state["metrics"]), progress
+
+
+def _finish(session: Session, metrics: list[dict], compile_seconds: float,
+            log: Callable[[str], None]) -> TrainResult:
+    """The final weights, predictions, results.json (marks the run finished) and the report."""
+    cfg, run_dir, model = session.cfg, session.run_dir, session.model
     rundir.save_checkpoint(run_dir / "model.pt", {"model": model.state_dict(), "config": cfg.to_dict(),
-                                                  "epoch": s.epochs})
+                                                  "epoch": cfg.schedule.epochs})
     # One more, untimed test pass that keeps every prediction, for the report (confusion, misclassified).
     predict(model, session.loaders.test, session.augment.test, session.amp.autocast).save(run_dir / "predictions.npz")
     result = _summarise(metrics, compile_seconds, count_parameters(model)) | {
@@ -399,12 +564,21 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Every config field is a dotted flag, e.g. --optim.weight_decay 1e-3 (see fastcifar/config.py).",
     )
     add_config_arguments(parser)
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR/checkpoint.pt")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: train(config_from_args(args)))
+
+    def run() -> TrainResult:
+        if args.resume is None:
+            return train(config_from_args(args))
+        # The interrupted run's config, with only the options given now changed (checked in train).
+        saved = load_training_state(args.resume)["config"]
+        return train(config_from_args(args, base=Config.from_dict(saved)), resume=args.resume)
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

@@ -81,3 +81,28 @@ def test_corrupt_beton_is_reported(tmp_path):
         (tmp_path / name).write_bytes(b"\x00" * 100)
     with pytest.raises(DataError, match="not a readable CIFAR-10 beton"):
         make_loaders(tmp_path, 8, 8, 1, CPU)
+
+
+def _write(path, fields, rows):
+    from ffcv.writer import DatasetWriter
+
+    DatasetWriter(str(path), fields, num_workers=1).from_indexed_dataset(rows)
+
+
+def test_truncated_beton_is_reported(synthetic, tmp_path):
+    whole = (synthetic["data_dir"] / "test.beton").read_bytes()
+    (tmp_path / "test.beton").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match="test.beton is (not a readable CIFAR-10 beton|truncated)"):
+        make_loader(tmp_path / "test.beton", 8, 1, CPU, train=False)
+
+
+@pytest.mark.parametrize(("kind", "fragment"), [("size", "not 32x32"), ("schema", "not CIFAR-10's image")])
+def test_beton_of_the_wrong_kind_is_reported(tmp_path, kind, fragment):
+    from ffcv.fields import FloatField, IntField, RGBImageField
+
+    side = 40 if kind == "size" else 32
+    rows = [(np.zeros((side, side, 3), np.uint8), i % 10) for i in range(4)]
+    label = IntField() if kind == "size" else FloatField()
+    _write(tmp_path / "x.beton", {"image": RGBImageField(write_mode="raw"), "label": label}, rows)
+    with pytest.raises(DataError, match=fragment):
+        make_loader(tmp_path / "x.beton", 8, 1, CPU, train=False)

@@ -1,0 +1,173 @@
+"""Checkpoints and exact resume: bit-for-bit equality with an uninterrupted run (the session's tiny_run)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import fastcifar.train as train_module
+from fastcifar.checkpoint import load_training_state, resume_config, rng_states, set_rng_states
+from fastcifar.config import Config, ConfigError
+from fastcifar.errors import FastCifarError
+from fastcifar.interrupt import TrainingInterrupted
+from fastcifar.train import main, train
+from tests.conftest import TINY, tiny_config
+
+TIMINGS = {"train_s", "test_s", "epoch_s", "train_img_s", "test_img_s"}
+QUIET = {"log": lambda _: None}
+
+
+def _same_run(a_dir, b_dir) -> None:
+    """Same final weights (bit for bit) and the same metrics apart from timings."""
+    a = torch.load(a_dir / "model.pt", weights_only=True)["model"]
+    b = torch.load(b_dir / "model.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    rows = [[{k: v for k, v in json.loads(line).items() if k not in TIMINGS}
+             for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (a_dir, b_dir)]
+    assert rows[0] == rows[1]
+
+
+def _signal_at(monkeypatch, target: str, call: int) -> None:
+    """Send this process SIGTERM during the `call`-th call of fastcifar.train.<target>."""
+    original, calls = getattr(train_module, target), []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, target, wrapper)
+
+
+def test_rng_states_round_trip_through_weights_only_load(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    torch.save(rng_states(gen), tmp_path / "rng.pt")
+    expected = (torch.rand(3, generator=gen), torch.rand(3), np.random.rand(3), random.random())
+    set_rng_states(torch.load(tmp_path / "rng.pt", weights_only=True), gen)
+    again = (torch.rand(3, generator=gen), torch.rand(3), np.random.rand(3), random.random())
+    assert all(np.array_equal(x, y) for x, y in zip(expected, again, strict=True))
+
+
+def test_interrupted_twice_then_resumed_equals_the_uninterrupted_run(tiny_run, synthetic, tmp_path, monkeypatch):
+    cfg = tiny_config(synthetic, tmp_path)
+    run_dir = tmp_path / "run"
+    _signal_at(monkeypatch, "train_step", 5)  # mid-epoch 1 (16 steps per epoch)
+    with pytest.raises(TrainingInterrupted, match=r"SIGTERM after epoch 0, step 5.*--resume .*run") as info:
+        train(cfg, **QUIET)
+    assert info.value.exit_code == 128 + signal.SIGTERM
+    state = load_training_state(run_dir)
+    assert state["epoch"] == 0 and state["progress"]["step"] == 5 and not (run_dir / "results.json").exists()
+    monkeypatch.undo()
+    _signal_at(monkeypatch, "evaluate", 2)  # during the test pass of epoch 2
+    with pytest.raises(TrainingInterrupted, match="after epoch 1, step 16"):
+        train(cfg, resume=run_dir, **QUIET)
+    monkeypatch.undo()
+    result = train(cfg, resume=run_dir, **QUIET)
+    assert [m["epoch"] for m in result.metrics] == [1, 2, 3]
+    _same_run(tiny_run.run_dir, run_dir)
+    assert len(json.loads((run_dir / "env.json").read_text())["resumes"]) == 2
+
+
+def test_every_epoch_writes_a_resumable_checkpoint_and_the_best_weights(tiny_run):
+    with pytest.raises(FastCifarError, match="finished run; nothing to resume"):
+        load_training_state(tiny_run.run_dir)
+    raw = torch.load(tiny_run.run_dir / "checkpoint.pt", weights_only=True)
+    assert raw["kind"] == "training-state" and raw["epoch"] == 3 and raw["progress"] is None
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "metrics", "config"} <= raw.keys()
+    best = torch.load(tiny_run.run_dir / "best.pt", weights_only=True)
+    assert best["test_acc"] == max(m["test_acc"] for m in tiny_run.metrics)
+
+
+def test_resume_refuses_another_recipe_naming_the_setting(tiny_run):
+    saved = tiny_run.config
+    with pytest.raises(ConfigError, match=r"data.batch_size 64 -> 32.*model.widths"):
+        resume_config(saved, saved.override({"data.batch_size": 32, "model.widths": "8,8,8,8"}))
+    moved = saved.override({"data.data_dir": "/elsewhere", "run.progress": "on", "data.num_workers": 2})
+    assert resume_config(saved, moved) is moved
+
+
+@pytest.mark.parametrize(("setup", "fragment"), [
+    ("missing", "no such run directory"),
+    ("empty", "has no checkpoint.pt"),
+    ("weights", "weights only, not a training state"),
+    ("garbage", "not a loadable fastcifar checkpoint"),
+    ("future", "checkpoint format 99"),
+])
+def test_unresumable_directories_are_refused(tmp_path, setup, fragment):
+    run_dir = tmp_path / "run"
+    if setup != "missing":
+        run_dir.mkdir()
+    if setup == "weights":
+        torch.save({"format": 1, "model": {}, "config": {}}, run_dir / "checkpoint.pt")
+    elif setup == "garbage":
+        (run_dir / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    elif setup == "future":
+        torch.save({"format": 99, "kind": "training-state"}, run_dir / "checkpoint.pt")
+    with pytest.raises(FastCifarError, match=fragment):
+        load_training_state(run_dir)
+
+
+def test_divergence_stops_at_once_naming_epoch_step_lr_and_keeps_the_checkpoint(synthetic, tmp_path, monkeypatch):
+    original, calls = train_module.train_step, []
+
+    def poisoned(*args, **kwargs):  # the 20th step (epoch 2, step 4) returns a NaN loss
+        calls.append(1)
+        loss, logits = original(*args, **kwargs)
+        return (loss * float("nan"), logits) if len(calls) == 20 else (loss, logits)
+
+    monkeypatch.setattr(train_module, "train_step", poisoned)
+    cfg = tiny_config(synthetic, tmp_path)
+    with pytest.raises(train_module.NonFiniteLoss, match=r"epoch 2: .*step 4 of 16.*lr 0\.0[0-9]+.*intact.*--max-lr"):
+        train(cfg, **QUIET)
+    assert len(calls) == 20  # stopped at the bad step, not later
+    state = load_training_state(tmp_path / "run")
+    assert state["epoch"] == 1 and state["progress"] is None
+
+
+def test_a_real_divergence_is_caught(synthetic, tmp_path):
+    cfg = tiny_config(synthetic, tmp_path, **{"schedule.epochs": 1, "schedule.min_lr": 1e5, "schedule.max_lr": 1e5})
+    with pytest.raises(train_module.NonFiniteLoss, match="epoch 1: the loss became NaN/inf at step"):
+        train(cfg, **QUIET)
+
+
+def test_sigterm_to_a_training_process_then_resume_matches_an_uninterrupted_run(synthetic, tmp_path):
+    overrides = {"schedule.epochs": 12, "run.name": "killed", "run.threads": 1}  # same threads: same rounding
+    args = [f"--{k}={v}" for k, v in (TINY | overrides).items()] + [
+        "--data-dir", str(synthetic["data_dir"]), "--out-dir", str(tmp_path)]
+    proc = subprocess.Popen([sys.executable, "-m", "fastcifar.train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text()) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "--resume" in err and "terminate called" not in err
+    assert main(["--resume", str(tmp_path / "killed"), "--run.progress", "off"]) == 0
+    full = train(tiny_config(synthetic, tmp_path, **{"schedule.epochs": 12, "run.name": "full", "run.threads": 1}),
+                 **QUIET)
+    _same_run(full.run_dir, tmp_path / "killed")
+
+
+def test_cli_resume_rejects_a_changed_recipe(tmp_path, synthetic, monkeypatch, capsys):
+    _signal_at(monkeypatch, "train_step", 3)
+    with pytest.raises(TrainingInterrupted):
+        train(tiny_config(synthetic, tmp_path), **QUIET)
+    assert main(["--resume", str(tmp_path / "run"), "--batch-size", "32"]) == 2
+    assert "data.batch_size 64 -> 32" in capsys.readouterr().err
+    assert main(["--resume", str(tmp_path / "run"), "--preset", "smoke"]) == 2
+
+
+def test_config_of_a_run_loads_back(tiny_run):
+    assert Config.from_dict(json.loads((tiny_run.run_dir / "config.json").read_text())) == tiny_run.config
