@@ -47,3 +47,13 @@ def test_summary_lists_layers_and_the_total():
     text = summary(CustomResNet())
     assert "Total params: 6,573,120" in text
     assert "layer3" in text and "[1, 10]" in text
+
+
+def test_logit_scale_multiplies_the_logits_and_adds_no_parameters():
+    torch.manual_seed(0)
+    plain = CustomResNet(ModelConfig(widths=(4, 8, 8, 16))).eval()
+    scaled = CustomResNet(ModelConfig(widths=(4, 8, 8, 16), logit_scale=0.125)).eval()
+    scaled.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(scaled(x), plain(x) * 0.125)
+    assert count_parameters(scaled) == count_parameters(plain)

@@ -27,3 +27,10 @@ def test_scheduler_follows_the_function_step_by_step():
         opt.step()
         sched.step()
     np.testing.assert_allclose(seen, one_cycle_lr(np.arange(2 * SPE), SPE, 2, 1, LO, HI), rtol=1e-12)
+
+
+def test_end_lr_replaces_min_lr_at_the_end_only():
+    lrs = one_cycle_lr(np.array([0, 5 * SPE, 24 * SPE]), SPE, 24, 5, 0.004, 0.4, end_lr=0.0)
+    np.testing.assert_allclose(lrs, [0.004, 0.4, 0.0])
+    same = one_cycle_lr(np.arange(24 * SPE), SPE, 24, 5, LO, HI, end_lr=-1)
+    np.testing.assert_array_equal(same, one_cycle_lr(np.arange(24 * SPE), SPE, 24, 5, LO, HI))

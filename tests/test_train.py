@@ -55,6 +55,18 @@ def test_same_seed_same_metrics(synthetic, tmp_path):
     b = train(tiny_config(synthetic, tmp_path, **overrides, **{"run.name": "b"}), log=lambda _: None)
     keys = ("train_loss", "train_acc", "test_loss", "test_acc")
     assert [a.metrics[0][k] for k in keys] == [b.metrics[0][k] for k in keys]
+    for name, tensor in a.model.state_dict().items():
+        assert torch.equal(tensor, b.model.state_dict()[name]), name
+
+
+def test_unwritable_output_directory_is_refused_before_training(synthetic, tmp_path, capsys):
+    (tmp_path / "blocker").write_text("a file where the run directory's parent should be")
+    args = [f"--{k}={v}" for k, v in TINY.items()] + [
+        "--data-dir", str(synthetic["data_dir"]), "--out-dir", str(tmp_path / "blocker"), "--name", "x"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write to") and err.count("\n") == 1
+    assert (tmp_path / "blocker").read_text().startswith("a file")
 
 
 def test_bf16_channels_last_path_runs(synthetic, tmp_path):
