@@ -1,62 +1,104 @@
-"""Training-step throughput of the model for several variants, side by side in one process.
+"""Training-step throughput of the exact model for several variants, side by side in one process.
 
-    python benchmarks/step_throughput.py [--variants fp32-cl,fp32-cl-compile,...] [--batch-size 512] [--steps 4]
+    python benchmarks/step_throughput.py [--variants fp32,fp32-cl,default] [--batch-size 512] [--steps 4]
 
-A variant name is a precision (fp32 | bf16) followed by flags: `cl` (channels_last), `compile`
-(torch.compile). Each variant gets a fresh model and SGD, runs `--warmup` untimed steps (compile happens
-there), then `--steps` timed steps on a fixed random batch: forward + cross-entropy + backward + SGD step,
-no data loading. Prints images/s per variant. (A first step towards benchmarks/ of issue 4.)
+A variant is a precision (fp32 | bf16 | fp16) followed by flags: `cl` (channels_last) and `compile`
+(torch.compile, optionally `compile:MODE`, e.g. `fp32-cl-compile:max-autotune`); `default` is what
+fastcifar picks on the device (run.precision/compile auto, channels_last). Each variant gets a fresh model
+and SGD, runs `--warmup` untimed steps (compilation happens there and is reported as warm-up time), then
+`--steps` timed steps on a fixed random batch: forward + cross-entropy + backward + SGD step, no data
+loading. On CUDA the timed steps are measured with CUDA events.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 
 import torch
 
+from fastcifar.config import ModelConfig
 from fastcifar.custom_resnet import CustomResNet
+from fastcifar.train import Amp, resolve_compile, resolve_precision
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+NAMES = {v: k for k, v in DTYPES.items()}
 
 
-def _sync(device: torch.device) -> None:
+def default_variant(device: torch.device) -> str:
+    """fastcifar's own choice on `device`, spelled as a variant."""
+    precision = NAMES[resolve_precision("auto", device)]
+    return f"{precision}-cl" + ("-compile" if resolve_compile("auto", device) else "")
+
+
+@dataclass
+class StepResult:
+    variant: str
+    warmup_s: float  # includes compilation for compiled variants
+    images_per_s: float
+    step_s: float
+
+
+def _timer(device: torch.device) -> tuple:
+    """(start, stop) callables measuring seconds: CUDA events on a GPU (no host timing of async work)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def stop() -> float:
+            end.record()
+            end.synchronize()
+            return begin.elapsed_time(end) / 1000
+        return begin.record, stop
+    t0 = [0.0]
+
+    def start() -> None:
+        t0[0] = time.perf_counter()
+    return start, lambda: time.perf_counter() - t0[0]
 
 
-def measure(variant: str, batch_size: int, warmup: int, steps: int, device: torch.device) -> tuple[float, float]:
-    """(warm-up seconds, timed images/s) of one variant."""
-    precision, *flags = variant.split("-")
-    channels_last, compiled = "cl" in flags, "compile" in flags
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+def measure(variant: str, batch_size: int, warmup: int, steps: int, device: torch.device,
+            widths: tuple[int, int, int, int] = ModelConfig.widths) -> StepResult:
+    """Warm-up seconds and timed images/s of one variant."""
+    resolved = default_variant(device) if variant == "default" else variant
+    precision, *flags = resolved.split("-")
+    compile_flag = next((f for f in flags if f.startswith("compile")), None)
+    mode = compile_flag.partition(":")[2] or None if compile_flag else None
+    memory_format = torch.channels_last if "cl" in flags else torch.contiguous_format
+    amp = Amp(device, DTYPES[precision])
     torch.manual_seed(0)
-    model = CustomResNet().to(device=device, memory_format=memory_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    forward = torch.compile(model) if compiled else model
+    model = CustomResNet(ModelConfig(widths=widths)).to(device=device, memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    forward = torch.compile(model, mode=mode) if compile_flag else model
     x = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
     y = torch.randint(0, 10, (batch_size,), device=device)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with amp.autocast():
             loss = torch.nn.functional.cross_entropy(forward(x), y)
-        loss.backward()
-        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        amp.scaler.scale(loss).backward()
+        amp.scaler.step(optimizer)
+        amp.scaler.update()
 
-    start = time.perf_counter()
+    start, stop = _timer(device)
+    begin = time.perf_counter()
     for _ in range(warmup):
         step()
-    _sync(device)
-    warm = time.perf_counter() - start
-    start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    warm = time.perf_counter() - begin
+    start()
     for _ in range(steps):
         step()
-    _sync(device)
-    return warm, steps * batch_size / (time.perf_counter() - start)
+    seconds = stop()
+    name = f"default ({resolved})" if variant == "default" else variant
+    return StepResult(name, warm, steps * batch_size / seconds, seconds / steps)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variants", default="fp32,fp32-cl,fp32-cl-compile")
+    parser.add_argument("--variants", default="fp32,fp32-cl,default")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
@@ -65,8 +107,8 @@ def main() -> None:
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}")
     for variant in args.variants.split(","):
-        warm, rate = measure(variant, args.batch_size, args.warmup, args.steps, device)
-        print(f"{variant:<18} warm-up {warm:6.1f} s   {rate:8.1f} img/s", flush=True)
+        r = measure(variant, args.batch_size, args.warmup, args.steps, device)
+        print(f"{r.variant:<28} warm-up {r.warmup_s:6.1f} s   {r.images_per_s:8.1f} img/s", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,14 @@ so a seeded generator reproduces a batch exactly. Nothing here loops over images
 to the host, so on a GPU a batch costs a handful of kernel launches and no synchronisation.
 
 Order used in training (`BatchAugment`): random crop (pad 4) -> horizontal flip -> cutout 8x8 ->
-normalise. Cutout runs before normalisation and fills with the dataset's mean colour, which is what a
+normalise. `BatchAugment.train` does the first three as ONE gather (`crop_flip_cutout`): each output
+pixel's source index already accounts for the shift, the mirror, the padding and the cutout square
+(padding and cutout read two extra "pixels" holding their colours). It draws the same random numbers in
+the same order as the three separate functions and gives exactly their result with fewer passes over
+the batch (measured on this CPU: ~1.4x faster for augmentation + normalisation of a 512-image batch);
+the separate functions stay as the readable reference that the tests compare it with.
+
+Cutout runs before normalisation and fills with the dataset's mean colour, which is what a
 zero fill after normalisation would give (up to uint8 rounding): both mean "no information".
 """
 
@@ -80,7 +87,48 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype
     c = images.shape[1]
     scale = (1.0 / (255.0 * std)).view(1, c, 1, 1)
     shift = (mean / std).view(1, c, 1, 1)
-    return (images.float() * scale - shift).to(dtype)
+    return torch.addcmul(-shift, images.float(), scale).to(dtype)  # one pass after the conversion
+
+
+def crop_flip_cutout(images: torch.Tensor, padding: int, pad_mode: str, flip: bool, cutout_size: int,
+                     generator: torch.Generator, fill: torch.Tensor) -> torch.Tensor:
+    """random_crop -> random_flip -> cutout in one gather (same draws, same result as calling them in turn).
+
+    Works for uint8 RGB batches: each pixel's 3 bytes plus one spare byte are read as one int32, so the
+    gather moves whole pixels (one index per pixel instead of one per channel value)."""
+    n, c, h, w = images.shape
+    if images.dtype != torch.uint8 or c != 3:
+        raise ValueError(f"crop_flip_cutout takes uint8 RGB batches, got {images.dtype} with {c} channels")
+    dev = images.device
+    pad_pixel, fill_pixel = h * w, h * w + 1  # two extra entries of the pixel table
+    rows = cols = torch.arange(h, device=dev).expand(n, h)
+    rows_in = cols_in = None
+    if padding:
+        shifts = torch.randint(-padding, padding + 1, (2, n, 1), generator=generator, device=dev)
+        rows, rows_in = _source_index(shifts[0], h, pad_mode)
+        cols, cols_in = _source_index(shifts[1], w, pad_mode)
+    if flip:  # mirroring the crop = reading its columns right to left
+        mirror = (torch.rand(n, generator=generator, device=dev) < 0.5)[:, None]
+        cols = torch.where(mirror, cols.flip(1), cols)
+        cols_in = None if cols_in is None else torch.where(mirror, cols_in.flip(1), cols_in)
+    rows = rows * w
+    if rows_in is not None:  # an outside row or column makes the sum >= h*w, clamped to the pad pixel
+        rows, cols = torch.where(rows_in, rows, pad_pixel), torch.where(cols_in, cols, pad_pixel)
+    source = rows[:, :, None] + cols[:, None, :]  # [N, H, W]: index into the pixel table
+    if rows_in is not None:
+        source.clamp_(max=pad_pixel)
+    if cutout_size:
+        cy = torch.randint(0, h, (n, 1), generator=generator, device=dev) - cutout_size // 2
+        cx = torch.randint(0, w, (n, 1), generator=generator, device=dev) - cutout_size // 2
+        ry, rx = torch.arange(h, device=dev) - cy, torch.arange(w, device=dev) - cx
+        square = ((ry >= 0) & (ry < cutout_size))[:, :, None] & ((rx >= 0) & (rx < cutout_size))[:, None, :]
+        source.masked_fill_(square, fill_pixel)
+    table = torch.zeros(n, h * w + 2, 4, dtype=torch.uint8, device=dev)  # RGB + a spare byte per pixel
+    table[:, :pad_pixel, :3] = images.permute(0, 2, 3, 1).reshape(n, h * w, c)
+    table[:, fill_pixel, :3] = fill
+    out = table.view(torch.int32).view(n, h * w + 2).gather(1, source.view(n, h * w))
+    # Dropping the spare byte makes a dense channels_last batch again (strided input slows what follows).
+    return out.view(torch.uint8).view(n, h, w, 4)[..., :3].contiguous().permute(0, 3, 1, 2)
 
 
 @dataclass(frozen=True)
@@ -106,11 +154,9 @@ class BatchAugment:
         self.fill = (self.mean * 255).round().to(torch.uint8)
 
     def train(self, images: torch.Tensor) -> torch.Tensor:
-        s, g = self.settings, self.generator
-        images = random_crop(images, s.crop_padding, g, s.pad_mode)
-        if s.flip:
-            images = random_flip(images, g)
-        images = cutout(images, s.cutout_size, g, self.fill)
+        s = self.settings
+        images = crop_flip_cutout(images, s.crop_padding, s.pad_mode, s.flip, s.cutout_size, self.generator,
+                                  self.fill)
         return self.test(images)
 
     def test(self, images: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ class Loaders:
 
 
 @contextlib.contextmanager
-def _keep_torch_threads() -> Iterator[None]:
+def keep_torch_threads() -> Iterator[None]:
     """FFCV sets torch's intra-op thread count (to 1 on import, to its worker count when a loader or
     an epoch starts); on a CPU that silently slows training, so put back what the process had."""
     threads = torch.get_num_threads()
@@ -62,11 +62,19 @@ def _check_schema(reader: object, path: Path) -> None:
                         f"rebuild it with: python data_prep/write_beton.py --force")
 
 
+def auto_workers(device: torch.device) -> int:
+    """Decode threads for `num_workers=0`. On a CPU the training step needs every core and the decode is
+    cheap (raw pixels: measured ~500k images/s on one thread), so one thread; measured in BENCHMARKS.md
+    (two threads there contend with the step's own threads and make the data path slower, not faster)."""
+    return 1 if device.type == "cpu" else 2
+
+
 def make_loader(path: Path, batch_size: int, num_workers: int, device: torch.device, train: bool,
                 subset: int = 0, seed: int = 0) -> object:
-    """An FFCV Loader over `path`: random order for training, sequential for test; never drops a batch."""
+    """An FFCV Loader over `path`: random order for training, sequential for test; never drops a batch.
+    `num_workers` 0 means `auto_workers(device)`."""
     _check_beton(path)  # before importing FFCV (~3 s): a missing file is the common mistake
-    with _keep_torch_threads():
+    with keep_torch_threads():
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import SimpleRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
@@ -82,9 +90,10 @@ def make_loader(path: Path, batch_size: int, num_workers: int, device: torch.dev
     num_samples = reader.num_samples
     if subset > num_samples:
         raise DataError(f"{path} holds {num_samples} images; cannot take a subset of {subset}")
-    with _keep_torch_threads():
+    with keep_torch_threads():
         loader = Loader(
-            str(path), batch_size=batch_size, num_workers=num_workers, seed=seed, drop_last=False,
+            str(path), batch_size=batch_size, num_workers=num_workers or auto_workers(device), seed=seed,
+            drop_last=False,
             order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
             indices=np.arange(subset) if subset else None,
             pipelines={
@@ -109,7 +118,7 @@ def make_loaders(data_dir: str | Path, batch_size: int, test_batch_size: int, nu
 def epoch(loader: object) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
     """Iterate one epoch of `loader`, and always shut its worker thread down, even when the caller
     stops early or raises: an FFCV iterator abandoned mid-epoch can abort the process at exit."""
-    with _keep_torch_threads():
+    with keep_torch_threads():
         iterator = iter(loader)
     try:
         yield iterator

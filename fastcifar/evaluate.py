@@ -110,7 +110,7 @@ def load_checkpoint(path: str | Path) -> tuple[CustomResNet, Config, dict]:
 
 
 def evaluate_checkpoint(path: str | Path, tta: bool = False, data_dir: str | None = None, device: str = "cpu",
-                        batch_size: int = 1000, num_workers: int = 2) -> Predictions:
+                        batch_size: int = 1000, num_workers: int = 0) -> Predictions:
     from fastcifar.train import Amp, resolve_device, resolve_precision
 
     model, cfg, _ = load_checkpoint(path)

@@ -7,6 +7,7 @@ from fastcifar.augment import (
     CIFAR10_STD,
     AugmentSettings,
     BatchAugment,
+    crop_flip_cutout,
     cutout,
     normalize,
     random_crop,
@@ -112,3 +113,20 @@ def test_cutout_fill_normalises_to_about_zero():
     aug = BatchAugment(AugmentSettings(), torch.device("cpu"), 0, torch.float32)
     filled = aug.test(aug.fill.view(1, 3, 1, 1).expand(1, 3, 32, 32))
     assert filled.abs().max() < 0.5 / 255 / min(CIFAR10_STD)  # within uint8 rounding of zero
+
+
+@pytest.mark.parametrize(("padding", "pad_mode", "flip", "size"), [
+    (4, "zeros", True, 8), (4, "reflect", True, 8), (4, "zeros", False, 0), (0, "zeros", True, 5), (2, "reflect",
+                                                                                                       False, 3)])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fused_path_equals_the_separate_functions(padding, pad_mode, flip, size, channels_last):
+    x = batch(64)
+    if not channels_last:
+        x = x.contiguous()
+    fill = torch.tensor([125, 123, 114], dtype=torch.uint8)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    expected = random_crop(x, padding, g1, pad_mode)
+    if flip:
+        expected = random_flip(expected, g1)
+    expected = cutout(expected, size, g1, fill)
+    assert torch.equal(crop_flip_cutout(x, padding, pad_mode, flip, size, g2, fill), expected)

@@ -1,10 +1,75 @@
+"""The benchmark runner on tiny settings: every section runs, records JSON and rewrites only its part of the
+markdown file. (Numbers are measured in BENCHMARKS.md, never asserted here.)"""
+
+import json
+
+import numpy as np
 import pytest
 import torch
 
-from benchmarks.step_throughput import measure
+from benchmarks import run as bench
+from benchmarks.data_paths import AugmentedCifar
+from benchmarks.step_throughput import default_variant, measure
+from fastcifar.augment import CIFAR10_MEAN, CIFAR10_STD
+from fastcifar.train import cpu_has_fast_bf16
 
 
-@pytest.mark.parametrize("variant", ["fp32", "fp32-cl"])
+@pytest.mark.parametrize("variant", ["fp32", "fp32-cl", "default"])
 def test_step_throughput_measures_a_positive_rate(variant):
-    warm, rate = measure(variant, batch_size=2, warmup=1, steps=1, device=torch.device("cpu"))
-    assert warm > 0 and rate > 0
+    r = measure(variant, batch_size=2, warmup=1, steps=1, device=torch.device("cpu"), widths=(4, 8, 8, 16))
+    assert r.warmup_s > 0 and r.images_per_s > 0 and r.step_s > 0
+    assert r.variant == ("default (fp32-cl)" if variant == "default" else variant)
+
+
+def test_default_variant_on_a_cpu_is_channels_last_eager_in_the_auto_precision():
+    expected = "bf16-cl" if cpu_has_fast_bf16() else "fp32-cl"
+    assert default_variant(torch.device("cpu")) == expected
+
+
+def test_per_sample_baseline_normalises_and_augments():
+    images = np.full((4, 32, 32, 3), 200, np.uint8)
+    plain = AugmentedCifar(images, np.arange(4), train=False)[0][0]
+    expected = (200 / 255 - torch.tensor(CIFAR10_MEAN)) / torch.tensor(CIFAR10_STD)
+    torch.testing.assert_close(plain[:, 5, 5], expected)
+    x, label = AugmentedCifar(images, np.arange(4), train=True)[2]
+    assert x.shape == (3, 32, 32) and label == 2
+    assert (x == 0).all(dim=0).sum() >= 16  # the cutout (and any padding) is 0 after normalisation
+
+
+def test_markdown_block_is_replaced_and_the_rest_kept(tmp_path):
+    path = tmp_path / "B.md"
+    path.write_text(f"# Title\n\nintro\n\n{bench.BEGIN}\nold table\n{bench.END}\n\n## Notes\nkept\n")
+    bench.update_markdown(path, "new table")
+    text = path.read_text()
+    assert "new table" in text and "old table" not in text and text.startswith("# Title") and "kept" in text
+    bench.update_markdown(tmp_path / "fresh.md", "t")
+    assert bench.BEGIN in (tmp_path / "fresh.md").read_text()
+
+
+@pytest.mark.slow
+def test_runner_runs_every_section_and_records_them(synthetic, tmp_path, capsys):
+    markdown = tmp_path / "BENCHMARKS.md"
+    markdown.write_text(f"# Benchmarks\n\n{bench.BEGIN}\n{bench.END}\n\nhand-written notes\n")
+    code = bench.main(["--data-dir", str(synthetic["data_dir"]), "--batch-size", "64", "--widths", "4,8,8,16",
+                       "--steps", "1", "--step-warmup", "1", "--e2e-steps", "2", "--workers", "1",
+                       "--step-variants", "fp32,fp32-cl,bf16-cl,default", "--out-dir", str(tmp_path),
+                       "--markdown", str(markdown)])
+    assert code == 0, capsys.readouterr().err
+    (record_path,) = tmp_path.glob("benchmarks-cpu-*.json")
+    record = json.loads(record_path.read_text())
+    assert [r["path"] for r in record["data"]] == ["torch", "ffcv", "ours"]
+    assert all(r["images_per_s"] > 0 for r in record["data"] + record["step"])
+    if not cpu_has_fast_bf16():
+        assert [r["timed_steps"] for r in record["step"]][2] == 1  # slow bf16 on this CPU: one step only
+    assert len(record["e2e"]) == 2 and all(0 < r["overhead"] < 1 for r in record["e2e"])
+    assert record["physics"]["flops"]["train_step"] > 2 * record["physics"]["flops"]["forward"]
+    assert {"data_ours_vs_torch", "data_ours_vs_ffcv", "step_default_vs_fp32_nchw", "epoch_ours_vs_usual"} <= \
+        record["ratios"].keys()
+    assert record["machine"]["torch"] == torch.__version__ and "git_commit" in record["machine"]
+    text = markdown.read_text()
+    assert "| c. fastcifar" in text and "**Physics**" in text and text.endswith("hand-written notes\n")
+
+
+def test_unknown_section_is_a_one_line_error(tmp_path, capsys):
+    assert bench.main(["--sections", "data,nope", "--out-dir", str(tmp_path), "--markdown", ""]) == 1
+    assert "unknown section(s) nope" in capsys.readouterr().err

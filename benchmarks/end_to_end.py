@@ -1,0 +1,141 @@
+"""Epoch time end to end: training steps with data loading and augmentation, plus the full test pass.
+
+The usual way (data path a + fp32 eager NCHW model) against fastcifar's default on the device, same
+model, same batch size, same number of steps. Both run `steps` timed training steps from the start of an
+epoch (after an untimed warm-up: loader start-up, JIT, compilation) and one whole test pass, and the
+projected epoch time is train time per step x steps per epoch + test pass. Where the device is the CPU,
+host timers also split the training time into waiting for data, augmentation and the model step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from benchmarks.data_paths import torch_loader
+from fastcifar.augment import AugmentSettings, BatchAugment
+from fastcifar.config import ModelConfig
+from fastcifar.custom_resnet import CustomResNet
+from fastcifar.data import epoch, make_loader
+from fastcifar.train import Amp, evaluate, resolve_compile, resolve_precision, train_step, warm_up
+
+
+@dataclass
+class EndToEndResult:
+    name: str
+    steps: int
+    train_s: float  # the timed steps
+    data_s: float  # waiting for the next batch (host time)
+    augment_s: float  # on-device augmentation (host time: exact on a CPU, launch time only on a GPU)
+    test_s: float  # one whole test pass
+    steps_per_epoch: int
+
+    @property
+    def epoch_s(self) -> float:
+        return self.train_s / self.steps * self.steps_per_epoch + self.test_s
+
+    @property
+    def overhead(self) -> float:
+        """Data wait + augmentation + test pass, as a fraction of the projected epoch."""
+        per_step = (self.data_s + self.augment_s) / self.steps
+        return (per_step * self.steps_per_epoch + self.test_s) / self.epoch_s
+
+
+class _TimedAugment:
+    """Wraps BatchAugment to add up the time spent in `train` (host time)."""
+
+    def __init__(self, inner: BatchAugment) -> None:
+        self.inner, self.seconds = inner, 0.0
+
+    def train(self, images: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = self.inner.train(images)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _train_steps(batches, steps: int, step_fn, device: torch.device) -> tuple[float, float]:
+    """(total seconds, seconds waiting for data) of `steps` steps."""
+    waited = 0.0
+    start = time.perf_counter()
+    for _ in range(steps):
+        t = time.perf_counter()
+        images, labels = next(batches)
+        waited += time.perf_counter() - t
+        step_fn(images, labels)
+    _sync(device)
+    return time.perf_counter() - start, waited
+
+
+def usual_way(arrays: dict[str, tuple[np.ndarray, np.ndarray]], batch_size: int, workers: int, steps: int,
+              device: torch.device, widths: tuple[int, int, int, int]) -> EndToEndResult:
+    torch.manual_seed(0)
+    model = CustomResNet(ModelConfig(widths=widths)).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    loss_fn = nn.CrossEntropyLoss()
+    train = torch_loader(*arrays["train"], batch_size, workers, device)
+    test = torch_loader(*arrays["test"], 1024, workers, device, train=False)
+    steps = min(steps, len(train))
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        loss = loss_fn(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    model.train()
+    _train_steps(iter(train), min(2, len(train)), step, device)  # warm-up: worker start-up, allocations
+    train_s, data_s = _train_steps(iter(train), steps, step, device)
+    model.eval()
+    next(iter(test))  # warm-up of the test loader's workers
+    start = time.perf_counter()
+    with torch.no_grad():
+        for images, labels in test:
+            model(images.to(device, non_blocking=True)).argmax(1).eq(labels.to(device)).sum()
+    _sync(device)
+    return EndToEndResult("usual (torch DataLoader + fp32 eager NCHW)", steps, train_s, data_s, 0.0,
+                          time.perf_counter() - start, len(train))
+
+
+def fastcifar_default(data_dir: Path, batch_size: int, steps: int, device: torch.device,
+                      widths: tuple[int, int, int, int]) -> EndToEndResult:
+    amp = Amp(device, resolve_precision("auto", device))
+    compiled = resolve_compile("auto", device)
+    torch.manual_seed(0)
+    model = CustomResNet(ModelConfig(widths=widths)).to(device=device, memory_format=torch.channels_last)
+    forward = torch.compile(model) if compiled else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    loss_fn = nn.CrossEntropyLoss()
+    train = make_loader(data_dir / "train.beton", batch_size, 0, device, train=True)  # 0: fastcifar's auto
+    test = make_loader(data_dir / "test.beton", 1024, 0, device, train=False)
+    steps = min(steps, len(train))
+    augment = _TimedAugment(BatchAugment(AugmentSettings(), device, 0, amp.dtype))
+    if compiled:
+        warm_up(forward, optimizer, loss_fn, amp, [batch_size], [1024, len(test.indices) % 1024],
+                torch.channels_last)
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        train_step(forward, images, labels, augment, optimizer, loss_fn, amp)
+
+    model.train()
+    with epoch(train) as batches:  # warm-up: FFCV's JIT compilation, allocations
+        _train_steps(batches, min(2, len(train)), step, device)
+    with epoch(test) as batches:  # the test loader's JIT compilation
+        next(batches)
+    augment.seconds = 0.0
+    with epoch(train) as batches:
+        train_s, data_s = _train_steps(batches, steps, step, device)
+    test_stats = evaluate(forward, test, augment.inner.test, loss_fn, amp)
+    name = f"fastcifar default ({str(amp.dtype).removeprefix('torch.')}, channels_last, compile={compiled})"
+    return EndToEndResult(name, steps, train_s, data_s, augment.seconds, test_stats.seconds, len(train))

@@ -1,0 +1,42 @@
+"""The physical picture: FLOPs of one training step of the model, and the machine's matmul peak."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fastcifar.config import ModelConfig
+from fastcifar.custom_resnet import CustomResNet
+
+
+def training_step_flops(batch_size: int = 512, widths: tuple[int, int, int, int] = ModelConfig.widths) -> dict:
+    """FLOPs (multiply and add counted separately) of forward and forward+backward for one batch, counted
+    by PyTorch's FlopCounterMode (convolutions and matmuls; BN, ReLU, pooling are not counted and are a few %)
+on a CPU run of a batch of 2, scaled linearly to `batch_size`."""
+    model = CustomResNet(ModelConfig(widths=widths))
+    x = torch.randn(2, 3, 32, 32)
+    with FlopCounterMode(display=False) as forward:
+        model(x)
+    with FlopCounterMode(display=False) as total:
+        model(x).sum().backward()
+    scale = batch_size / 2
+    return {"batch_size": batch_size, "forward": forward.get_total_flops() * scale,
+            "train_step": total.get_total_flops() * scale}
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, seconds: float = 2.0) -> float:
+    """Sustained FLOP/s of a large square matmul in `dtype`: the practical compute ceiling."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start)
