@@ -45,6 +45,17 @@ def default_variants(device: torch.device) -> list[str]:
     return ["fp32", "fp32-cl", mixed, *[f"fp32-cl-{m}" for m in modes], "default"]
 
 
+def _variants(text: str, device: torch.device) -> list[str]:
+    variants = text.split(",") if text else default_variants(device)
+    for variant in variants:
+        if variant != "default":
+            try:
+                step_throughput.parse_variant(variant)
+            except ValueError as err:
+                raise FastCifarError(str(err)) from None
+    return variants
+
+
 def _slow(variant: str, device: torch.device) -> bool:
     """bf16 on a CPU without oneDNN bf16 kernels runs ~20x slower than fp32: one timed step is enough."""
     return variant.startswith("bf16") and device.type == "cpu" and not cpu_has_fast_bf16()
@@ -101,7 +112,7 @@ def run(args: argparse.Namespace) -> dict:
             print_row(record["data"][-1], ("path", "images_per_s", "epoch_s", "warmup_s"))
     if "step" in sections:
         record["step"] = []
-        for variant in (args.step_variants.split(",") if args.step_variants else default_variants(device)):
+        for variant in _variants(args.step_variants, device):
             torch.set_num_threads(threads)
             slow = _slow(variant, device)
             warmup, steps = (0, 1) if slow else (args.step_warmup, args.steps)

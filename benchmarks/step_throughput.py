@@ -32,6 +32,16 @@ def default_variant(device: torch.device) -> str:
     return f"{precision}-cl" + ("-compile" if resolve_compile("auto", device) else "")
 
 
+def parse_variant(variant: str) -> tuple[str, bool, bool, str | None]:
+    """"fp32-cl-compile:max-autotune" -> ("fp32", channels_last, compiled, compile mode or None)."""
+    head, _, mode = variant.partition(":")  # the mode itself may contain dashes
+    precision, *flags = head.split("-")
+    unknown = set(flags) - {"cl", "compile"}
+    if precision not in DTYPES or unknown or (mode and "compile" not in flags):
+        raise ValueError(f"cannot read step variant {variant!r} (e.g. fp32, bf16-cl, fp32-cl-compile:max-autotune)")
+    return precision, "cl" in flags, "compile" in flags, mode or None
+
+
 @dataclass
 class StepResult:
     variant: str
@@ -61,15 +71,13 @@ def measure(variant: str, batch_size: int, warmup: int, steps: int, device: torc
             widths: tuple[int, int, int, int] = ModelConfig.widths) -> StepResult:
     """Warm-up seconds and timed images/s of one variant."""
     resolved = default_variant(device) if variant == "default" else variant
-    precision, *flags = resolved.split("-")
-    compile_flag = next((f for f in flags if f.startswith("compile")), None)
-    mode = compile_flag.partition(":")[2] or None if compile_flag else None
-    memory_format = torch.channels_last if "cl" in flags else torch.contiguous_format
+    precision, channels_last, compiled, mode = parse_variant(resolved)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     amp = Amp(device, DTYPES[precision])
     torch.manual_seed(0)
     model = CustomResNet(ModelConfig(widths=widths)).to(device=device, memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    forward = torch.compile(model, mode=mode) if compile_flag else model
+    forward = torch.compile(model, mode=mode) if compiled else model
     x = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
     y = torch.randint(0, 10, (batch_size,), device=device)
 

@@ -9,7 +9,7 @@ import torch
 
 from benchmarks import run as bench
 from benchmarks.data_paths import AugmentedCifar
-from benchmarks.step_throughput import default_variant, measure
+from benchmarks.step_throughput import default_variant, measure, parse_variant
 from fastcifar.augment import CIFAR10_MEAN, CIFAR10_STD
 from fastcifar.train import cpu_has_fast_bf16
 
@@ -19,6 +19,20 @@ def test_step_throughput_measures_a_positive_rate(variant):
     r = measure(variant, batch_size=2, warmup=1, steps=1, device=torch.device("cpu"), widths=(4, 8, 8, 16))
     assert r.warmup_s > 0 and r.images_per_s > 0 and r.step_s > 0
     assert r.variant == ("default (fp32-cl)" if variant == "default" else variant)
+
+
+@pytest.mark.parametrize(("text", "parsed"), [
+    ("fp32", ("fp32", False, False, None)), ("bf16-cl", ("bf16", True, False, None)),
+    ("fp32-cl-compile", ("fp32", True, True, None)),
+    ("fp32-cl-compile:max-autotune", ("fp32", True, True, "max-autotune"))])
+def test_variant_names_parse(text, parsed):
+    assert parse_variant(text) == parsed
+
+
+@pytest.mark.parametrize("text", ["fp64", "fp32-xl", "fp32:max-autotune"])
+def test_bad_variant_names_are_refused(text):
+    with pytest.raises(ValueError, match="cannot read step variant"):
+        parse_variant(text)
 
 
 def test_default_variant_on_a_cpu_is_channels_last_eager_in_the_auto_precision():
