@@ -99,6 +99,7 @@ def run(args: argparse.Namespace) -> dict:
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise FastCifarError(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    variants = _variants(args.step_variants, device) if "step" in sections else []  # refuse typos before hours of work
     print(f"device {record['machine']['device_name']} ({device}), torch {torch.__version__}, {threads} threads")
     arrays = load_arrays(data_dir) if {"data", "e2e"} & set(sections) else None
 
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
             print_row(record["data"][-1], ("path", "images_per_s", "epoch_s", "warmup_s"))
     if "step" in sections:
         record["step"] = []
-        for variant in _variants(args.step_variants, device):
+        for variant in variants:
             torch.set_num_threads(threads)
             slow = _slow(variant, device)
             warmup, steps = (0, 1) if slow else (args.step_warmup, args.steps)
