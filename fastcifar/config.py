@@ -128,11 +128,13 @@ class Config:
     preset: str = "reference"
 
     @classmethod
-    def from_preset(cls, name: str, overrides: Mapping[str, Any] | None = None) -> Config:
-        """The named preset with dotted-key overrides applied, validated."""
+    def from_preset(cls, name: str, overrides: Mapping[str, Any] | None = None, **keywords: Any) -> Config:
+        """The named preset with overrides applied, validated: dotted keys in `overrides`
+        (``{"optim.nesterov": True}``) and/or keywords (``epochs=10``, ``max_lr=0.2``: the short flags'
+        names; any field as ``section__field``, e.g. ``optim__weight_decay=1e-3``)."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        return PRESETS[name].override(overrides or {})
+        return PRESETS[name].override(overrides, **keywords)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -143,16 +145,21 @@ class Config:
         flat = {f"{s}.{k}": v for s, sec in d.items() if s != "preset" for k, v in _section(s, sec).items()}
         return Config(preset=str(d.get("preset", "reference"))).override(flat)
 
-    def override(self, updates: Mapping[str, Any]) -> Config:
-        """A copy with dotted keys (``"optim.weight_decay"``) set; strings are parsed to the field type."""
+    def override(self, updates: Mapping[str, Any] | None = None, **keywords: Any) -> Config:
+        """A copy with dotted keys (``"optim.weight_decay"``) and/or keywords (see `from_preset`) set;
+        strings are parsed to the field type."""
         sections = {name: getattr(self, name) for name in SECTIONS}
-        for key, value in updates.items():
+        merged = {**(updates or {}), **{keyword_key(k): v for k, v in keywords.items()}}
+        for key, value in merged.items():
             section, _, name = key.partition(".")
             hints = _field_types(section)
             if name not in hints:
                 raise ConfigError(f"unknown option {key!r}; valid options: {', '.join(all_keys())}")
             sections[section] = dataclasses.replace(sections[section], **{name: _coerce(key, value, hints[name])})
-        return dataclasses.replace(self, **sections).validated()
+        cfg = dataclasses.replace(self, **sections).validated()
+        if merged.get("schedule.lr_from") and not {"schedule.min_lr", "schedule.max_lr"} & merged.keys():
+            cfg = with_lr_from(cfg, cfg.schedule.lr_from)  # the LRs come from that range test
+        return cfg
 
     def validated(self) -> Config:
         for check in _CHECKS:
@@ -306,6 +313,18 @@ SHORT_FLAGS: dict[str, str] = {
 }
 
 
+def keyword_key(name: str) -> str:
+    """A Python keyword for a config field -> its dotted key: a short flag's name (``batch_size``) or
+    ``section__field``."""
+    if "__" in name:
+        return name.replace("__", ".", 1)
+    short = SHORT_FLAGS.get("--" + name.replace("_", "-"))
+    if short is None:
+        names = ", ".join(flag[2:].replace("-", "_") for flag in SHORT_FLAGS)
+        raise ConfigError(f"unknown keyword {name!r}; use one of {names}, or section__field (e.g. optim__nesterov)")
+    return short
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add --preset, the short flags and one dotted flag per config field to `parser`."""
     parser.add_argument("--preset", default="reference", help=f"starting recipe: {', '.join(PRESETS)}")
@@ -325,6 +344,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
     """The Config that parsed command-line arguments describe (preset, file or `base`, then overrides)."""
     overrides = {k: v for k, v in vars(args).items() if "." in k}
+    if "schedule.lr_from" in overrides and {"schedule.min_lr", "schedule.max_lr"} & overrides.keys():
+        raise ConfigError("give either --lr-from or --min-lr/--max-lr, not both")
     if base is not None:
         if getattr(args, "config", None) or args.preset != "reference":
             raise ConfigError("--resume takes the run's own config; do not combine it with --config or --preset")
@@ -337,10 +358,6 @@ def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Co
         cfg = base.override(overrides)
     else:
         cfg = Config.from_preset(args.preset, overrides)
-    if "schedule.lr_from" in overrides:
-        if {"schedule.min_lr", "schedule.max_lr"} & overrides.keys():
-            raise ConfigError("give either --lr-from or --min-lr/--max-lr, not both")
-        cfg = with_lr_from(cfg, cfg.schedule.lr_from)
     return cfg
 
 

@@ -109,7 +109,7 @@ def load_checkpoint(path: str | Path) -> tuple[CustomResNet, Config, dict]:
     return model.eval(), cfg, state
 
 
-def evaluate_checkpoint(path: str | Path, tta: bool = False, data_dir: str | None = None, device: str = "cpu",
+def evaluate_checkpoint(path: str | Path, tta: bool = False, data_dir: str | None = None, device: str = "auto",
                         batch_size: int = 1000, num_workers: int = 0) -> Predictions:
     from fastcifar.train import Amp, resolve_device, resolve_precision
 

@@ -40,7 +40,7 @@ from fastcifar.config import Config, add_config_arguments, config_from_args
 from fastcifar.custom_resnet import CustomResNet, count_parameters, summary
 from fastcifar.data import Loaders, epoch, make_loaders
 from fastcifar.errors import FastCifarError, run_cli
-from fastcifar.evaluate import predict
+from fastcifar.evaluate import Predictions, predict
 from fastcifar.interrupt import StopSignals, TrainingInterrupted
 from fastcifar.schedule import make_scheduler, one_cycle_lr
 
@@ -307,11 +307,18 @@ def _batch_shapes(size: int, batch_size: int) -> list[int]:
 
 @dataclass
 class TrainResult:
+    """What `train` returns: the run directory, one dict per epoch, the trained model (on its device, in
+    eval mode after the final test pass), the resolved config and the results.json summary."""
+
     run_dir: Path
     metrics: list[dict]
     model: nn.Module
     config: Config
     summary: dict
+
+    def predictions(self) -> Predictions:
+        """The final test-set predictions (from predictions.npz), e.g. for `plot_misclassified`."""
+        return Predictions.load(self.run_dir / "predictions.npz")
 
 
 def _make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:

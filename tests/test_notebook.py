@@ -1,0 +1,38 @@
+"""examples/quickstart.ipynb runs top to bottom (install cell skipped) with the tiny smoke preset."""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from data_prep.write_beton import prepare
+from tests.synthetic import write_archive
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_executes_and_shows_every_figure(tmp_path, monkeypatch):
+    # 1,250 / 600 synthetic images: enough for the smoke preset's subsets (1,024 / 512).
+    write_archive(tmp_path / "cifar-10-python.tar.gz", per_batch=250, n_test=600)
+    prepare(tmp_path / "data", archive=str(tmp_path / "cifar-10-python.tar.gz"), counts=None, num_workers=1)
+    monkeypatch.delenv("FASTCIFAR_CIFAR_ARCHIVE", raising=False)  # the notebook must find the betons as they are
+    monkeypatch.setenv("FASTCIFAR_NOTEBOOK_PRESET", "smoke")
+    monkeypatch.setenv("FASTCIFAR_NOTEBOOK_EPOCHS", "2")
+    monkeypatch.setenv("FASTCIFAR_NOTEBOOK_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("FASTCIFAR_NOTEBOOK_OUT", str(tmp_path / "runs"))
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    assert "install" in nb.cells[1].metadata.get("tags", [])
+    nb.cells = [c for c in nb.cells if "install" not in c.metadata.get("tags", [])]
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 4  # range test, curves, LR schedule, misclassified images
+    text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in outputs)
+    assert "Total params: " in text and "epoch         lr  train_loss" in text and "with flip TTA" in text
+    assert (tmp_path / "runs" / "quickstart" / "results.json").is_file()
+    nbformat.write(nb, tmp_path / "executed.ipynb")  # kept for a look when the test fails
