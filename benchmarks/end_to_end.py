@@ -22,7 +22,7 @@ from fastcifar.augment import AugmentSettings, BatchAugment
 from fastcifar.config import ModelConfig
 from fastcifar.custom_resnet import CustomResNet
 from fastcifar.data import epoch, make_loader
-from fastcifar.train import Amp, evaluate, resolve_compile, resolve_precision, train_step, warm_up
+from fastcifar.training import Amp, evaluate, resolve_compile, resolve_precision, train_step, warm_up
 
 
 @dataclass

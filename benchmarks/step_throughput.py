@@ -20,7 +20,7 @@ import torch
 
 from fastcifar.config import ModelConfig
 from fastcifar.custom_resnet import CustomResNet
-from fastcifar.train import Amp, resolve_compile, resolve_precision
+from fastcifar.training import Amp, resolve_compile, resolve_precision
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAMES = {v: k for k, v in DTYPES.items()}

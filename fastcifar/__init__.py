@@ -11,8 +11,8 @@ The Python API; each command-line tool is a thin layer over the same functions:
     fastcifar.evaluate(result.run_dir / "model.pt", tta=True).accuracy
 
 `train`, `find_lr` and `evaluate` are both functions here and modules (`python -m fastcifar.train`); the
-package attribute is the function. For the module, use `from fastcifar.train import ...` or
-`importlib.import_module("fastcifar.train")` (`import fastcifar.train as m` would give the function).
+package attribute is the function. For the module, use `from fastcifar.training import ...` or
+`importlib.import_module("fastcifar.training")` (`import fastcifar.train as m` would give the function).
 Everything is imported eagerly (about 2 s, mostly torch): a lazy import would let the import system rebind
 `fastcifar.train` to the module whenever some other import loads it first.
 """
@@ -23,9 +23,9 @@ from typing import Any
 from fastcifar.config import PRESETS, Config
 from fastcifar.custom_resnet import CustomResNet, summary
 from fastcifar.data import make_loaders
-from fastcifar.evaluate import Predictions, load_checkpoint
-from fastcifar.evaluate import evaluate_checkpoint as evaluate
-from fastcifar.find_lr import find_lr
+from fastcifar.evaluation import Predictions, load_checkpoint
+from fastcifar.evaluation import evaluate_checkpoint as evaluate
+from fastcifar.lr_finder import find_lr
 from fastcifar.report import (
     plot_confusion,
     plot_curves,
@@ -34,7 +34,7 @@ from fastcifar.report import (
     plot_schedule,
     write_report,
 )
-from fastcifar.train import TrainResult, train
+from fastcifar.training import TrainResult, train
 
 __version__ = "0.1.0"
 evaluate_checkpoint = evaluate

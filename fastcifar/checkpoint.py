@@ -31,7 +31,7 @@ KIND = "training-state"
 # and how fast it runs, not the numbers (compile changes float rounding on some devices, not the recipe).
 RESUMABLE_CHANGES = {
     "data.data_dir", "data.num_workers", "data.test_batch_size", "run.progress", "run.threads", "run.out_dir",
-    "run.name", "run.overwrite", "run.compile", "run.compile_mode", "run.checkpoint_every",
+    "run.name", "run.overwrite", "run.compile", "run.compile_mode", "run.checkpoint_every", "run.dist_timeout_s",
 }
 
 
@@ -78,7 +78,8 @@ def set_rng_states(states: dict[str, Any], augment_generator: torch.Generator) -
 def save_training_state(path: Path, *, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
                         augment_generator: torch.Generator, epochs_done: int, progress: EpochProgress | None,
-                        metrics: list[dict], compile_seconds: float) -> None:
+                        metrics: list[dict], compile_seconds: float, ranks: list[dict] | None = None) -> None:
+    """`ranks`: every rank's {"rng", "progress"} in a distributed run (each rank resumes its own stream)."""
     save_checkpoint(path, {
         "kind": KIND,
         "config": cfg.to_dict(),
@@ -91,6 +92,8 @@ def save_training_state(path: Path, *, cfg: Config, model: torch.nn.Module, opti
         "metrics": metrics,
         "compile_seconds": compile_seconds,
         "rng": rng_states(augment_generator),
+        "world_size": len(ranks) if ranks else 1,
+        "ranks": ranks if ranks and len(ranks) > 1 else None,
     })
 
 

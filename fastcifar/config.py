@@ -104,6 +104,8 @@ class RunConfig:
     name: str = ""  # run directory name under out_dir ("" = time stamp + preset)
     overwrite: bool = False  # allow reusing a run directory that already holds a finished run
     progress: str = "auto"  # auto (only on a terminal) | on | off
+    sync_bn: bool = False  # with torchrun on GPUs: batch-norm statistics over the global batch (SyncBatchNorm)
+    dist_timeout_s: float = 300.0  # how long ranks wait for each other (process group start, collectives)
     checkpoint_every: int = 1  # write RUN_DIR/checkpoint.pt every N epochs (0 = only at the end or on a signal)
 
 
@@ -229,6 +231,7 @@ _CHECKS = [
     else f"schedule.end_lr must be -1 (= min_lr) or in [0, max_lr], got {c.schedule.end_lr}",
     lambda c: "" if c.model.logit_scale > 0 else f"model.logit_scale must be > 0, got {c.model.logit_scale}",
     lambda c: "" if c.run.checkpoint_every >= 0 else "run.checkpoint_every must be >= 0",
+    lambda c: "" if c.run.dist_timeout_s > 0 else "run.dist_timeout_s must be > 0",
     lambda c: "" if c.data.batch_size >= 1 and c.data.test_batch_size >= 1 else "batch sizes must be >= 1",
     lambda c: "" if c.data.num_workers >= 0 else f"data.num_workers must be >= 0 (0 = auto), got {c.data.num_workers}",
     lambda c: "" if c.data.train_subset >= 0 and c.data.test_subset >= 0 else "subsets must be >= 0 (0 = all)",

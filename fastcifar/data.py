@@ -70,9 +70,11 @@ def auto_workers(device: torch.device) -> int:
 
 
 def make_loader(path: Path, batch_size: int, num_workers: int, device: torch.device, train: bool,
-                subset: int = 0, seed: int = 0) -> object:
+                subset: int = 0, seed: int = 0, distributed: bool = False) -> object:
     """An FFCV Loader over `path`: random order for training, sequential for test; never drops a batch.
-    `num_workers` 0 means `auto_workers(device)`."""
+    `num_workers` 0 means `auto_workers(device)`. `distributed`: this rank's shard only (FFCV's emulation of
+    DistributedSampler; needs the process group; a rank gets ceil(N / world) samples, padded by repeats
+    where N does not divide)."""
     _check_beton(path)  # before importing FFCV (~3 s): a missing file is the common mistake
     with keep_torch_threads():
         from ffcv.fields.basics import IntDecoder
@@ -93,7 +95,7 @@ def make_loader(path: Path, batch_size: int, num_workers: int, device: torch.dev
     with keep_torch_threads():
         loader = Loader(
             str(path), batch_size=batch_size, num_workers=num_workers or auto_workers(device), seed=seed,
-            drop_last=False,
+            drop_last=False, distributed=distributed,
             order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
             indices=np.arange(subset) if subset else None,
             pipelines={
@@ -106,11 +108,13 @@ def make_loader(path: Path, batch_size: int, num_workers: int, device: torch.dev
 
 
 def make_loaders(data_dir: str | Path, batch_size: int, test_batch_size: int, num_workers: int,
-                 device: torch.device, seed: int = 0, train_subset: int = 0, test_subset: int = 0) -> Loaders:
+                 device: torch.device, seed: int = 0, train_subset: int = 0, test_subset: int = 0,
+                 distributed: bool = False) -> Loaders:
+    """Train and test loaders; sizes are the whole sets' (also when `distributed` gives each rank a shard)."""
     data_dir = Path(data_dir)
     train_path, test_path = data_dir / "train.beton", data_dir / "test.beton"
-    train = make_loader(train_path, batch_size, num_workers, device, True, train_subset, seed)
-    test = make_loader(test_path, test_batch_size, num_workers, device, False, test_subset, seed)
+    train = make_loader(train_path, batch_size, num_workers, device, True, train_subset, seed, distributed)
+    test = make_loader(test_path, test_batch_size, num_workers, device, False, test_subset, seed, distributed)
     return Loaders(train, test, len(train.indices), len(test.indices))
 
 

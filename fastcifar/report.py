@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 from fastcifar.config import Config
 from fastcifar.errors import FastCifarError, run_cli
-from fastcifar.evaluate import CLASSES, Predictions
+from fastcifar.evaluation import CLASSES, Predictions
 from fastcifar.rundir import read_jsonl
 from fastcifar.schedule import one_cycle_lr
 

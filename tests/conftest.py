@@ -10,7 +10,7 @@ import pytest
 
 from data_prep.write_beton import prepare
 from fastcifar.config import Config
-from fastcifar.train import TrainResult, train
+from fastcifar.training import TrainResult, train
 from tests.synthetic import write_archive
 
 REPO = Path(__file__).resolve().parents[1]

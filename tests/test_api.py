@@ -15,8 +15,8 @@ def test_every_public_name_resolves():
 
 
 def test_train_find_lr_evaluate_are_functions_even_after_their_modules_load():
-    importlib.import_module("fastcifar.train")
-    from fastcifar.find_lr import range_test  # noqa: F401  (loads the module the usual way)
+    importlib.import_module("fastcifar.training")
+    from fastcifar.lr_finder import range_test  # noqa: F401  (loads the module the usual way)
 
     assert callable(fastcifar.train) and fastcifar.train.__module__ == "fastcifar.train"
     assert fastcifar.find_lr.__name__ == "find_lr" and fastcifar.evaluate.__name__ == "evaluate_checkpoint"

@@ -11,7 +11,7 @@ from benchmarks import run as bench
 from benchmarks.data_paths import AugmentedCifar
 from benchmarks.step_throughput import default_variant, measure, parse_variant
 from fastcifar.augment import CIFAR10_MEAN, CIFAR10_STD
-from fastcifar.train import cpu_has_fast_bf16
+from fastcifar.training import cpu_has_fast_bf16
 
 
 @pytest.mark.parametrize("variant", ["fp32", "fp32-cl", "default"])

@@ -17,10 +17,10 @@ from fastcifar.checkpoint import load_training_state, resume_config, rng_states,
 from fastcifar.config import Config, ConfigError
 from fastcifar.errors import FastCifarError
 from fastcifar.interrupt import TrainingInterrupted
-from fastcifar.train import main, train
+from fastcifar.training import main, train
 from tests.conftest import TINY, tiny_config
 
-train_module = importlib.import_module("fastcifar.train")  # the module (fastcifar.train is the function)
+train_module = importlib.import_module("fastcifar.training")
 TIMINGS = {"train_s", "test_s", "epoch_s", "train_img_s", "test_img_s"}
 QUIET = {"log": lambda _: None}
 
@@ -38,7 +38,7 @@ def _same_run(a_dir, b_dir) -> None:
 
 
 def _signal_at(monkeypatch, target: str, call: int) -> None:
-    """Send this process SIGTERM during the `call`-th call of fastcifar.train.<target>."""
+    """Send this process SIGTERM during the `call`-th call of fastcifar.training.<target>."""
     original, calls = getattr(train_module, target), []
 
     def wrapper(*args, **kwargs):

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from fastcifar.config import PRESETS, Config, ConfigError, add_config_arguments, all_keys, config_from_args
-from fastcifar.train import build_parser
+from fastcifar.training import build_parser
 
 
 def test_reference_defaults_match_the_spec():

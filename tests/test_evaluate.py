@@ -5,7 +5,7 @@ from torch import nn
 
 from fastcifar.data import make_loader
 from fastcifar.errors import FastCifarError
-from fastcifar.evaluate import Predictions, evaluate_checkpoint, load_checkpoint, main, predict
+from fastcifar.evaluation import Predictions, evaluate_checkpoint, load_checkpoint, main, predict
 from fastcifar.rundir import save_checkpoint
 
 

@@ -6,8 +6,8 @@ import torch
 
 from fastcifar.config import Config, ConfigError, LRFinderConfig, config_from_args
 from fastcifar.errors import FastCifarError
-from fastcifar.find_lr import find_lr, lr_at, range_test, suggest
-from fastcifar.train import Session, build_parser
+from fastcifar.lr_finder import find_lr, lr_at, range_test, suggest
+from fastcifar.training import Session, build_parser
 from tests.conftest import tiny_config
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from data_prep.write_beton import prepare, read_cifar10
 from fastcifar.config import Config
-from fastcifar.train import train
+from fastcifar.training import train
 from tests.conftest import real_archive
 
 pytestmark = [pytest.mark.real_data, pytest.mark.skipif(real_archive() is None, reason="no CIFAR-10 archive here")]

@@ -6,7 +6,7 @@ from matplotlib.figure import Figure
 
 from fastcifar import report
 from fastcifar.config import Config
-from fastcifar.evaluate import Predictions
+from fastcifar.evaluation import Predictions
 from fastcifar.rundir import append_jsonl, write_json
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -8,7 +8,7 @@ import torch
 from fastcifar.config import Config
 from fastcifar.custom_resnet import CustomResNet
 from fastcifar.errors import FastCifarError
-from fastcifar.train import EpochTable, main, resolve_precision, train
+from fastcifar.training import EpochTable, main, resolve_precision, train
 from tests.conftest import TINY, tiny_config
 
 

@@ -1,0 +1,188 @@
+"""LR range test: `python -m fastcifar.find_lr [--preset NAME] [--lr_finder.FIELD V ...] [config flags]`.
+
+Step-wise (default, Smith 2015): starting from the untrained network, the LR grows every optimizer step
+from `start_lr` to `end_lr` (geometrically, or linearly), on the real training pipeline (same model,
+augmentation, precision, batch size). The loss is smoothed with a bias-corrected exponential moving
+average, and the test stops once the smoothed loss exceeds `diverge_factor` times the best seen.
+
+Suggestion rule (documented in README, recorded in the JSON):
+- max_lr = the LR at the minimum of the smoothed loss: the largest LR at which the loss still falls
+  (Smith's upper bound), beyond which it climbs. The one-cycle warm-up approaches it gradually.
+- min_lr = max_lr / min_lr_divisor (10 by default): Smith's one-cycle lower bound ("1/10 of the
+  maximum"), which is also where the schedule starts and, with no annihilation, where it ends.
+The LR of steepest descent is recorded too, for information. It is not the rule: on this network it
+falls in the first steps, where the loss drops from its large initial value whatever the LR (the
+network's logits start large; measured on the real data, see benchmarks/results/find_lr-real).
+
+Epoch-wise sweep (`--lr_finder.sweep 0.01,0.05,0.1,...`): for each LR, from the same initial weights,
+one training epoch (or `sweep_images` images) at that constant LR; reports train loss and accuracy per LR.
+
+Both restore the model and optimizer afterwards: the test never leaves trained weights behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastcifar import rundir
+from fastcifar.augment import BatchAugment
+from fastcifar.config import Config, LRFinderConfig, add_config_arguments, config_from_args
+from fastcifar.data import epoch
+from fastcifar.errors import FastCifarError, run_cli
+from fastcifar.report import plot_range_test, plot_sweep, save_figure
+from fastcifar.training import (
+    Amp,
+    Session,
+    progress_bar,
+    progress_enabled,
+    restore,
+    snapshot,
+    train_one_epoch,
+    train_step,
+)
+
+
+def lr_at(step: int, cfg: LRFinderConfig) -> float:
+    frac = step / (cfg.steps - 1)
+    if cfg.mode == "exp":
+        return cfg.start_lr * (cfg.end_lr / cfg.start_lr) ** frac
+    return cfg.start_lr + (cfg.end_lr - cfg.start_lr) * frac
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = lr  # initial_lr: what a new LR scheduler starts from
+
+
+def range_test(model: nn.Module, loader: Any, augment: BatchAugment, optimizer: torch.optim.Optimizer,
+               loss_fn: nn.Module, amp: Amp, cfg: LRFinderConfig, progress: bool | None = None) -> dict:
+    """Run the step-wise range test; returns the raw and smoothed curve and whether it diverged."""
+    saved = snapshot(model, optimizer)
+    lrs: list[float] = []
+    losses: list[float] = []
+    smoothed: list[float] = []
+    average, best, diverged = 0.0, math.inf, False
+    model.train()
+    bar = progress_bar(cfg.steps, "LR range test", progress)
+    try:
+        while len(lrs) < cfg.steps and not diverged:
+            with epoch(loader) as batches:
+                for images, labels in batches:
+                    lr = lr_at(len(lrs), cfg)
+                    _set_lr(optimizer, lr)
+                    loss, _ = train_step(model, images, labels, augment, optimizer, loss_fn, amp)
+                    value = loss.item()  # a host sync per step: fine for a test that plots every step
+                    average = cfg.smoothing * average + (1 - cfg.smoothing) * value
+                    smooth = average / (1 - cfg.smoothing ** (len(lrs) + 1))
+                    lrs.append(lr)
+                    losses.append(value)
+                    smoothed.append(smooth)
+                    bar.update(1)
+                    if not math.isfinite(smooth) or smooth > cfg.diverge_factor * best:
+                        diverged = True
+                        break
+                    best = min(best, smooth)
+                    if len(lrs) == cfg.steps:
+                        break
+    finally:
+        bar.close()
+        restore(model, optimizer, saved)
+    return {"lrs": lrs, "losses": losses, "smoothed": smoothed, "diverged": diverged}
+
+
+def suggest(lrs: list[float], smoothed: list[float], min_lr_divisor: float) -> dict:
+    """The suggestion rule of the module docstring, applied to a (smoothed) curve."""
+    lr = np.asarray(lrs, dtype=np.float64)
+    loss = np.asarray(smoothed, dtype=np.float64)
+    finite = np.isfinite(loss)
+    lr, loss = lr[finite], loss[finite]
+    if len(lr) < 3:
+        raise FastCifarError("the range test produced fewer than 3 usable points; lower lr_finder.start_lr")
+    i_min = int(np.argmin(loss))
+    if i_min < 2:
+        raise FastCifarError(f"the loss never fell (lowest at {lr[i_min]:.3g}, the start); lower lr_finder.start_lr")
+    slope = np.gradient(loss[: i_min + 1], np.log(lr[: i_min + 1]))
+    max_lr = float(lr[i_min])
+    return {
+        "max_lr": max_lr,
+        "min_lr": max_lr / min_lr_divisor,
+        "min_loss_lr": max_lr,
+        "steepest_lr": float(lr[int(np.argmin(slope))]),
+        "rule": f"max_lr = LR at the minimum of the smoothed loss; min_lr = max_lr / {min_lr_divisor:g}",
+    }
+
+
+def sweep(model: nn.Module, loader: Any, augment: BatchAugment, optimizer: torch.optim.Optimizer,
+          loss_fn: nn.Module, amp: Amp, lrs: tuple[float, ...], log: Callable[[str], None] = print) -> list[dict]:
+    """One training epoch per LR from the same starting weights; train loss/accuracy per LR."""
+    saved = snapshot(model, optimizer)
+    rows = []
+    try:
+        for lr in lrs:
+            restore(model, optimizer, saved)
+            _set_lr(optimizer, lr)
+            constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+            stats = train_one_epoch(model, loader, augment, optimizer, constant, loss_fn, amp, f"lr {lr:g}")
+            rows.append({"lr": lr, "train_loss": stats.loss, "train_acc": stats.accuracy, "images": stats.images,
+                         "seconds": stats.seconds})
+            log(f"lr {lr:<8g} train loss {stats.loss:.4f}  train acc {stats.accuracy:.2%}")
+    finally:
+        restore(model, optimizer, saved)
+    return rows
+
+
+def find_lr(cfg: Config, log: Callable[[str], None] = print) -> dict:
+    """Run the range test (or the epoch-wise sweep) that `cfg.lr_finder` describes; writes JSON + PNG
+    into the run directory and returns what it wrote."""
+    f = cfg.lr_finder
+    if f.sweep and f.sweep_images:
+        cfg = cfg.override({"data.train_subset": f.sweep_images})
+    session = Session.open(cfg, log)
+    args = (session.forward, session.loaders.train, session.augment, session.optimizer, session.loss_fn,
+            session.amp)
+    out = session.run_dir
+    common = {"batch_size": cfg.data.batch_size, "config": cfg.to_dict(), "env": session.env}
+    if f.sweep:
+        rows = sweep(*args, f.sweep, log)
+        result = {"sweep": rows, **common}
+        rundir.write_json(out / "lr_sweep.json", result)
+        save_figure(plot_sweep(rows), out / "lr_sweep.png")
+        log(f"wrote {out / 'lr_sweep.json'} and {out / 'lr_sweep.png'}")
+        return result
+    curve = range_test(*args, f, progress=progress_enabled(cfg.run.progress))
+    result = {**curve, "suggestion": suggest(curve["lrs"], curve["smoothed"], f.min_lr_divisor), **common}
+    rundir.write_json(out / "find_lr.json", result)
+    save_figure(plot_range_test(result), out / "find_lr.png")
+    s = result["suggestion"]
+    log(f"suggested max_lr {s['max_lr']:.4g}, min_lr {s['min_lr']:.4g} (minimum loss at {s['min_loss_lr']:.4g}; "
+        f"{len(curve['lrs'])} steps{', stopped on divergence' if curve['diverged'] else ''})")
+    log(f"wrote {out / 'find_lr.json'} and {out / 'find_lr.png'}; train with: "
+        f"python -m fastcifar.train --lr-from {out / 'find_lr.json'}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastcifar.find_lr", description=__doc__.split("\n")[0])
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+
+    def run() -> None:
+        cfg = config_from_args(args)
+        if not cfg.run.name:
+            cfg = cfg.override({"run.name": f"find_lr-{time.strftime('%Y%m%d-%H%M%S')}"})
+        find_lr(cfg)
+
+    return run_cli(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
