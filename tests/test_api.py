@@ -18,7 +18,7 @@ def test_train_find_lr_evaluate_are_functions_even_after_their_modules_load():
     importlib.import_module("fastcifar.training")
     from fastcifar.lr_finder import range_test  # noqa: F401  (loads the module the usual way)
 
-    assert callable(fastcifar.train) and fastcifar.train.__module__ == "fastcifar.train"
+    assert callable(fastcifar.train) and fastcifar.train.__module__ == "fastcifar.training"
     assert fastcifar.find_lr.__name__ == "find_lr" and fastcifar.evaluate.__name__ == "evaluate_checkpoint"
 
 
