@@ -1,6 +1,8 @@
 """Data-parallel training with torchrun on CPU (gloo), on the synthetic betons."""
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,12 +21,22 @@ from tests.conftest import REPO, TINY, tiny_config
 QUIET = {"log": lambda _: None}
 # No augmentation and a small constant-ish LR: two runs that differ only in how the batch is split stay close.
 CLOSE = {"data.crop_padding": 0, "data.flip": False, "data.cutout_size": 0, "schedule.epochs": 1,
-         "schedule.peak_epoch": 1, "schedule.min_lr": 0.002, "schedule.max_lr": 0.002, "run.threads": 1}
+         "schedule.peak_epoch": 1, "schedule.min_lr": 0.002, "schedule.max_lr": 0.002, "run.threads": 1,
+         "run.dist_timeout_s": 60}
 
 
 def torchrun(nproc: int, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run torchrun; on a timeout, fail with what the ranks printed (a hang must be diagnosable from CI logs)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun timed out after {timeout} s\nstdout: {out[-3000:]}\nstderr: {err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def train_args(synthetic, out_dir, name, overrides=None) -> list[str]:
@@ -144,10 +156,9 @@ def test_one_rank_torchrun_is_the_single_process_run(synthetic, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_to_torchrun_then_resume_matches_an_uninterrupted_two_rank_run(synthetic, tmp_path):
-    import signal
     import time
 
-    overrides = {"schedule.epochs": 12, "run.threads": 1}
+    overrides = {"schedule.epochs": 12, "run.threads": 1, "run.dist_timeout_s": 60}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            *train_args(synthetic, tmp_path, "killed", overrides)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
