@@ -65,11 +65,12 @@ def start(dist: Dist, device: torch.device, timeout_s: float) -> None:
                                f"and that every rank is up (run.dist_timeout_s={timeout_s:g})") from None
 
 
-def stop() -> None:
-    """Leave the process group; every rank waits for the others first (a rank that left early can make a
-    gloo shutdown wait for it forever)."""
+def stop(wait: bool = True) -> None:
+    """Leave the process group. `wait`: all ranks meet first (after a normal end: a rank that left early can
+    make a gloo shutdown wait for it forever); not after an error, when the others may never get there."""
     if torch_dist.is_initialized():
-        torch_dist.barrier()
+        if wait:
+            torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 

@@ -468,9 +468,12 @@ def train(cfg: Config, log: Callable[[str], None] = print, resume: str | Path | 
                             cfg.override({"run.out_dir": str(run_dir.parent), "run.name": run_dir.name}))
     session = Session.open(cfg, log, resume=state is not None)
     try:
-        return _train(session, state, log if session.dist.is_main else _quiet)
-    finally:
-        stop_group()
+        result = _train(session, state, log if session.dist.is_main else _quiet)
+    except BaseException:
+        stop_group(wait=False)  # the other ranks may be anywhere: do not wait for them
+        raise
+    stop_group()
+    return result
 
 
 def _train(session: Session, state: dict | None, log: Callable[[str], None]) -> TrainResult:
