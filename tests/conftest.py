@@ -4,6 +4,9 @@ because importing FFCV and JIT-compiling a loader each cost seconds)."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -51,3 +54,15 @@ def tiny_config(synthetic: dict, out_dir: Path, **overrides) -> Config:
 def tiny_run(synthetic: dict, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     """One finished tiny training run, shared by the tests that read a run directory."""
     return train(tiny_config(synthetic, tmp_path_factory.mktemp("runs")), log=lambda _: None)
+
+
+def sigterm_after_first_epoch(cmd: list[str], metrics: Path, cwd: Path | None = None) -> tuple[int, str, str]:
+    """Start a training command, send it SIGTERM once `metrics` (metrics.jsonl) has its first line, and return
+    (exit status, stdout, stderr)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text()) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err

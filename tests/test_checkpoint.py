@@ -5,9 +5,7 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ from fastcifar.config import Config, ConfigError
 from fastcifar.errors import FastCifarError
 from fastcifar.interrupt import TrainingInterrupted
 from fastcifar.training import main, train
-from tests.conftest import TINY, tiny_config
+from tests.conftest import TINY, sigterm_after_first_epoch, tiny_config
 
 train_module = importlib.import_module("fastcifar.training")
 TIMINGS = {"train_s", "test_s", "epoch_s", "train_img_s", "test_img_s"}
@@ -145,15 +143,9 @@ def test_sigterm_to_a_training_process_then_resume_matches_an_uninterrupted_run(
     overrides = {"schedule.epochs": 12, "run.name": "killed", "run.threads": 1}  # same threads: same rounding
     args = [f"--{k}={v}" for k, v in (TINY | overrides).items()] + [
         "--data-dir", str(synthetic["data_dir"]), "--out-dir", str(tmp_path)]
-    proc = subprocess.Popen([sys.executable, "-m", "fastcifar.train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while not (metrics.exists() and metrics.read_text()) and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    code, _, err = sigterm_after_first_epoch([sys.executable, "-m", "fastcifar.train", *args],
+                                             tmp_path / "killed" / "metrics.jsonl")
+    assert code == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM" in err and "--resume" in err and "terminate called" not in err
     assert main(["--resume", str(tmp_path / "killed"), "--run.progress", "off"]) == 0
     full = train(tiny_config(synthetic, tmp_path, **{"schedule.epochs": 12, "run.name": "full", "run.threads": 1}),

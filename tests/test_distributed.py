@@ -16,7 +16,7 @@ from fastcifar.custom_resnet import CustomResNet
 from fastcifar.distributed import AgreedStop, Dist, DistributedError, from_env, split_batch
 from fastcifar.errors import FastCifarError
 from fastcifar.training import seed_everything, train
-from tests.conftest import REPO, TINY, tiny_config
+from tests.conftest import REPO, TINY, sigterm_after_first_epoch, tiny_config
 
 QUIET = {"log": lambda _: None}
 # No augmentation and a small constant-ish LR: two runs that differ only in how the batch is split stay close.
@@ -156,19 +156,11 @@ def test_one_rank_torchrun_is_the_single_process_run(synthetic, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_to_torchrun_then_resume_matches_an_uninterrupted_two_rank_run(synthetic, tmp_path):
-    import time
-
     overrides = {"schedule.epochs": 12, "run.threads": 1, "run.dist_timeout_s": 60}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            *train_args(synthetic, tmp_path, "killed", overrides)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    metrics = tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while not (metrics.exists() and metrics.read_text()) and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "stopped by SIGTERM" in err, err[-3000:]
+    code, _, err = sigterm_after_first_epoch(cmd, tmp_path / "killed" / "metrics.jsonl", cwd=REPO)
+    assert code != 0 and "stopped by SIGTERM" in err, err[-3000:]
     assert not (tmp_path / "killed" / "results.json").exists()
     resumed = torchrun(2, ["-m", "fastcifar.train", "--resume", str(tmp_path / "killed")])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
