@@ -10,7 +10,7 @@ normalise. `BatchAugment.train` does the first three as ONE gather (`crop_flip_c
 pixel's source index already accounts for the shift, the mirror, the padding and the cutout square
 (padding and cutout read two extra "pixels" holding their colours). It draws the same random numbers in
 the same order as the three separate functions and gives exactly their result with fewer passes over
-the batch (measured on this CPU: ~1.4x faster for augmentation + normalisation of a 512-image batch);
+the batch (a development micro-benchmark, not in the repo, gave ~1.4x for augmentation + normalisation);
 the separate functions stay as the readable reference that the tests compare it with.
 
 Cutout runs before normalisation and fills with the dataset's mean colour, which is what a

@@ -31,8 +31,8 @@ class DataConfig:
     data_dir: str = "data"  # holds train.beton / test.beton (see data_prep/write_beton.py)
     batch_size: int = 512
     test_batch_size: int = 1024  # the test pass has no grad: larger batches are cheaper
-    # FFCV decode threads; 0 = auto: 1 on a CPU (decoding raw 32x32 images runs at ~500k images/s per
-    # thread, and every extra thread takes a core from the training step), 2 with a GPU. See data.py.
+    # FFCV decode threads; 0 = auto: 1 on a CPU (decoding raw 32x32 images is cheap, and every extra
+    # thread takes a core from the augmentation and the training step), 2 with a GPU. See data.py.
     num_workers: int = 0
     train_subset: int = 0  # train on the first N images only (0 = all 50,000)
     test_subset: int = 0  # test on the first N images only (0 = all 10,000)

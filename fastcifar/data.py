@@ -64,8 +64,8 @@ def _check_schema(reader: object, path: Path) -> None:
 
 def auto_workers(device: torch.device) -> int:
     """Decode threads for `num_workers=0`. On a CPU the training step needs every core and the decode is
-    cheap (raw pixels: measured ~500k images/s on one thread), so one thread; measured in BENCHMARKS.md
-    (two threads there contend with the step's own threads and make the data path slower, not faster)."""
+    cheap (raw pixels), so one thread; see BENCHMARKS.md (two threads contend with the augmentation's and
+    the step's own threads and made the data path slower, not faster, in development measurements)."""
     return 1 if device.type == "cpu" else 2
 
 
