@@ -231,13 +231,13 @@ def markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
-def update_markdown(path: Path, generated: str) -> None:
-    """Replace the text between the marker lines of `path` (append the markers if it has none)."""
+def update_markdown(path: Path, generated: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the text between the marker lines `begin` and `end` of `path` (append them if it has none)."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{generated}\n{END}"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        text = head + block + rest.partition(END)[2]
+    block = f"{begin}\n{generated}\n{end}"
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        text = head + block + rest.partition(end)[2]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)

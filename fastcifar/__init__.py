@@ -9,6 +9,7 @@ The Python API; each command-line tool is a thin layer over the same functions:
     result.metrics, result.run_dir, result.model       # per-epoch dicts, the run directory, the trained model
     fastcifar.plot_curves(result.metrics)              # matplotlib Figures display inline in a notebook
     fastcifar.evaluate(result.run_dir / "model.pt", tta=True).accuracy
+    fastcifar.run_seeds(cfg, seeds=[0, 1, 2]).stats    # the same recipe over several seeds: mean/std/min/max
 
 `train`, `find_lr` and `evaluate` are both functions here and modules (`python -m fastcifar.train`); the
 package attribute is the function. For the module, use `from fastcifar.training import ...` or
@@ -26,6 +27,7 @@ from fastcifar.data import make_loaders
 from fastcifar.evaluation import Predictions, load_checkpoint
 from fastcifar.evaluation import evaluate_checkpoint as evaluate
 from fastcifar.lr_finder import find_lr
+from fastcifar.multiseed import SweepResult, run_seeds
 from fastcifar.report import (
     plot_confusion,
     plot_curves,
@@ -50,5 +52,5 @@ def prepare_data(data_dir: str | Path = "data", **options: Any) -> dict:
 __all__ = [
     "Config", "PRESETS", "CustomResNet", "summary", "make_loaders", "train", "TrainResult", "find_lr", "evaluate",
     "evaluate_checkpoint", "load_checkpoint", "Predictions", "plot_curves", "plot_schedule", "plot_misclassified",
-    "plot_confusion", "plot_range_test", "write_report", "prepare_data",
+    "plot_confusion", "plot_range_test", "write_report", "prepare_data", "run_seeds", "SweepResult",
 ]

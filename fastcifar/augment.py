@@ -67,6 +67,14 @@ def random_flip(images: torch.Tensor, generator: torch.Generator, p: float = 0.5
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
 
 
+def alternating_mirror(images: torch.Tensor, epoch: int) -> torch.Tensor:
+    """Which images to mirror in `epoch` for alternating flips: a fixed per-image bit (the parity of the
+    sum of its pixel values: no image index needed, the same in any order or batch) XOR the epoch's parity,
+    so each image is mirrored in every other epoch. Returns a bool [N]."""
+    parity = images.sum(dim=(1, 2, 3), dtype=torch.int64) & 1
+    return parity.bool() ^ bool(epoch % 2)
+
+
 def cutout(images: torch.Tensor, size: int, generator: torch.Generator, fill: torch.Tensor) -> torch.Tensor:
     """Fill one size x size square per image with `fill` ([C] values). The square's centre is uniform
     over the image and the square is clipped at the border (so it may cover fewer pixels)."""
@@ -91,8 +99,10 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype
 
 
 def crop_flip_cutout(images: torch.Tensor, padding: int, pad_mode: str, flip: bool, cutout_size: int,
-                     generator: torch.Generator, fill: torch.Tensor) -> torch.Tensor:
+                     generator: torch.Generator, fill: torch.Tensor,
+                     mirror: torch.Tensor | None = None) -> torch.Tensor:
     """random_crop -> random_flip -> cutout in one gather (same draws, same result as calling them in turn).
+    `mirror` (bool [N]), when given, says which images to flip instead of a random draw.
 
     Works for uint8 RGB batches: each pixel's 3 bytes plus one spare byte are read as one int32, so the
     gather moves whole pixels (one index per pixel instead of one per channel value)."""
@@ -108,7 +118,9 @@ def crop_flip_cutout(images: torch.Tensor, padding: int, pad_mode: str, flip: bo
         rows, rows_in = _source_index(shifts[0], h, pad_mode)
         cols, cols_in = _source_index(shifts[1], w, pad_mode)
     if flip:  # mirroring the crop = reading its columns right to left
-        mirror = (torch.rand(n, generator=generator, device=dev) < 0.5)[:, None]
+        if mirror is None:
+            mirror = torch.rand(n, generator=generator, device=dev) < 0.5
+        mirror = mirror.to(dev)[:, None]
         cols = torch.where(mirror, cols.flip(1), cols)
         cols_in = None if cols_in is None else torch.where(mirror, cols_in.flip(1), cols_in)
     rows = rows * w
@@ -137,6 +149,7 @@ class AugmentSettings:
     pad_mode: str = "zeros"
     flip: bool = True
     cutout_size: int = 8
+    flip_mode: str = "random"  # random | alternate (see alternating_mirror)
 
 
 class BatchAugment:
@@ -152,11 +165,13 @@ class BatchAugment:
         self.mean = torch.tensor(CIFAR10_MEAN, device=device)
         self.std = torch.tensor(CIFAR10_STD, device=device)
         self.fill = (self.mean * 255).round().to(torch.uint8)
+        self.epoch = 0  # 0-based training epoch; the training loop sets it (alternating flips depend on it)
 
     def train(self, images: torch.Tensor) -> torch.Tensor:
         s = self.settings
+        mirror = alternating_mirror(images, self.epoch) if s.flip and s.flip_mode == "alternate" else None
         images = crop_flip_cutout(images, s.crop_padding, s.pad_mode, s.flip, s.cutout_size, self.generator,
-                                  self.fill)
+                                  self.fill, mirror)
         return self.test(images)
 
     def test(self, images: torch.Tensor) -> torch.Tensor:

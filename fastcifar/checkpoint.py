@@ -78,8 +78,10 @@ def set_rng_states(states: dict[str, Any], augment_generator: torch.Generator) -
 def save_training_state(path: Path, *, cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
                         augment_generator: torch.Generator, epochs_done: int, progress: EpochProgress | None,
-                        metrics: list[dict], compile_seconds: float, ranks: list[dict] | None = None) -> None:
-    """`ranks`: every rank's {"rng", "progress"} in a distributed run (each rank resumes its own stream)."""
+                        metrics: list[dict], compile_seconds: float, ranks: list[dict] | None = None,
+                        ema: dict | None = None) -> None:
+    """`ranks`: every rank's {"rng", "progress"} in a distributed run (each rank resumes its own stream);
+    `ema`: the weight average's state (optim.ema_decay > 0)."""
     save_checkpoint(path, {
         "kind": KIND,
         "config": cfg.to_dict(),
@@ -94,6 +96,7 @@ def save_training_state(path: Path, *, cfg: Config, model: torch.nn.Module, opti
         "rng": rng_states(augment_generator),
         "world_size": len(ranks) if ranks else 1,
         "ranks": ranks if ranks and len(ranks) > 1 else None,
+        "ema": ema,
     })
 
 
@@ -113,14 +116,19 @@ def load_training_state(run_dir: str | Path) -> dict[str, Any]:
     return state
 
 
+def recipe_differences(saved: Config, requested: Config) -> list[str]:
+    """Each setting outside RESUMABLE_CHANGES (and the LR finder's) that differs, as "key old -> new"."""
+    old, new = _flat(saved), _flat(requested)
+    return [f"{k} {old[k]!r} -> {new[k]!r}" for k in old
+            if old[k] != new[k] and k not in RESUMABLE_CHANGES and not k.startswith("lr_finder.")]
+
+
 def resume_config(saved: Config, requested: Config) -> Config:
     """`requested` if it only differs from the interrupted run's config in RESUMABLE_CHANGES; else an error
     naming each setting that differs."""
-    old, new = _flat(saved), _flat(requested)
-    differ = [k for k in old if old[k] != new[k] and k not in RESUMABLE_CHANGES and not k.startswith("lr_finder.")]
+    differ = recipe_differences(saved, requested)
     if differ:
-        details = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in differ)
-        raise ConfigError(f"cannot resume with a different recipe: {details}; start a new run instead")
+        raise ConfigError(f"cannot resume with a different recipe: {', '.join(differ)}; start a new run instead")
     return requested
 
 

@@ -38,8 +38,14 @@ class DataConfig:
     test_subset: int = 0  # test on the first N images only (0 = all 10,000)
     crop_padding: int = 4  # random 32x32 crop of the image padded by this many pixels
     pad_mode: str = "zeros"  # "zeros" or "reflect"
-    flip: bool = True  # horizontal flip with p=0.5
+    flip: bool = True  # horizontal flip
+    # random: each image flipped with p=0.5 every epoch. alternate: each image flipped in every other
+    # epoch (which half comes first is a fixed per-image bit), so consecutive epochs see both versions.
+    flip_mode: str = "random"
     cutout_size: int = 8  # side of the cutout square (0 = no cutout)
+    # Test-time augmentation in every test pass: average the logits of each image and of its mirror
+    # (one more forward pass per test image; the reported test accuracy then includes it).
+    test_flip: bool = False
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,12 @@ class ModelConfig:
     # Multiply the logits by this constant (no parameters: the network stays the spec's). The spec's
     # network has large initial logits; a scale < 1 (Page used 0.125) lets it take much larger LRs.
     logit_scale: float = 1.0
+    # BatchNorm running statistics: the weight of each new batch in the running mean/variance that the test
+    # pass uses (PyTorch's default 0.1).
+    bn_momentum: float = 0.1
+    # Initialise the prep conv's filters from the training images' 3x3 patch whitening (+/- each of the
+    # 27 principal directions scaled by 1/sqrt(eigenvalue), the rest left random); still trained after.
+    whiten_init: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,11 @@ class OptimConfig:
     nesterov: bool = False
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
+    bn_lr_scale: float = 1.0  # LR multiplier for the BatchNorm weights and biases
+    bn_weight_decay: bool = True  # apply weight decay to the BatchNorm weights and biases too
+    # Exponential moving average of the weights (and BN statistics), updated every step; when > 0 the test
+    # passes, best.pt and model.pt use the averaged weights. 0 = off.
+    ema_decay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -237,6 +254,12 @@ _CHECKS = [
     lambda c: "" if c.data.train_subset >= 0 and c.data.test_subset >= 0 else "subsets must be >= 0 (0 = all)",
     lambda c: "" if 0 <= c.data.crop_padding <= 16
     else f"data.crop_padding must be in [0, 16], got {c.data.crop_padding}",
+    lambda c: "" if c.data.flip_mode in ("random", "alternate")
+    else f"data.flip_mode must be random or alternate, got {c.data.flip_mode!r}",
+    lambda c: "" if 0 < c.model.bn_momentum <= 1 else f"model.bn_momentum must be in (0, 1], got {c.model.bn_momentum}",
+    lambda c: "" if c.optim.bn_lr_scale > 0 else f"optim.bn_lr_scale must be > 0, got {c.optim.bn_lr_scale}",
+    lambda c: "" if 0 <= c.optim.ema_decay < 1
+    else f"optim.ema_decay must be in [0, 1) (0 = off), got {c.optim.ema_decay}",
     lambda c: "" if c.data.pad_mode in ("zeros", "reflect")
     else f"data.pad_mode must be zeros or reflect, got {c.data.pad_mode!r}",
     lambda c: "" if 0 <= c.data.cutout_size <= 32 else f"data.cutout_size must be in [0, 32], got {c.data.cutout_size}",

@@ -18,22 +18,22 @@ from torch import nn
 from fastcifar.config import ModelConfig
 
 
-def conv_bn(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
+def conv_bn(c_in: int, c_out: int, pool: bool = False, bn_momentum: float = 0.1) -> nn.Sequential:
     """Conv3x3 (stride 1, pad 1, no bias) [-> MaxPool2d(2)] -> BatchNorm -> ReLU."""
     layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False)]
     if pool:
         layers.append(nn.MaxPool2d(2))
-    layers += [nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    layers += [nn.BatchNorm2d(c_out, momentum=bn_momentum), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
 class ResBlock(nn.Module):
     """Two conv-bn-relu units; the caller adds the skip connection."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, bn_momentum: float = 0.1) -> None:
         super().__init__()
-        self.conv1 = conv_bn(channels, channels)
-        self.conv2 = conv_bn(channels, channels)
+        self.conv1 = conv_bn(channels, channels, bn_momentum=bn_momentum)
+        self.conv2 = conv_bn(channels, channels, bn_momentum=bn_momentum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv2(self.conv1(x))
@@ -42,10 +42,10 @@ class ResBlock(nn.Module):
 class Residual(nn.Module):
     """X = conv_bn_pool(x); returns X + ResBlock(X)."""
 
-    def __init__(self, c_in: int, c_out: int) -> None:
+    def __init__(self, c_in: int, c_out: int, bn_momentum: float = 0.1) -> None:
         super().__init__()
-        self.conv = conv_bn(c_in, c_out, pool=True)
-        self.res = ResBlock(c_out)
+        self.conv = conv_bn(c_in, c_out, pool=True, bn_momentum=bn_momentum)
+        self.res = ResBlock(c_out, bn_momentum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(x)
@@ -57,10 +57,11 @@ class CustomResNet(nn.Module):
         super().__init__()
         cfg = config or ModelConfig()
         w0, w1, w2, w3 = cfg.widths
-        self.prep = conv_bn(3, w0)
-        self.layer1 = Residual(w0, w1)
-        self.layer2 = conv_bn(w1, w2, pool=True)
-        self.layer3 = Residual(w2, w3)
+        m = cfg.bn_momentum
+        self.prep = conv_bn(3, w0, bn_momentum=m)
+        self.layer1 = Residual(w0, w1, m)
+        self.layer2 = conv_bn(w1, w2, pool=True, bn_momentum=m)
+        self.layer3 = Residual(w2, w3, m)
         self.pool = nn.MaxPool2d(4)
         self.fc = nn.Linear(w3, cfg.num_classes, bias=False)
         self.logit_scale = cfg.logit_scale
@@ -75,6 +76,30 @@ class CustomResNet(nn.Module):
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         """The spec's final SoftMax: class probabilities [N, num_classes], each row summing to 1."""
         return torch.softmax(self(x).float(), dim=1)
+
+
+def whitening_filters(images: torch.Tensor, eps: float = 5e-4) -> torch.Tensor:
+    """3x3 filters that whiten the 3x3 patches of `images` ([N, 3, H, W], normalised floats): one per
+    principal direction of the patch covariance, largest first, scaled by 1/sqrt(eigenvalue + eps).
+    Returns [27, 3, 3, 3] (a conv weight: the unfold order is channel, row, column)."""
+    patches = nn.functional.unfold(images.float(), kernel_size=3).transpose(1, 2).reshape(-1, 27).double()
+    cov = torch.cov(patches.T)
+    eigenvalues, vectors = torch.linalg.eigh(cov)  # ascending
+    order = eigenvalues.argsort(descending=True)
+    filters = vectors[:, order].T / (eigenvalues[order].clamp(min=0) + eps).sqrt()[:, None]
+    return filters.reshape(27, 3, 3, 3).float()
+
+
+@torch.no_grad()
+def whiten_init(model: CustomResNet, images: torch.Tensor) -> int:
+    """Set the prep conv's first filters to +/- the whitening filters of `images` (each direction twice,
+    with both signs, because a ReLU follows); the other filters keep their random initialisation.
+    Returns how many filters were set."""
+    weight = model.prep[0].weight
+    k = min(27, weight.shape[0] // 2)
+    filters = whitening_filters(images)[:k].to(weight.device, weight.dtype)
+    weight[: 2 * k] = torch.cat([filters, -filters])
+    return 2 * k
 
 
 def count_parameters(model: nn.Module) -> int:

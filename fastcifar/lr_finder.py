@@ -59,8 +59,8 @@ def lr_at(step: int, cfg: LRFinderConfig) -> float:
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] = lr  # initial_lr: what a new LR scheduler starts from
+    for group in optimizer.param_groups:  # lr_scale: a group's multiplier (optim.bn_lr_scale)
+        group["lr"] = group["initial_lr"] = lr * group.get("lr_scale", 1.0)  # initial_lr: a new scheduler's start
 
 
 def range_test(model: nn.Module, loader: Any, augment: BatchAugment, optimizer: torch.optim.Optimizer,

@@ -24,7 +24,7 @@ def one_cycle_lr(step: int | np.ndarray, steps_per_epoch: int, epochs: int, peak
 
 def make_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int, peak_epoch: float,
                    min_lr: float, max_lr: float, end_lr: float | None = None) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-step scheduler following `one_cycle_lr`; the optimizer's lr must be set to `max_lr`.
+    """A per-step scheduler following `one_cycle_lr` (times a group's "lr_scale", where it has one).
 
     A LambdaLR (rather than a custom class) so that its state saves and loads like any scheduler's.
     """
@@ -32,5 +32,5 @@ def make_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, epoch
         return one_cycle_lr(step, steps_per_epoch, epochs, peak_epoch, min_lr, max_lr, end_lr) / max_lr
 
     for group in optimizer.param_groups:
-        group["lr"] = max_lr
+        group["lr"] = max_lr * group.get("lr_scale", 1.0)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -41,11 +41,12 @@ from fastcifar.checkpoint import (
     set_rng_states,
 )
 from fastcifar.config import Config, ConfigError, add_config_arguments, config_from_args
-from fastcifar.custom_resnet import CustomResNet, count_parameters, summary
+from fastcifar.custom_resnet import CustomResNet, count_parameters, summary, whiten_init
 from fastcifar.data import Loaders, epoch, make_loader, make_loaders
 from fastcifar.distributed import AgreedStop, Dist, all_max, all_sum, broadcast, from_env, gather, split_batch
 from fastcifar.distributed import start as start_group
 from fastcifar.distributed import stop as stop_group
+from fastcifar.ema import WeightEMA
 from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.evaluation import Predictions, predict
 from fastcifar.interrupt import StopSignals, TrainingInterrupted
@@ -199,12 +200,13 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, aug
 def train_one_epoch(model: nn.Module, loader: Any, augment: BatchAugment, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, amp: Amp,
                     desc: str = "train", progress: bool | None = None, start: EpochProgress | None = None,
-                    stop: Callable[[], bool] | None = None) -> PassStats:
+                    stop: Callable[[], bool] | None = None, ema: WeightEMA | None = None) -> PassStats:
     """One pass over `loader` with SGD steps; returns mean loss/accuracy over the epoch's batches.
 
     `start` continues an epoch interrupted after `start.step` steps: the loader replays the same order and
     those batches are skipped. When `stop()` becomes true the epoch ends after the current step
-    (`finished` False, `progress` saying how far it got). A NaN/inf loss raises NonFiniteLoss.
+    (`finished` False, `progress` saying how far it got). A NaN/inf loss raises NonFiniteLoss. `ema`, when
+    given, is updated after every step (from the plain module: `ema` must not hold a compiled/DDP wrapper).
     """
     model.train()
     start = start or EpochProgress()
@@ -221,6 +223,8 @@ def train_one_epoch(model: nn.Module, loader: Any, augment: BatchAugment, optimi
                 lrs[step] = scheduler.get_last_lr()[0]
                 scale = amp.scaler.get_scale() if amp.scaler.is_enabled() else 0.0  # fp16 only (steps sync anyway)
                 loss, logits = train_step(model, images, labels, augment, optimizer, loss_fn, amp)
+                if ema is not None:
+                    ema.update(_plain(model))
                 totals.skipped += int(amp.scaler.is_enabled() and amp.scaler.get_scale() < scale)
                 scheduler.step()
                 totals.add(loss, logits, labels)
@@ -239,6 +243,12 @@ def train_one_epoch(model: nn.Module, loader: Any, augment: BatchAugment, optimi
     return PassStats(loss_avg, acc, totals.images, seconds, totals.steps == len(loader), totals.progress(seconds))
 
 
+def _plain(model: nn.Module) -> nn.Module:
+    """The module under torch.compile and DDP wrappers (same parameters)."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model) if isinstance(model, DistributedDataParallel) else model
+
+
 def _check_finite(totals: _Totals, lrs: dict[int, float], steps: int) -> None:
     bad = totals.first_non_finite()
     if bad is not None:
@@ -247,9 +257,9 @@ def _check_finite(totals: _Totals, lrs: dict[int, float], steps: int) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, normalize: Callable[[torch.Tensor], torch.Tensor], loss_fn: nn.Module,
-             amp: Amp, stop: Callable[[], bool] | None = None) -> PassStats:
-    """Mean loss and accuracy of `model` on `loader` (eval mode, no augmentation). Raises StopRequested
-    as soon as `stop()` is true."""
+             amp: Amp, stop: Callable[[], bool] | None = None, tta: bool = False) -> PassStats:
+    """Mean loss and accuracy of `model` on `loader` (eval mode, no augmentation; `tta`: the logits are the
+    mean of each image's and its mirror's). Raises StopRequested as soon as `stop()` is true."""
     model.eval()
     totals = _Totals(amp.device)
     start = time.perf_counter()
@@ -258,7 +268,10 @@ def evaluate(model: nn.Module, loader: Any, normalize: Callable[[torch.Tensor], 
             if stop is not None and stop():
                 raise StopRequested
             with amp.autocast():
-                logits = model(normalize(images))
+                inputs = normalize(images)
+                logits = model(inputs)
+                if tta:
+                    logits = (logits.float() + model(inputs.flip(-1)).float()) / 2
                 totals.add(loss_fn(logits, labels), logits, labels)
     _sync(amp.device)
     loss_avg, acc = totals.read()
@@ -276,9 +289,11 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, saved: tuple[dic
 
 
 def warm_up(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, amp: Amp,
-            train_shapes: list[int], test_shapes: list[int], memory_format: torch.memory_format) -> float:
-    """Run the compiled model on every batch shape the epoch will see (train and eval mode), then
-    restore weights, BN statistics and optimizer state; returns the seconds it took (compile time)."""
+            train_shapes: list[int], test_shapes: list[int], memory_format: torch.memory_format,
+            eval_model: nn.Module | None = None) -> float:
+    """Run the compiled model on every batch shape the epoch will see (train mode, then eval mode on
+    `eval_model`, default `model`), then restore weights, BN statistics and optimizer state; returns the
+    seconds it took (compile time)."""
     start = time.perf_counter()
     saved = snapshot(model, optimizer)
     gen = torch.Generator(device=amp.device).manual_seed(12345)  # leaves the global RNG stream alone
@@ -294,12 +309,13 @@ def warm_up(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Modu
             loss = loss_fn(model(x), y)
         amp.scaler.scale(loss).backward()
         optimizer.zero_grad(set_to_none=True)
-    model.eval()
+    tested = model if eval_model is None else eval_model
+    tested.eval()
     with torch.no_grad():
         for n in test_shapes:
             x, y = batch(n)
             with amp.autocast():
-                loss_fn(model(x), y)
+                loss_fn(tested(x), y)
     restore(model, optimizer, saved)
     _sync(amp.device)
     return time.perf_counter() - start
@@ -328,9 +344,22 @@ class TrainResult:
         return Predictions.load(self.run_dir / "predictions.npz")
 
 
+def parameter_groups(model: nn.Module, bn_lr_scale: float, bn_weight_decay: bool, weight_decay: float) -> list[dict]:
+    """One group for everything, or (when the BatchNorm parameters get another LR or no weight decay) a
+    second group for BatchNorm weights and biases with its "lr_scale" (read by the LR scheduler)."""
+    if bn_lr_scale == 1.0 and bn_weight_decay:
+        return [{"params": list(model.parameters())}]  # one group: checkpoints stay loadable across versions
+    bn = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+    params = list(model.parameters())
+    return [{"params": [p for p in params if id(p) not in bn]},
+            {"params": [p for p in params if id(p) in bn], "lr_scale": bn_lr_scale,
+             "weight_decay": weight_decay if bn_weight_decay else 0.0}]
+
+
 def _make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
     o = cfg.optim
-    return torch.optim.SGD(model.parameters(), lr=cfg.schedule.max_lr, momentum=o.momentum, nesterov=o.nesterov,
+    groups = parameter_groups(model, o.bn_lr_scale, o.bn_weight_decay, o.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.schedule.max_lr, momentum=o.momentum, nesterov=o.nesterov,
                            weight_decay=o.weight_decay)
 
 
@@ -369,6 +398,13 @@ class Session:
 
     dist: Dist = Dist()
     batch_size: int = 0  # per rank (the global batch / world size)
+    ema: WeightEMA | None = None  # optim.ema_decay > 0: the averaged weights that the test passes use
+    eval_forward: nn.Module | None = None  # what the test passes call (the EMA copy, compiled when enabled)
+
+    @property
+    def tested(self) -> nn.Module:
+        """The plain module whose weights are tested and saved as best.pt / model.pt."""
+        return self.ema.module if self.ema is not None else self.model
 
     @classmethod
     def open(cls, cfg: Config, log: Callable[[str], None] = print, resume: bool = False) -> Session:
@@ -398,6 +434,10 @@ class Session:
         env = rundir.environment(device) | {"world_size": dist.world_size}
         model = CustomResNet(cfg.model)
         log(summary(model))
+        if cfg.model.whiten_init and not resume:
+            count = min(loaders.train_size, WHITEN_IMAGES)
+            log(f"whitening init: {_whiten_init(model, cfg, device, count)} prep filters set from the 3x3 patches "
+                f"of {count:,} training images")
         if cfg.run.sync_bn and dist.enabled:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(device=device, memory_format=_memory_format(cfg))
@@ -416,8 +456,11 @@ class Session:
         if dist.is_main:
             rundir.write_json(run_dir / "config.json", cfg.to_dict())
             rundir.record_environment(run_dir / "env.json", env, resumed=resume)
+        ema = WeightEMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+        eval_forward = forward if ema is None else torch.compile(ema.module, mode=mode) if compiled else ema.module
         return cls(cfg, device, amp, loaders, run_dir, env, model, forward, compiled, _make_optimizer(model, cfg),
-                   nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing), augment, dist, local_batch)
+                   nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing), augment, dist, local_batch,
+                   ema, eval_forward)
 
     def warm_up(self) -> float:
         """Compile (if enabled) on every batch shape of the run; returns seconds spent (0 when eager)."""
@@ -426,7 +469,23 @@ class Session:
         shard = math.ceil(self.loaders.train_size / self.dist.world_size)
         test_shard = math.ceil(self.loaders.test_size / self.dist.world_size)
         return warm_up(self.forward, self.optimizer, self.loss_fn, self.amp, _batch_shapes(shard, self.batch_size),
-                       _batch_shapes(test_shard, self.cfg.data.test_batch_size), _memory_format(self.cfg))
+                       _batch_shapes(test_shard, self.cfg.data.test_batch_size), _memory_format(self.cfg),
+                       self.eval_forward)
+
+
+WHITEN_IMAGES = 5000  # training images whose 3x3 patches set the whitening init
+
+
+def _whiten_init(model: CustomResNet, cfg: Config, device: torch.device, count: int) -> int:
+    """Set the prep conv from the patch statistics of the first `count` training images (the same on every
+    rank)."""
+    d = cfg.data
+    loader = make_loader(Path(d.data_dir) / "train.beton", d.test_batch_size, d.num_workers, device, train=False,
+                         subset=count)
+    normalize = BatchAugment(AugmentSettings(), device, 0, torch.float32, channels_last=False).test
+    with epoch(loader) as batches:
+        images = torch.cat([normalize(x) for x, _ in batches])
+    return whiten_init(model, images.cpu())
 
 
 def _quiet(_: str) -> None:
@@ -520,12 +579,13 @@ def _train_epoch(session: Session, scheduler: torch.optim.lr_scheduler.LRSchedul
     s = session.cfg.schedule
     loader = session.loaders.train
     loader.next_epoch = ep - 1  # FFCV's shuffle of epoch e depends only on (seed, e): resumable
+    session.augment.epoch = ep - 1  # alternating flips depend on it
     lr = float(one_cycle_lr((ep - 1) * len(loader), len(loader), s.epochs, s.peak_epoch, s.min_lr, s.max_lr,
                             s.end_lr))  # at the epoch's first step, also when resuming in its middle
     try:
         tr = train_one_epoch(session.forward, loader, session.augment, session.optimizer, scheduler,
                              session.loss_fn, session.amp, f"epoch {ep}/{s.epochs}",
-                             progress_enabled(session.cfg.run.progress), start, stop)
+                             progress_enabled(session.cfg.run.progress), start, stop, session.ema)
     except NonFiniteLoss as err:
         kept = f"the last checkpoint ({ckpt.path}) is intact" if ckpt.path.exists() else "no checkpoint was written"
         raise NonFiniteLoss(f"training diverged in epoch {ep}: {err}; {kept}. Lower --max-lr (see python -m "
@@ -533,7 +593,8 @@ def _train_epoch(session: Session, scheduler: torch.optim.lr_scheduler.LRSchedul
     if not tr.finished or stop():
         ckpt.interrupt(stop, ep - 1, tr.progress)
     try:
-        te = evaluate(session.forward, session.loaders.test, session.augment.test, session.loss_fn, session.amp, stop)
+        te = evaluate(session.eval_forward, session.loaders.test, session.augment.test, session.loss_fn, session.amp,
+                      stop, session.cfg.data.test_flip)
     except StopRequested:
         ckpt.interrupt(stop, ep - 1, tr.progress)  # training part done: resume redoes only the test pass
     skipped = int(all_sum([tr.progress.skipped], session.dist, session.device)[0])
@@ -575,7 +636,7 @@ class Checkpointer:
             save_training_state(self.path, cfg=s.cfg, model=s.model, optimizer=s.optimizer, scheduler=self.scheduler,
                                 scaler=s.amp.scaler, augment_generator=s.augment.generator, epochs_done=epochs_done,
                                 progress=progress, metrics=self.metrics, compile_seconds=self.compile_seconds,
-                                ranks=ranks)
+                                ranks=ranks, ema=s.ema.state_dict() if s.ema is not None else None)
 
     def end_of_epoch(self, ep: int, test_acc: float) -> None:
         every, epochs = self.session.cfg.run.checkpoint_every, self.session.cfg.schedule.epochs
@@ -586,7 +647,7 @@ class Checkpointer:
             if not self.session.dist.is_main:
                 return
             rundir.save_checkpoint(self.session.run_dir / "best.pt", {
-                "model": self.session.model.state_dict(), "config": self.session.cfg.to_dict(), "epoch": ep,
+                "model": self.session.tested.state_dict(), "config": self.session.cfg.to_dict(), "epoch": ep,
                 "test_acc": test_acc})
 
     def interrupt(self, stop: AgreedStop, epochs_done: int, progress: EpochProgress | None) -> typing.NoReturn:
@@ -604,6 +665,8 @@ def _restore(session: Session, scheduler: torch.optim.lr_scheduler.LRScheduler,
     session.optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     session.amp.scaler.load_state_dict(state["scaler"])
+    if session.ema is not None:
+        session.ema.load_state_dict(state["ema"])
     world = state.get("world_size", 1)
     if world != session.dist.world_size:
         raise ConfigError(f"the run was saved with {world} rank(s); resume it with {world}, "
@@ -629,14 +692,15 @@ def _finish(session: Session, metrics: list[dict], compile_seconds: float,
     if not dist.is_main:
         broadcast(None, dist)  # wait for rank 0's files
         return TrainResult(run_dir, metrics, model, cfg, result)
-    rundir.save_checkpoint(run_dir / "model.pt", {"model": model.state_dict(), "config": cfg.to_dict(),
+    rundir.save_checkpoint(run_dir / "model.pt", {"model": session.tested.state_dict(), "config": cfg.to_dict(),
                                                   "epoch": cfg.schedule.epochs})
     # One more, untimed test pass that keeps every prediction, for the report (confusion, misclassified);
     # on rank 0 over the whole test set, also in a distributed run.
     test = session.loaders.test if not dist.enabled else make_loader(
         Path(cfg.data.data_dir) / "test.beton", cfg.data.test_batch_size, cfg.data.num_workers, session.device,
         train=False, subset=cfg.data.test_subset)
-    predict(model, test, session.augment.test, session.amp.autocast).save(run_dir / "predictions.npz")
+    predict(session.eval_forward, test, session.augment.test, session.amp.autocast, cfg.data.test_flip).save(
+        run_dir / "predictions.npz")
     rundir.write_json(run_dir / "results.json", result)
     report.write_report(run_dir)
     log(f"final test accuracy {result['final_test_acc']:.2%} (best {result['best_test_acc']:.2%}) | "

@@ -56,6 +56,19 @@ def tiny_run(synthetic: dict, tmp_path_factory: pytest.TempPathFactory) -> Train
     return train(tiny_config(synthetic, tmp_path_factory.mktemp("runs")), log=lambda _: None)
 
 
+# Every accuracy lever of the config switched on (tests/test_train.py, test_checkpoint.py).
+LEVERS = {"optim.ema_decay": 0.9, "data.flip_mode": "alternate", "data.test_flip": True, "optim.bn_lr_scale": 4.0,
+          "optim.bn_weight_decay": False, "model.whiten_init": True, "model.bn_momentum": 0.3,
+          "model.logit_scale": 0.5, "optim.nesterov": True, "optim.label_smoothing": 0.1, "data.pad_mode": "reflect",
+          "schedule.end_lr": 0.0}
+
+
+@pytest.fixture(scope="session")
+def lever_run(synthetic: dict, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    """A finished tiny run with every lever on."""
+    return train(tiny_config(synthetic, tmp_path_factory.mktemp("levers"), **LEVERS), log=lambda _: None)
+
+
 def sigterm_after_first_epoch(cmd: list[str], metrics: Path, cwd: Path | None = None) -> tuple[int, str, str]:
     """Start a training command, send it SIGTERM once `metrics` (metrics.jsonl) has its first line, and return
     (exit status, stdout, stderr)."""

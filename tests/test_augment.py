@@ -7,6 +7,7 @@ from fastcifar.augment import (
     CIFAR10_STD,
     AugmentSettings,
     BatchAugment,
+    alternating_mirror,
     crop_flip_cutout,
     cutout,
     normalize,
@@ -130,3 +131,37 @@ def test_fused_path_equals_the_separate_functions(padding, pad_mode, flip, size,
         expected = random_flip(expected, g1)
     expected = cutout(expected, size, g1, fill)
     assert torch.equal(crop_flip_cutout(x, padding, pad_mode, flip, size, g2, fill), expected)
+
+
+def test_alternating_mirror_flips_each_image_in_every_other_epoch_in_any_order():
+    x = batch(256)
+    m0, m1, m2 = (alternating_mirror(x, e) for e in range(3))
+    assert torch.equal(m0, ~m1) and torch.equal(m0, m2)
+    assert 80 < int(m0.sum()) < 176  # about half the images in each epoch
+    order = torch.randperm(256, generator=gen(1))
+    assert torch.equal(alternating_mirror(x[order], 0), m0[order])  # a property of the image, not its position
+    assert torch.equal(alternating_mirror(x.contiguous(), 1), m1)
+
+
+def test_fused_path_with_a_given_mirror_mask():
+    x = batch(32)
+    fill = torch.tensor([125, 123, 114], dtype=torch.uint8)
+    mirror = torch.arange(32) % 3 == 0
+    g1, g2 = gen(5), gen(5)
+    expected = random_crop(x, 4, g1, "reflect")
+    expected = torch.where(mirror.view(-1, 1, 1, 1), expected.flip(-1), expected)
+    expected = cutout(expected, 8, g1, fill)
+    assert torch.equal(crop_flip_cutout(x, 4, "reflect", True, 8, g2, fill, mirror), expected)
+
+
+def test_batch_augment_alternate_mode_mirrors_consecutive_epochs():
+    x = batch(64)
+    aug = BatchAugment(AugmentSettings(crop_padding=0, cutout_size=0, flip_mode="alternate"), torch.device("cpu"), 0,
+                       torch.float32)
+    first = aug.train(x)
+    again = aug.train(x)  # same epoch: same flips (no random draw)
+    aug.epoch = 1
+    second = aug.train(x)
+    assert torch.equal(first, again) and torch.equal(second, first.flip(-1))
+    plain = aug.test(x)
+    assert 10 < sum(torch.equal(first[i], plain[i]) for i in range(64)) < 54

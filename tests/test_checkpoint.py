@@ -16,7 +16,7 @@ from fastcifar.config import Config, ConfigError
 from fastcifar.errors import FastCifarError
 from fastcifar.interrupt import TrainingInterrupted
 from fastcifar.training import main, train
-from tests.conftest import TINY, sigterm_after_first_epoch, tiny_config
+from tests.conftest import LEVERS, TINY, sigterm_after_first_epoch, tiny_config
 
 train_module = importlib.import_module("fastcifar.training")
 TIMINGS = {"train_s", "test_s", "epoch_s", "train_img_s", "test_img_s"}
@@ -75,6 +75,17 @@ def test_interrupted_twice_then_resumed_equals_the_uninterrupted_run(tiny_run, s
     assert [m["epoch"] for m in result.metrics] == [1, 2, 3]
     _same_run(tiny_run.run_dir, run_dir)
     assert len(json.loads((run_dir / "env.json").read_text())["resumes"]) == 2
+
+
+def test_a_run_with_every_lever_resumes_exactly(lever_run, synthetic, tmp_path, monkeypatch):
+    """EMA state, alternating flips (epoch-dependent) and the BN parameter group survive an interruption."""
+    cfg = tiny_config(synthetic, tmp_path, **LEVERS)
+    _signal_at(monkeypatch, "train_step", 21)  # epoch 2, step 5
+    with pytest.raises(TrainingInterrupted, match="after epoch 1, step 5"):
+        train(cfg, **QUIET)
+    monkeypatch.undo()
+    train(cfg, resume=tmp_path / "run", **QUIET)
+    _same_run(lever_run.run_dir, tmp_path / "run")
 
 
 def test_every_epoch_writes_a_resumable_checkpoint_and_the_best_weights(tiny_run):

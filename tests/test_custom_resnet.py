@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fastcifar.config import ModelConfig
-from fastcifar.custom_resnet import CustomResNet, count_parameters, summary
+from fastcifar.custom_resnet import CustomResNet, count_parameters, summary, whiten_init, whitening_filters
 
 TINY = ModelConfig(widths=(4, 8, 16, 32))
 
@@ -57,3 +57,41 @@ def test_logit_scale_multiplies_the_logits_and_adds_no_parameters():
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(scaled(x), plain(x) * 0.125)
     assert count_parameters(scaled) == count_parameters(plain)
+
+
+def test_bn_momentum_reaches_every_batch_norm_and_adds_no_parameters():
+    model = CustomResNet(ModelConfig(bn_momentum=0.4))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 8 and all(m.momentum == 0.4 for m in norms)
+    assert count_parameters(model) == 6_573_120
+
+
+def correlated_images(n: int = 64) -> torch.Tensor:
+    """Smooth, channel-correlated images: their 3x3 patches are far from white."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.functional.avg_pool2d(torch.randn(n, 1, 36, 36, generator=g), 5, stride=1)
+    noise = torch.randn(n, 2, 32, 32, generator=g)
+    return torch.cat([base, 0.8 * base + 0.2 * noise[:, :1], 0.3 * noise[:, 1:] - base], dim=1)
+
+
+def test_whitening_filters_whiten_the_patches():
+    images = correlated_images()
+    filters = whitening_filters(images, eps=1e-9)
+    assert filters.shape == (27, 3, 3, 3)
+    out = torch.nn.functional.conv2d(images, filters).transpose(0, 1).reshape(27, -1)  # no padding: whole patches
+    cov = torch.cov(out.double())
+    assert torch.allclose(cov, torch.eye(27, dtype=torch.float64), atol=1e-3)
+    raw = torch.corrcoef(torch.nn.functional.unfold(images, 3).transpose(1, 2).reshape(-1, 27).T.double())
+    assert (raw - torch.eye(27, dtype=torch.float64)).abs().max() > 0.5  # the input was correlated
+
+
+@pytest.mark.parametrize(("widths", "expected"), [((64, 128, 256, 512), 54), ((8, 16, 32, 64), 8)])
+def test_whiten_init_sets_plus_minus_pairs_and_keeps_the_rest(widths, expected):
+    model = CustomResNet(ModelConfig(widths=widths))
+    before = model.prep[0].weight.clone()
+    assert whiten_init(model, correlated_images(16)) == expected
+    weight = model.prep[0].weight
+    k = expected // 2
+    assert torch.equal(weight[:k], -weight[k:expected])
+    assert torch.equal(weight[expected:], before[expected:]) and not torch.equal(weight[:k], before[:k])
+    assert torch.isfinite(weight).all()

@@ -1,0 +1,55 @@
+"""The ablation runner: variants = fast + one change, a table in the markdown, and a rerun that reuses runs."""
+
+import json
+
+import pytest
+
+from benchmarks import ablations
+from fastcifar.config import Config
+
+TINY = ["--set", "model.widths=8,16,32,64", "--set", "data.batch_size=64", "--set", "data.test_batch_size=64",
+        "--set", "data.num_workers=1", "--set", "run.precision=fp32"]
+
+
+def test_every_variant_is_fast_plus_its_change_and_valid():
+    base = {"schedule.epochs": 3, "schedule.peak_epoch": 0.625}
+    fast = Config.from_preset("fast", base)
+    for name, (_, overrides) in ablations.VARIANTS.items():
+        cfg = ablations.variant_config(name, base)
+        assert cfg.run.name == name and cfg.schedule.epochs == 3
+        if name == "reference":
+            assert cfg.preset == "reference" and cfg.schedule.max_lr == Config().schedule.max_lr
+            continue
+        changed = {f"{s}.{k}" for s, sec in cfg.to_dict().items() if isinstance(sec, dict)
+                   for k, v in sec.items() if v != fast.to_dict()[s][k]}
+        assert changed == set(overrides) | {"run.name"}, name
+
+
+def test_runner_trains_each_variant_writes_the_table_and_reuses_runs(synthetic, tmp_path, capsys):
+    md = tmp_path / "B.md"
+    md.write_text("# Benchmarks\n\nhand-written\n")
+    argv = ["--variants", "fast,test-flip", "--epochs", "1", "--peak-epoch", "0.5", "--train-subset", "256",
+            "--data-dir", str(synthetic["data_dir"]), "--out-dir", str(tmp_path / "abl"), "--markdown", str(md), *TINY]
+    assert ablations.main(argv) == 0
+    record = json.loads((tmp_path / "abl" / "ablations.json").read_text())
+    assert [r["variant"] for r in record["rows"]] == ["fast", "test-flip"]
+    assert all(r["stats"]["final_test_acc"]["n"] == 1 for r in record["rows"])
+    text = md.read_text()
+    assert "hand-written" in text and ablations.BEGIN in text and "| test-flip | + flip TTA" in text
+    assert "| fast | the fast preset itself | 1 |" in text
+    capsys.readouterr()
+    assert ablations.main(argv) == 0  # again: every run is read back, nothing trained
+    out = capsys.readouterr().out
+    assert out.count("finished earlier") == 2
+    assert json.loads((tmp_path / "abl" / "ablations.json").read_text()) == record
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--variants", "fast,nope"], "unknown variant(s) nope"),
+    (["--set", "model.widths"], "--set takes KEY=VALUE"),
+    (["--set", "optim.nope=1"], "unknown option 'optim.nope'"),
+])
+def test_bad_options_are_one_line_errors(argv, message, capsys, tmp_path):
+    assert ablations.main([*argv, "--out-dir", str(tmp_path), "--markdown", ""]) != 0
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
