@@ -1,6 +1,7 @@
 """The ablation runner: variants = fast + one change, a table in the markdown, and a rerun that reuses runs."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -28,14 +29,18 @@ def test_every_variant_is_fast_plus_its_change_and_valid():
 def test_runner_trains_each_variant_writes_the_table_and_reuses_runs(synthetic, tmp_path, capsys):
     md = tmp_path / "B.md"
     md.write_text("# Benchmarks\n\nhand-written\n")
-    argv = ["--variants", "fast,test-flip", "--epochs", "1", "--peak-epoch", "0.5", "--train-subset", "256",
+    argv = ["--variants", "fast,ema", "--epochs", "1", "--peak-epoch", "0.5", "--train-subset", "256",
             "--data-dir", str(synthetic["data_dir"]), "--out-dir", str(tmp_path / "abl"), "--markdown", str(md), *TINY]
     assert ablations.main(argv) == 0
     record = json.loads((tmp_path / "abl" / "ablations.json").read_text())
-    assert [r["variant"] for r in record["rows"]] == ["fast", "test-flip"]
+    assert [r["variant"] for r in record["rows"]] == ["fast", "ema"]
     assert all(r["stats"]["final_test_acc"]["n"] == 1 for r in record["rows"])
+    for row in record["rows"]:  # the TTA column: the run's own weights, tested with flips
+        (run,) = row["runs"]
+        assert 0 < run["tta_test_acc"] <= 1 and json.loads((Path(run["run_dir"]) / "tta.json").read_text()) == {
+            "tta_test_acc": run["tta_test_acc"]}
     text = md.read_text()
-    assert "hand-written" in text and ablations.BEGIN in text and "| test-flip | + flip TTA" in text
+    assert "hand-written" in text and ablations.BEGIN in text and "| ema | + weight EMA" in text
     assert "| fast | the fast preset itself | 1 |" in text
     capsys.readouterr()
     assert ablations.main(argv) == 0  # again: every run is read back, nothing trained
