@@ -93,6 +93,15 @@ def markdown(rows: list[dict], command: str) -> str:
     return "\n".join(lines)
 
 
+def write_results(rows: list[dict], command: str, base: dict, out_dir: Path, markdown_path: str) -> None:
+    """OUT_DIR/ablations.json and (unless `markdown_path` is "") the generated block of that file."""
+    write_json(out_dir / "ablations.json", {"command": command, "budget": base, "rows": rows})
+    table = markdown(rows, command)
+    print(table, flush=True)
+    if markdown_path:
+        update_markdown(Path(markdown_path), table, BEGIN, END)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ablations", description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
@@ -122,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = parse_seeds(args.seeds)
         base = budget(args)
         configs = {name: variant_config(name, base) for name in names}  # every config checked before training
+        command = shlex.join(["python", "-m", "benchmarks.ablations", *argv])
         rows = []
         for name, cfg in configs.items():
             print(f"=== {name}: {VARIANTS[name][0]}", flush=True)
@@ -131,12 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             result.stats["tta_test_acc"] = summarise([run["tta_test_acc"] for run in result.runs])
             rows.append({"variant": name, "change": VARIANTS[name][0], "overrides": VARIANTS[name][1],
                          "runs": result.runs, "stats": result.stats})
-        command = shlex.join(["python", "-m", "benchmarks.ablations", *argv])
-        write_json(Path(args.out_dir) / "ablations.json", {"command": command, "budget": base, "rows": rows})
-        table = markdown(rows, command)
-        print(table)
-        if args.markdown:
-            update_markdown(Path(args.markdown), table, BEGIN, END)
+            # after every variant: a stopped ablation keeps the table of what it finished
+            write_results(rows, command, base, Path(args.out_dir), args.markdown)
 
     return run_cli(action)
 
