@@ -331,7 +331,8 @@ def _batch_shapes(size: int, batch_size: int) -> list[int]:
 @dataclass
 class TrainResult:
     """What `train` returns: the run directory, one dict per epoch, the trained model (on its device, in
-    eval mode after the final test pass), the resolved config and the results.json summary."""
+    eval mode after the final test pass; with optim.ema_decay, the averaged weights: the ones tested and
+    saved as model.pt), the resolved config and the results.json summary."""
 
     run_dir: Path
     metrics: list[dict]
@@ -691,7 +692,7 @@ def _finish(session: Session, metrics: list[dict], compile_seconds: float,
             raise FastCifarError(f"weights differ across ranks after training ({checksums}); this is a bug")
     if not dist.is_main:
         broadcast(None, dist)  # wait for rank 0's files
-        return TrainResult(run_dir, metrics, model, cfg, result)
+        return TrainResult(run_dir, metrics, session.tested, cfg, result)
     rundir.save_checkpoint(run_dir / "model.pt", {"model": session.tested.state_dict(), "config": cfg.to_dict(),
                                                   "epoch": cfg.schedule.epochs})
     # One more, untimed test pass that keeps every prediction, for the report (confusion, misclassified);
@@ -707,7 +708,7 @@ def _finish(session: Session, metrics: list[dict], compile_seconds: float,
         f"{result['train_seconds']:.0f} s training, {result['total_seconds']:.0f} s in epochs, "
         f"{result['mean_train_img_s']:.0f} img/s | {run_dir}")
     broadcast(None, dist)
-    return TrainResult(run_dir, metrics, model, cfg, result)
+    return TrainResult(run_dir, metrics, session.tested, cfg, result)
 
 
 def _summarise(metrics: list[dict], compile_seconds: float, parameters: int) -> dict:

@@ -122,8 +122,10 @@ def test_cli_runs_end_to_end_as_a_module(synthetic, tmp_path):
 def test_a_run_with_every_lever_learns_and_reports_the_ema_weights_with_flip_tta(lever_run, synthetic):
     assert lever_run.metrics[-1]["test_acc"] > 0.5
     saved = torch.load(lever_run.run_dir / "model.pt", weights_only=True)["model"]
-    trained = lever_run.model.state_dict()
-    assert any(not torch.equal(saved[k], trained[k].cpu()) for k in saved)  # model.pt holds the average
+    raw = torch.load(lever_run.run_dir / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in raw["ema"]["module"].items())  # model.pt holds the average,
+    assert any(not torch.equal(saved[k], v) for k, v in raw["model"].items())  # not the last SGD weights,
+    assert all(torch.equal(saved[k], v.cpu()) for k, v in lever_run.model.state_dict().items())  # as the API
     # the reported accuracy is that of the averaged weights with flip TTA (same batches as in training)
     preds = evaluate_checkpoint(lever_run.run_dir / "model.pt", tta=True, data_dir=synthetic["data_dir"],
                                 batch_size=TINY["data.test_batch_size"], num_workers=1)
