@@ -25,7 +25,7 @@ from fastcifar import rundir
 from fastcifar.checkpoint import CHECKPOINT, recipe_differences
 from fastcifar.config import Config, ConfigError, add_config_arguments, config_from_args
 from fastcifar.errors import FastCifarError, run_cli
-from fastcifar.training import train
+from fastcifar.training import time_to, train
 
 STATS = ("final_test_acc", "best_test_acc", "total_seconds")
 
@@ -56,16 +56,6 @@ def summarise(values: Sequence[float]) -> dict[str, float]:
             "min": min(values), "max": max(values), "n": len(values)}
 
 
-def time_to(metrics: list[dict], target: float) -> tuple[int | None, float | None]:
-    """The first epoch whose test accuracy reaches `target`, and the seconds of the epochs up to it."""
-    elapsed = 0.0
-    for m in metrics:
-        elapsed += m["epoch_s"]
-        if m["test_acc"] >= target:
-            return m["epoch"], elapsed
-    return None, None
-
-
 def run_seeds(cfg: Config, seeds: Sequence[int], target: float | None = None,
               log: Callable[[str], None] = print) -> SweepResult:
     """Train `cfg` once per seed (see the module docstring for the directories); returns the per-seed results
@@ -80,7 +70,7 @@ def run_seeds(cfg: Config, seeds: Sequence[int], target: float | None = None,
         row = {"seed": seed, "run_dir": str(sweep_dir / f"seed{seed}")} | results
         if target is not None:
             row["target"] = target
-            row["epochs_to_target"], row["seconds_to_target"] = time_to(metrics, target)
+            row["epochs_to_target"], row["seconds_to_target"] = time_to(metrics, target, results["compile_seconds"])
         runs.append(row)
     stats = {key: summarise([r[key] for r in runs]) for key in STATS}
     rundir.write_json(sweep_dir / "sweep.json", {"config": cfg.to_dict(), "seeds": list(seeds), "target": target,

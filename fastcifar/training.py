@@ -725,7 +725,24 @@ def _summarise(metrics: list[dict], compile_seconds: float, parameters: int) -> 
         "compile_seconds": compile_seconds,
         "mean_train_img_s": images / train_s,
         "parameters": parameters,
+        # the first epoch whose test accuracy reaches each mark, and the seconds in epochs up to it (+ compile)
+        "time_to_test_acc": {f"{mark:.2f}": dict(zip(("epoch", "seconds"), time_to(metrics, mark, compile_seconds),
+                                                     strict=True)) for mark in ACCURACY_MARKS},
     }
+
+
+ACCURACY_MARKS = (0.90, 0.91, 0.92, 0.93, 0.94)
+
+
+def time_to(metrics: list[dict], target: float, start_seconds: float = 0.0) -> tuple[int | None, float | None]:
+    """The first epoch whose test accuracy reaches `target` and the seconds spent in epochs up to and
+    including it (plus `start_seconds`, e.g. the compile warm-up); (None, None) if no epoch does."""
+    elapsed = start_seconds
+    for m in metrics:
+        elapsed += m["epoch_s"]
+        if m["test_acc"] >= target:
+            return m["epoch"], elapsed
+    return None, None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ import pytest
 
 from fastcifar.config import Config, ConfigError
 from fastcifar.errors import FastCifarError
-from fastcifar.multiseed import format_table, main, parse_seeds, run_seeds, summarise, time_to
+from fastcifar.multiseed import format_table, main, parse_seeds, run_seeds, summarise
 from tests.conftest import tiny_config
 
 multiseed = importlib.import_module("fastcifar.multiseed")
@@ -25,12 +25,10 @@ def test_bad_seeds_are_refused(text):
         parse_seeds(text)
 
 
-def test_statistics_and_time_to_target():
+def test_statistics():
     assert summarise([0.90, 0.92, 0.94]) == pytest.approx({"mean": 0.92, "std": 0.02, "min": 0.90, "max": 0.94,
                                                            "n": 3})
     assert summarise([0.5])["std"] == 0.0
-    metrics = [{"epoch": e, "test_acc": a, "epoch_s": 10.0} for e, a in [(1, 0.8), (2, 0.91), (3, 0.9)]]
-    assert time_to(metrics, 0.91) == (2, 20.0) and time_to(metrics, 0.95) == (None, None)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from fastcifar.custom_resnet import CustomResNet
 from fastcifar.errors import FastCifarError
 from fastcifar.evaluation import evaluate_checkpoint
 from fastcifar.schedule import make_scheduler
-from fastcifar.training import EpochTable, main, parameter_groups, resolve_precision, train
+from fastcifar.training import EpochTable, main, parameter_groups, resolve_precision, time_to, train
 from tests.conftest import TINY, tiny_config
 
 
@@ -148,3 +148,18 @@ def test_batch_norm_parameters_get_their_own_lr_scale_and_no_weight_decay():
         optimizer.step()
         scheduler.step()
     assert len(parameter_groups(model, 1.0, True, 5e-4)) == 1  # the default keeps one group
+
+
+def test_time_to_a_test_accuracy():
+    metrics = [{"epoch": e, "test_acc": a, "epoch_s": 10.0} for e, a in [(1, 0.8), (2, 0.91), (3, 0.9)]]
+    assert time_to(metrics, 0.91) == (2, 20.0) and time_to(metrics, 0.8, 5.0) == (1, 15.0)
+    assert time_to(metrics, 0.95) == (None, None)
+
+
+def test_results_record_the_time_to_each_accuracy_mark(tiny_run):
+    results = json.loads((tiny_run.run_dir / "results.json").read_text())
+    marks = results["time_to_test_acc"]
+    assert set(marks) == {"0.90", "0.91", "0.92", "0.93", "0.94"}
+    for mark, reached in marks.items():
+        epoch, seconds = time_to(tiny_run.metrics, float(mark), results["compile_seconds"])
+        assert reached == {"epoch": epoch, "seconds": seconds}
