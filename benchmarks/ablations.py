@@ -5,7 +5,9 @@ switched back to the reference's), trained at the same short budget with the sam
 difference from the `fast` row is that lever's effect at this budget. Each variant is a seed sweep
 (fastcifar.multiseed): OUT_DIR/<variant>/seed<S>; running the command again reuses finished runs and resumes
 interrupted ones, so a long ablation can be spread over several sessions. The table goes to the generated
-part of BENCHMARKS.md (between the ablation markers) and, with every run's numbers, to OUT_DIR/ablations.json.
+part of BENCHMARKS.md (between the ablation markers) and, with every run's numbers, to OUT_DIR/ablations.json;
+a later invocation at the same budget (more seeds for one variant, another variant) replaces or adds its rows
+and keeps the others.
 
 Flip test-time augmentation changes nothing in training, so instead of a variant of its own every row also
 reports its final weights tested with flip TTA (`fastcifar.evaluate --tta`, cached in each run's tta.json):
@@ -79,9 +81,11 @@ def tta_accuracy(run: dict, cfg: Config) -> float:
     return preds.accuracy
 
 
-def markdown(rows: list[dict], command: str) -> str:
+def markdown(rows: list[dict]) -> str:
     base = next((r for r in rows if r["variant"] == "fast"), None)
-    lines = [f"Command: `{command}` (single runs unless n > 1; real CIFAR-10 rebuilt copy, this CPU).", "",
+    commands = list(dict.fromkeys(r["command"] for r in rows))
+    lines = ["Command(s): " + "; ".join(f"`{c}`" for c in commands)
+             + " (n = seeds per row; real CIFAR-10 rebuilt copy, this CPU).", "",
              "| variant | change | n | final test acc (mean) | std | vs fast | with flip TTA | seconds/run |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -93,10 +97,25 @@ def markdown(rows: list[dict], command: str) -> str:
     return "\n".join(lines)
 
 
-def write_results(rows: list[dict], command: str, base: dict, out_dir: Path, markdown_path: str) -> None:
-    """OUT_DIR/ablations.json and (unless `markdown_path` is "") the generated block of that file."""
-    write_json(out_dir / "ablations.json", {"command": command, "budget": base, "rows": rows})
-    table = markdown(rows, command)
+def merged(rows: list[dict], out_dir: Path, base: dict) -> list[dict]:
+    """`rows` merged into the rows of an earlier run of the runner at the same budget (ablations.json): a variant
+    run again replaces its row, the others are kept, in their order."""
+    path = out_dir / "ablations.json"
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    if earlier.get("budget") != base:
+        return rows
+    new = {r["variant"]: r for r in rows}
+    # (files written before rows carried their command have one command for all rows)
+    kept = [new.pop(r["variant"], {"command": earlier.get("command", "")} | r) for r in earlier["rows"]]
+    return kept + list(new.values())
+
+
+def write_results(rows: list[dict], base: dict, out_dir: Path, markdown_path: str) -> None:
+    """OUT_DIR/ablations.json (merged with earlier rows at the same budget) and, unless `markdown_path` is "",
+    the generated block of that file."""
+    rows = merged(rows, out_dir, base)
+    write_json(out_dir / "ablations.json", {"budget": base, "rows": rows})
+    table = markdown(rows)
     print(table, flush=True)
     if markdown_path:
         update_markdown(Path(markdown_path), table, BEGIN, END)
@@ -140,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                 run["tta_test_acc"] = tta_accuracy(run, cfg)
             result.stats["tta_test_acc"] = summarise([run["tta_test_acc"] for run in result.runs])
             rows.append({"variant": name, "change": VARIANTS[name][0], "overrides": VARIANTS[name][1],
-                         "runs": result.runs, "stats": result.stats})
+                         "command": command, "runs": result.runs, "stats": result.stats})
             # after every variant: a stopped ablation keeps the table of what it finished
-            write_results(rows, command, base, Path(args.out_dir), args.markdown)
+            write_results(rows, base, Path(args.out_dir), args.markdown)
 
     return run_cli(action)
 

@@ -47,6 +47,12 @@ def test_runner_trains_each_variant_writes_the_table_and_reuses_runs(synthetic, 
     out = capsys.readouterr().out
     assert out.count("finished earlier") == 2
     assert json.loads((tmp_path / "abl" / "ablations.json").read_text()) == record
+    # another invocation at the same budget: its row replaces that variant's, the other row stays
+    argv_ema = [*argv[:1], "ema", *argv[2:]]
+    assert ablations.main(argv_ema) == 0
+    rows = json.loads((tmp_path / "abl" / "ablations.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["fast", "ema"] and rows[0] == record["rows"][0]
+    assert "--variants ema" in rows[1]["command"] and "--variants ema" in md.read_text()
 
 
 @pytest.mark.parametrize(("argv", "message"), [
