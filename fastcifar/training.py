@@ -40,7 +40,7 @@ from fastcifar.checkpoint import (
     save_training_state,
     set_rng_states,
 )
-from fastcifar.config import Config, ConfigError, add_config_arguments, config_from_args
+from fastcifar.config import Config, ConfigError, DataConfig, add_config_arguments, config_from_args
 from fastcifar.custom_resnet import CustomResNet, count_parameters, summary, whiten_init
 from fastcifar.data import Loaders, epoch, make_loader, make_loaders
 from fastcifar.distributed import AgreedStop, Dist, all_max, all_sum, broadcast, from_env, gather, split_batch
@@ -447,8 +447,8 @@ class Session:
         mode = None if cfg.run.compile_mode == "default" else cfg.run.compile_mode
         forward = torch.compile(wrapped, mode=mode) if compiled else wrapped
         # Each rank draws its own augmentations (rank 0 keeps the single-process stream).
-        augment = BatchAugment(AugmentSettings(d.crop_padding, d.pad_mode, d.flip, d.cutout_size), device,
-                               cfg.run.seed + 1_000_003 * dist.rank, amp.dtype, cfg.run.channels_last)
+        augment = BatchAugment(augment_settings(d), device, cfg.run.seed + 1_000_003 * dist.rank, amp.dtype,
+                               cfg.run.channels_last)
         ranks = f" | {dist.world_size} ranks x {local_batch} images/step" if dist.enabled else ""
         log(f"run dir {run_dir} | device {env['device_name']} ({device}) | {str(amp.dtype).removeprefix('torch.')} "
             f"| channels_last={cfg.run.channels_last} | compile={compiled} | threads {torch.get_num_threads()} | "
@@ -472,6 +472,11 @@ class Session:
         return warm_up(self.forward, self.optimizer, self.loss_fn, self.amp, _batch_shapes(shard, self.batch_size),
                        _batch_shapes(test_shard, self.cfg.data.test_batch_size), _memory_format(self.cfg),
                        self.eval_forward)
+
+
+def augment_settings(data: DataConfig) -> AugmentSettings:
+    """The augmentation part of the data config (every AugmentSettings field has a DataConfig field of its name)."""
+    return AugmentSettings(**{f.name: getattr(data, f.name) for f in dataclasses.fields(AugmentSettings)})
 
 
 WHITEN_IMAGES = 5000  # training images whose 3x3 patches set the whitening init

@@ -10,8 +10,8 @@ from fastcifar.custom_resnet import CustomResNet
 from fastcifar.errors import FastCifarError
 from fastcifar.evaluation import evaluate_checkpoint
 from fastcifar.schedule import make_scheduler
-from fastcifar.training import EpochTable, main, parameter_groups, resolve_precision, time_to, train
-from tests.conftest import TINY, tiny_config
+from fastcifar.training import EpochTable, augment_settings, main, parameter_groups, resolve_precision, time_to, train
+from tests.conftest import LEVERS, TINY, tiny_config
 
 
 def test_training_lowers_the_loss_and_learns(tiny_run):
@@ -132,6 +132,31 @@ def test_a_run_with_every_lever_learns_and_reports_the_ema_weights_with_flip_tta
     assert preds.accuracy == lever_run.metrics[-1]["test_acc"]
     without = evaluate_checkpoint(lever_run.run_dir / "model.pt", data_dir=synthetic["data_dir"], num_workers=1)
     assert without.probs.shape == preds.probs.shape and not (without.probs == preds.probs).all()
+
+
+def test_every_augmentation_setting_comes_from_the_data_config():
+    data = Config.from_preset("fast", {"data.flip_mode": "alternate", "data.cutout_size": 5, "data.crop_padding": 2,
+                                       "data.flip": False}).data
+    settings = augment_settings(data)
+    assert (settings.flip_mode, settings.cutout_size, settings.crop_padding, settings.flip, settings.pad_mode) == (
+        "alternate", 5, 2, False, "reflect")
+
+
+ONE_EPOCH = {"schedule.epochs": 1, "schedule.peak_epoch": 1}
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(synthetic, tmp_path_factory):
+    return train(tiny_config(synthetic, tmp_path_factory.mktemp("one"), **ONE_EPOCH), log=lambda _: None)
+
+
+@pytest.mark.parametrize("lever", ["optim.ema_decay", "data.flip_mode", "data.test_flip", "optim.bn_lr_scale",
+                                   "optim.bn_weight_decay", "model.whiten_init", "model.bn_momentum"])
+def test_each_lever_reaches_the_run(lever, one_epoch_run, synthetic, tmp_path):
+    """Same seed, one lever changed: the numbers change (training, or the test pass for the test-time levers)."""
+    run = train(tiny_config(synthetic, tmp_path, **ONE_EPOCH, **{lever: LEVERS[lever]}), log=lambda _: None)
+    keys = ("train_loss", "test_loss")
+    assert [run.metrics[0][k] for k in keys] != [one_epoch_run.metrics[0][k] for k in keys]
 
 
 def test_batch_norm_parameters_get_their_own_lr_scale_and_no_weight_decay():
