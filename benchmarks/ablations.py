@@ -81,19 +81,31 @@ def tta_accuracy(run: dict, cfg: Config) -> float:
     return preds.accuracy
 
 
+def paired_delta(row: dict, base: dict) -> tuple[float, int] | None:
+    """Mean over the seeds both rows ran of (row's final test accuracy - base's), and how many seeds; None if
+    they share no seed. Same seed = same initial weights and data order, so this is the paired difference."""
+    mine = {r["seed"]: r["final_test_acc"] for r in row["runs"]}
+    theirs = {r["seed"]: r["final_test_acc"] for r in base["runs"]}
+    common = sorted(mine.keys() & theirs.keys())
+    if not common:
+        return None
+    return sum(mine[s] - theirs[s] for s in common) / len(common), len(common)
+
+
 def markdown(rows: list[dict]) -> str:
     base = next((r for r in rows if r["variant"] == "fast"), None)
     commands = list(dict.fromkeys(r["command"] for r in rows))
     lines = ["Command(s): " + "; ".join(f"`{c}`" for c in commands)
              + " (n = seeds per row; real CIFAR-10 rebuilt copy, this CPU).", "",
-             "| variant | change | n | final test acc (mean) | std | vs fast | with flip TTA | seconds/run |",
+             "| variant | change | n | final test acc (mean) | std | vs fast (same seeds) | flip TTA | s/run |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc, tta = r["stats"]["final_test_acc"], r["stats"]["tta_test_acc"]
-        delta = f"{(acc['mean'] - base['stats']['final_test_acc']['mean']) * 100:+.2f} pt" if base else ""
-        lines.append(f"| {r['variant']} | {r['change']} | {acc['n']} | {acc['mean']:.2%} | {acc['std'] * 100:.2f} pt"
-                     f" | {delta if r['variant'] != 'fast' else '-'} | {tta['mean']:.2%} "
-                     f"| {r['stats']['total_seconds']['mean']:.0f} |")
+        paired = paired_delta(r, base) if base and r is not base else None
+        delta = f"{paired[0] * 100:+.2f} pt ({paired[1]} seed{'s' * (paired[1] > 1)})" if paired else "-"
+        std = f"{acc['std'] * 100:.2f} pt" if acc["n"] > 1 else "-"
+        lines.append(f"| {r['variant']} | {r['change']} | {acc['n']} | {acc['mean']:.2%} | {std} | {delta} "
+                     f"| {tta['mean']:.2%} | {r['stats']['total_seconds']['mean']:.0f} |")
     return "\n".join(lines)
 
 
@@ -134,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="another config setting for every variant, e.g. run.threads=1 (repeatable)")
     parser.add_argument("--out-dir", default="benchmarks/results/ablations")
     parser.add_argument("--markdown", default="BENCHMARKS.md", help="file whose ablation block is replaced ('' = none)")
+    parser.add_argument("--table-only", action="store_true",
+                        help="train nothing: rewrite the table from OUT_DIR/ablations.json")
     return parser
 
 
@@ -142,6 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def action() -> None:
+        if args.table_only:
+            path = Path(args.out_dir) / "ablations.json"
+            if not path.exists():
+                raise FastCifarError(f"{path} does not exist: run the ablations first")
+            record = json.loads(path.read_text())
+            write_results(record["rows"], record["budget"], Path(args.out_dir), args.markdown)
+            return
         names = [v for v in args.variants.split(",") if v]
         unknown = [v for v in names if v not in VARIANTS]
         if unknown or not names:

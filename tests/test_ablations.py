@@ -41,7 +41,7 @@ def test_runner_trains_each_variant_writes_the_table_and_reuses_runs(synthetic, 
             "tta_test_acc": run["tta_test_acc"]}
     text = md.read_text()
     assert "hand-written" in text and ablations.BEGIN in text and "| ema | + weight EMA" in text
-    assert "| fast | the fast preset itself | 1 |" in text
+    assert "| fast | the fast preset itself | 1 |" in text and "(1 seed)" in text
     capsys.readouterr()
     assert ablations.main(argv) == 0  # again: every run is read back, nothing trained
     out = capsys.readouterr().out
@@ -64,3 +64,20 @@ def test_bad_options_are_one_line_errors(argv, message, capsys, tmp_path):
     assert ablations.main([*argv, "--out-dir", str(tmp_path), "--markdown", ""]) != 0
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def _row(variant, accs):
+    runs = [{"seed": s, "final_test_acc": a} for s, a in accs.items()]
+    return {"variant": variant, "runs": runs}
+
+
+def test_difference_to_fast_is_paired_on_common_seeds():
+    fast = _row("fast", {0: 0.50, 1: 0.56})
+    assert ablations.paired_delta(_row("x", {0: 0.52}), fast) == pytest.approx((0.02, 1))
+    assert ablations.paired_delta(_row("x", {0: 0.52, 1: 0.55, 2: 0.9}), fast) == pytest.approx((0.005, 2))
+    assert ablations.paired_delta(_row("x", {3: 0.5}), fast) is None
+
+
+def test_table_only_rewrites_the_table_from_the_record(tmp_path, capsys):
+    assert ablations.main(["--table-only", "--out-dir", str(tmp_path), "--markdown", ""]) != 0
+    assert "run the ablations first" in capsys.readouterr().err
