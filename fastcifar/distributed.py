@@ -65,6 +65,19 @@ def start(dist: Dist, device: torch.device, timeout_s: float) -> None:
                                f"and that every rank is up (run.dist_timeout_s={timeout_s:g})") from None
 
 
+# DDP's Reducer keeps the last reference to the gloo process group once destroy_process_group has run. Freeing
+# it then (in the main thread, which holds the GIL) can deadlock: ~ProcessGroupGloo joins gloo's run-loop
+# threads while one of them waits for the GIL to free a tensor (seen under CPU contention: a finished rank
+# hung forever in that join). So wrapped models are kept until the process ends, and the training command
+# leaves a distributed run with os._exit (see training.main), never running those destructors.
+_KEPT: list[Any] = []
+
+
+def keep_until_exit(obj: Any) -> None:
+    """Hold a reference to `obj` (a DDP-wrapped model) for the life of the process (see _KEPT)."""
+    _KEPT.append(obj)
+
+
 def stop(wait: bool = True) -> None:
     """Leave the process group. `wait`: all ranks meet first (after a normal end: a rank that left early can
     make a gloo shutdown wait for it forever); not after an error, when the others may never get there."""

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import os
 import random
 import signal
 import sys
@@ -43,7 +44,17 @@ from fastcifar.checkpoint import (
 from fastcifar.config import Config, ConfigError, DataConfig, add_config_arguments, config_from_args
 from fastcifar.custom_resnet import CustomResNet, count_parameters, summary, whiten_init
 from fastcifar.data import Loaders, epoch, make_loader, make_loaders
-from fastcifar.distributed import AgreedStop, Dist, all_max, all_sum, broadcast, from_env, gather, split_batch
+from fastcifar.distributed import (
+    AgreedStop,
+    Dist,
+    all_max,
+    all_sum,
+    broadcast,
+    from_env,
+    gather,
+    keep_until_exit,
+    split_batch,
+)
 from fastcifar.distributed import start as start_group
 from fastcifar.distributed import stop as stop_group
 from fastcifar.ema import WeightEMA
@@ -532,6 +543,8 @@ def train(cfg: Config, log: Callable[[str], None] = print, resume: str | Path | 
         cfg = resume_config(Config.from_dict(state["config"]),
                             cfg.override({"run.out_dir": str(run_dir.parent), "run.name": run_dir.name}))
     session = Session.open(cfg, log, resume=state is not None)
+    if session.dist.enabled:
+        keep_until_exit(session.forward)  # its destructor can deadlock gloo at the end: see distributed._KEPT
     try:
         result = _train(session, state, log if session.dist.is_main else _quiet)
     except BaseException:
@@ -771,7 +784,12 @@ def main(argv: list[str] | None = None) -> int:
         saved = load_training_state(args.resume)["config"]
         return train(config_from_args(args, base=Config.from_dict(saved)), resume=args.resume)
 
-    return run_cli(run)
+    code = run_cli(run)
+    if from_env().enabled:  # every file is written and closed; skip the gloo/DDP teardown (distributed._KEPT)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
