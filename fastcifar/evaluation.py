@@ -68,6 +68,11 @@ class Predictions:
             return cls(f["probs"].astype(np.float32), f["labels"], f["wrong_images"], f["wrong_index"])
 
 
+def flip_tta_logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """Flip test-time augmentation: the mean of the float logits of each image and of its mirror."""
+    return (model(inputs).float() + model(inputs.flip(-1)).float()) / 2
+
+
 @torch.no_grad()
 def predict(model: nn.Module, loader: Any, normalize: Any, autocast: Any, tta: bool = False) -> Predictions:
     """Class probabilities for every test image (eval mode), keeping the first misclassified images.
@@ -78,9 +83,7 @@ def predict(model: nn.Module, loader: Any, normalize: Any, autocast: Any, tta: b
         for images, targets in batches:
             inputs = normalize(images)
             with autocast():
-                logits = model(inputs).float()
-                if tta:
-                    logits = (logits + model(inputs.flip(-1)).float()) / 2
+                logits = flip_tta_logits(model, inputs) if tta else model(inputs).float()
             p = torch.softmax(logits, dim=1).cpu()
             # a copy: on a CPU `.cpu()` is a view of FFCV's batch buffer, which later batches overwrite
             y = targets.to("cpu", copy=True)

@@ -90,7 +90,7 @@ def _run_one(cfg: Config, log: Callable[[str], None]) -> tuple[list[dict], dict]
             raise FastCifarError(f"{run_dir} holds a finished run of another recipe ({', '.join(differ)}); "
                                  f"choose another --name or pass --overwrite")
         log(f"finished earlier: {run_dir}")
-        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        metrics = rundir.read_jsonl(run_dir / "metrics.jsonl")
         return metrics, json.loads((run_dir / "results.json").read_text())
     resume = run_dir if (run_dir / CHECKPOINT).exists() and not cfg.run.overwrite else None
     result = train(cfg, log=log, resume=resume)

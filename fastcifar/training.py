@@ -59,7 +59,7 @@ from fastcifar.distributed import start as start_group
 from fastcifar.distributed import stop as stop_group
 from fastcifar.ema import WeightEMA
 from fastcifar.errors import FastCifarError, run_cli
-from fastcifar.evaluation import Predictions, predict
+from fastcifar.evaluation import Predictions, flip_tta_logits, predict
 from fastcifar.interrupt import StopSignals, TrainingInterrupted
 from fastcifar.schedule import make_scheduler, one_cycle_lr
 
@@ -280,9 +280,7 @@ def evaluate(model: nn.Module, loader: Any, normalize: Callable[[torch.Tensor], 
                 raise StopRequested
             with amp.autocast():
                 inputs = normalize(images)
-                logits = model(inputs)
-                if tta:
-                    logits = (logits.float() + model(inputs.flip(-1)).float()) / 2
+                logits = flip_tta_logits(model, inputs) if tta else model(inputs)
                 totals.add(loss_fn(logits, labels), logits, labels)
     _sync(amp.device)
     loss_avg, acc = totals.read()
