@@ -47,6 +47,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "bn-lr-4x": ("+ 4x LR for BatchNorm weights/biases", {"optim.bn_lr_scale": 4.0}),
     "bn-no-wd": ("+ no weight decay on BatchNorm", {"optim.bn_weight_decay": False}),
     "bn-momentum-0.3": ("+ BN running-stat momentum 0.1 -> 0.3", {"model.bn_momentum": 0.3}),
+    # Scales of fast's own numbers: is it at a sweet spot at this budget?
+    "lr-x0.5": ("LR schedule x0.5 (peak 0.4 -> 0.2)", {"schedule.max_lr": 0.2, "schedule.min_lr": 0.002}),
+    "lr-x2": ("LR schedule x2 (peak 0.4 -> 0.8)", {"schedule.max_lr": 0.8, "schedule.min_lr": 0.008}),
+    "wd-x0.5": ("weight decay 5e-4 -> 2.5e-4", {"optim.weight_decay": 2.5e-4}),
+    "wd-x2": ("weight decay 5e-4 -> 1e-3", {"optim.weight_decay": 1e-3}),
+    "logits-x2": ("logit scale 0.125 -> 0.25", {"model.logit_scale": 0.25}),
 }
 
 
