@@ -1,6 +1,7 @@
 """Evaluate a saved model: `python -m fastcifar.evaluate --checkpoint RUN_DIR/model.pt [--tta]`.
 
-Prints test accuracy and loss, and accuracy per class. `--tta` averages the logits of each image and
+Prints test accuracy and loss, and accuracy per class (`--save FILE.json` also writes them, with the
+command, as evidence next to a run). `--tta` averages the logits of each image and
 its mirror image (horizontal-flip test-time augmentation). Checkpoints are loaded with
 `torch.load(..., weights_only=True)`: a checkpoint file cannot run code.
 """
@@ -8,6 +9,7 @@ its mirror image (horizontal-flip test-time augmentation). Checkpoints are loade
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from fastcifar.config import Config, ConfigError
 from fastcifar.custom_resnet import CustomResNet
 from fastcifar.data import epoch, make_loader
 from fastcifar.errors import FastCifarError, run_cli
-from fastcifar.rundir import load_checkpoint_file
+from fastcifar.rundir import load_checkpoint_file, write_json
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 KEEP_MISCLASSIFIED = 64  # images of wrong predictions kept for the report's grid
@@ -136,6 +138,26 @@ def format_report(preds: Predictions, classes: tuple[str, ...] = CLASSES) -> str
     return "\n".join(lines)
 
 
+def report_dict(preds: Predictions, checkpoint: str | Path, tta: bool, command: str,
+                classes: tuple[str, ...] = CLASSES) -> dict[str, Any]:
+    """The numbers of one evaluation with the command that produced them, for `--save`."""
+    per_class = preds.per_class_accuracy(len(classes))
+    return {"checkpoint": str(checkpoint), "tta": tta, "test_acc": preds.accuracy, "test_loss": preds.loss,
+            "images": len(preds.labels), "per_class_acc": dict(zip(classes, per_class.tolist(), strict=True)),
+            "command": command}
+
+
+def _evaluate_and_report(args: argparse.Namespace, argv: list[str]) -> None:
+    if args.save and not Path(args.save).parent.is_dir():  # checked first: an evaluation takes minutes on a CPU
+        raise FastCifarError(f"--save {args.save}: its folder does not exist; create it or pick another path")
+    preds = evaluate_checkpoint(args.checkpoint, args.tta, args.data_dir, args.device, args.batch_size)
+    print(format_report(preds))
+    if args.save:
+        command = shlex.join(["python", "-m", "fastcifar.evaluate", *argv])
+        write_json(Path(args.save), report_dict(preds, args.checkpoint, args.tta, command))
+        print(f"saved {args.save}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastcifar.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a model.pt written by fastcifar.train")
@@ -143,9 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="where test.beton is (default: the one the model was trained with)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--save", metavar="JSON", help="also write the numbers and this command to a JSON file")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    return run_cli(lambda: print(format_report(
-        evaluate_checkpoint(args.checkpoint, args.tta, args.data_dir, args.device, args.batch_size))))
+    return run_cli(lambda: _evaluate_and_report(args, argv))
 
 
 if __name__ == "__main__":

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -5,7 +7,7 @@ from torch import nn
 
 from fastcifar.data import make_loader
 from fastcifar.errors import FastCifarError
-from fastcifar.evaluation import Predictions, evaluate_checkpoint, load_checkpoint, main, predict
+from fastcifar.evaluation import CLASSES, Predictions, evaluate_checkpoint, load_checkpoint, main, predict
 from fastcifar.rundir import save_checkpoint
 
 
@@ -15,9 +17,23 @@ def test_checkpoint_evaluation_matches_the_training_run(tiny_run, synthetic, cap
     np.testing.assert_array_equal(preds.labels, synthetic["test"][1])
     assert preds.accuracy == pytest.approx(tiny_run.metrics[-1]["test_acc"], abs=1e-9)
     assert preds.loss == pytest.approx(tiny_run.metrics[-1]["test_loss"], rel=1e-3)
-    assert main(["--checkpoint", str(tiny_run.run_dir / "model.pt"), "--device", "cpu", "--tta"]) == 0
+    saved = tiny_run.run_dir.parent / "tta.json"
+    argv = ["--checkpoint", str(tiny_run.run_dir / "model.pt"), "--device", "cpu", "--tta", "--save", str(saved)]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.startswith("test accuracy") and "airplane" in out and "truck" in out
+    report = json.loads(saved.read_text())
+    assert report["tta"] is True and report["images"] == len(preds.labels)
+    assert f"test accuracy {report['test_acc']:.2%}" in out
+    assert sorted(report["per_class_acc"]) == sorted(CLASSES)
+    assert report["command"].startswith("python -m fastcifar.evaluate --checkpoint ") and "--tta" in report["command"]
+
+
+def test_save_into_a_missing_folder_fails_before_evaluating(tiny_run, tmp_path, capsys):
+    argv = ["--checkpoint", str(tiny_run.run_dir / "model.pt"), "--save", str(tmp_path / "nope" / "x.json")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --save") and "folder does not exist" in err and err.count("\n") == 1
 
 
 class FlipInvariant(nn.Module):
