@@ -23,7 +23,8 @@ def test_every_variant_is_fast_plus_its_change_and_valid():
             continue
         changed = {f"{s}.{k}" for s, sec in cfg.to_dict().items() if isinstance(sec, dict)
                    for k, v in sec.items() if v != fast.to_dict()[s][k]}
-        assert changed == set(overrides) | {"run.name"}, name
+        assert changed == set(overrides) | {"run.name", "data.test_flip"}, name
+        assert cfg.data.test_flip is False  # rows test without flips; the TTA column tests with them
 
 
 def test_runner_trains_each_variant_writes_the_table_and_reuses_runs(synthetic, tmp_path, capsys):
@@ -37,8 +38,10 @@ def test_runner_trains_each_variant_writes_the_table_and_reuses_runs(synthetic, 
     assert all(r["stats"]["final_test_acc"]["n"] == 1 for r in record["rows"])
     for row in record["rows"]:  # the TTA column: the run's own weights, tested with flips
         (run,) = row["runs"]
-        assert 0 < run["tta_test_acc"] <= 1 and json.loads((Path(run["run_dir"]) / "tta.json").read_text()) == {
-            "tta_test_acc": run["tta_test_acc"]}
+        saved = json.loads((Path(run["run_dir"]) / "tta.json").read_text())
+        assert 0 < run["tta_test_acc"] <= 1 and saved["tta"] is True and saved["test_acc"] == run["tta_test_acc"]
+        assert saved["command"].startswith("python -m fastcifar.evaluate --checkpoint ")
+        assert "--tta" in saved["command"]
     text = md.read_text()
     assert "hand-written" in text and ablations.BEGIN in text and "| ema | + weight EMA" in text
     assert "| fast | the fast preset itself | 1 |" in text and "(1 seed)" in text
@@ -53,6 +56,11 @@ def test_runner_trains_each_variant_writes_the_table_and_reuses_runs(synthetic, 
     rows = json.loads((tmp_path / "abl" / "ablations.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["fast", "ema"] and rows[0] == record["rows"][0]
     assert "--variants ema" in rows[1]["command"] and "--variants ema" in md.read_text()
+
+
+def test_tta_cache_of_older_runs_is_read_without_evaluating(tmp_path):
+    (tmp_path / "tta.json").write_text('{"tta_test_acc": 0.5}')  # no model.pt: evaluating would fail
+    assert ablations.tta_accuracy({"run_dir": str(tmp_path)}, Config()) == 0.5
 
 
 @pytest.mark.parametrize(("argv", "message"), [
