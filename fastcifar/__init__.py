@@ -28,7 +28,7 @@ from fastcifar.evaluation import Predictions, load_checkpoint
 from fastcifar.evaluation import evaluate_checkpoint as evaluate
 from fastcifar.lr_finder import find_lr
 from fastcifar.multiseed import SweepResult, run_seeds
-from fastcifar.report import (
+from fastcifar.reporting import (
     plot_confusion,
     plot_curves,
     plot_misclassified,

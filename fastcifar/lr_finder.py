@@ -38,7 +38,7 @@ from fastcifar.augment import BatchAugment
 from fastcifar.config import Config, LRFinderConfig, add_config_arguments, config_from_args
 from fastcifar.data import epoch
 from fastcifar.errors import FastCifarError, run_cli
-from fastcifar.report import plot_range_test, plot_sweep, save_figure
+from fastcifar.reporting import plot_range_test, plot_sweep, save_figure
 from fastcifar.training import (
     Amp,
     Session,

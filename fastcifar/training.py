@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from fastcifar import report, rundir
+from fastcifar import reporting, rundir
 from fastcifar.augment import AugmentSettings, BatchAugment
 from fastcifar.checkpoint import (
     CHECKPOINT,
@@ -462,7 +462,7 @@ class Session:
         log(f"run dir {run_dir} | device {env['device_name']} ({device}) | {str(amp.dtype).removeprefix('torch.')} "
             f"| channels_last={cfg.run.channels_last} | compile={compiled} | threads {torch.get_num_threads()} | "
             f"{loaders.train_size:,} train / {loaders.test_size:,} test images, {len(loaders.train)} steps/epoch"
-            f"{ranks}")
+            f"{ranks}" + (f" | test accuracy with {method}" if (method := reporting.test_method(cfg)) else ""))
         if dist.is_main:
             rundir.write_json(run_dir / "config.json", cfg.to_dict())
             rundir.record_environment(run_dir / "env.json", env, resumed=resume)
@@ -719,8 +719,9 @@ def _finish(session: Session, metrics: list[dict], compile_seconds: float,
     predict(session.eval_forward, test, session.augment.test, session.amp.autocast, cfg.data.test_flip).save(
         run_dir / "predictions.npz")
     rundir.write_json(run_dir / "results.json", result)
-    report.write_report(run_dir)
-    log(f"final test accuracy {result['final_test_acc']:.2%} (best {result['best_test_acc']:.2%}) | "
+    reporting.write_report(run_dir)
+    method = f" with {m}" if (m := reporting.test_method(cfg)) else ""
+    log(f"final test accuracy{method} {result['final_test_acc']:.2%} (best {result['best_test_acc']:.2%}) | "
         f"{result['train_seconds']:.0f} s training, {result['total_seconds']:.0f} s in epochs, "
         f"{result['mean_train_img_s']:.0f} img/s | {run_dir}")
     broadcast(None, dist)

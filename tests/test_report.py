@@ -1,10 +1,12 @@
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from fastcifar import report
+from fastcifar import reporting as report
 from fastcifar.config import Config
 from fastcifar.evaluation import Predictions
 from fastcifar.rundir import append_jsonl, write_json
@@ -72,3 +74,29 @@ def test_cli(run_dir, tmp_path, capsys):
     assert report.main([str(tmp_path / "nothing")]) == 1
     assert "not a finished run directory" in capsys.readouterr().err
     assert report.main([]) == 2
+
+
+def test_the_command_runs_as_a_module_without_import_warnings(run_dir):
+    proc = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "fastcifar.report", str(run_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout and "Warning" not in proc.stderr
+
+
+@pytest.mark.parametrize(("overrides", "method", "loss"), [
+    ({}, "", "cross-entropy loss"),
+    ({"data.test_flip": True, "optim.label_smoothing": 0.2}, "flip TTA", "cross-entropy loss (label smoothing 0.2)"),
+    ({"data.test_flip": True, "optim.ema_decay": 0.99}, "flip TTA, EMA weights", "cross-entropy loss"),
+])
+def test_reports_say_how_test_numbers_were_measured(run_dir, overrides, method, loss):
+    cfg = Config.from_preset("reference", {"schedule.epochs": 3, "schedule.peak_epoch": 1, **overrides})
+    assert report.test_method(cfg) == method and report.loss_name(cfg) == loss
+    write_json(run_dir / "config.json", cfg.to_dict())
+    report.write_report(run_dir)
+    first_line = (run_dir / "summary.md").read_text().splitlines()[2]
+    assert first_line.endswith(f"(best 75.00%; tested with {method})" if method else "(best 75.00%)")
+    fig = report.plot_curves([{"epoch": 1, "train_loss": 1, "train_acc": 0.5, "test_loss": 1, "test_acc": 0.5}],
+                             *report.curve_labels(cfg))
+    assert fig.axes[0].get_ylabel() == loss
+    test_label = f"test ({method})" if method else "test"
+    assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == ["train (augmented)", test_label]

@@ -111,11 +111,13 @@ def test_cli_errors_are_one_line_with_exit_2(capsys, tmp_path):
 def test_cli_runs_end_to_end_as_a_module(synthetic, tmp_path):
     args = [f"--{k}={v}" for k, v in TINY.items()] + [
         "--data-dir", str(synthetic["data_dir"]), "--out-dir", str(tmp_path), "--name", "cli", "--epochs", "1",
-        "--schedule.peak_epoch", "1"]
+        "--schedule.peak_epoch", "1", "--data.test_flip", "true"]
     proc = subprocess.run([sys.executable, "-m", "fastcifar.train", *args], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "Total params" in proc.stdout and "train_img_s" in proc.stdout and "final test accuracy" in proc.stdout
+    assert "Total params" in proc.stdout and "train_img_s" in proc.stdout
+    # a number measured with flip TTA says so where the run starts and where it ends
+    assert "| test accuracy with flip TTA" in proc.stdout and "final test accuracy with flip TTA " in proc.stdout
     assert (tmp_path / "cli" / "model.pt").is_file()
 
 

@@ -1,0 +1,214 @@
+"""Reports of a training run: `python -m fastcifar.report RUN_DIR` (also written at the end of training).
+
+Reads only the run directory (config.json, metrics.jsonl, results.json, predictions.npz) and writes:
+    curves.png          loss and accuracy per epoch, train and test
+    lr_schedule.png     LR (and momentum) per optimizer step, peak marked
+    misclassified.png   a grid of misclassified test images: true class, predicted class, confidence
+    confusion.png       confusion matrix and per-class accuracy
+    summary.md          final/best accuracy, time, images/s, per-class accuracy, config
+Each figure function returns a matplotlib Figure, so a notebook can display it inline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+# No backend is forced: without a display matplotlib falls back to Agg by itself, and notebooks keep theirs.
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+
+from fastcifar.config import Config
+from fastcifar.errors import FastCifarError, run_cli
+from fastcifar.evaluation import CLASSES, Predictions
+from fastcifar.rundir import read_jsonl
+from fastcifar.schedule import one_cycle_lr
+
+FILES = ("curves.png", "lr_schedule.png", "misclassified.png", "confusion.png", "summary.md")
+
+
+def test_method(cfg: Config) -> str:
+    """How a run's test numbers are measured when not plainly ("flip TTA", "EMA weights", both, or ""): every
+    printed test accuracy says so, since these change the number without changing training."""
+    return ", ".join((["flip TTA"] if cfg.data.test_flip else []) + (["EMA weights"] if cfg.optim.ema_decay else []))
+
+
+def loss_name(cfg: Config) -> str:
+    """What the logged losses are: with label smoothing they are not plain cross-entropy."""
+    smoothing = cfg.optim.label_smoothing
+    return f"cross-entropy loss (label smoothing {smoothing:g})" if smoothing else "cross-entropy loss"
+
+
+def curve_labels(cfg: Config) -> tuple[str, str]:
+    """plot_curves's loss axis label and test series label for a run with config `cfg`."""
+    method = test_method(cfg)
+    return loss_name(cfg), f"test ({method})" if method else "test"
+
+
+def plot_curves(metrics: list[dict], loss_label: str = "cross-entropy loss", test_label: str = "test") -> Figure:
+    epochs = [m["epoch"] for m in metrics]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    loss_ax.plot(epochs, [m["train_loss"] for m in metrics], "o-", label="train")
+    loss_ax.plot(epochs, [m["test_loss"] for m in metrics], "s-", label=test_label)
+    loss_ax.set(xlabel="epoch", ylabel=loss_label, title="Loss")
+    acc_ax.plot(epochs, [100 * m["train_acc"] for m in metrics], "o-", label="train (augmented)")
+    acc_ax.plot(epochs, [100 * m["test_acc"] for m in metrics], "s-", label=test_label)
+    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_xticks(epochs if len(epochs) <= 30 else ax.get_xticks())
+    fig.tight_layout()
+    return fig
+
+
+def plot_schedule(cfg: Config, steps_per_epoch: int) -> Figure:
+    s = cfg.schedule
+    steps = np.arange(s.epochs * steps_per_epoch)
+    lrs = one_cycle_lr(steps, steps_per_epoch, s.epochs, s.peak_epoch, s.min_lr, s.max_lr, s.end_lr)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(steps, lrs, color="C0", label="learning rate")
+    peak = int(np.argmax(lrs))
+    ax.annotate(f"peak {s.max_lr:g} at step {peak} (end of epoch {s.peak_epoch:g})", (peak, lrs[peak]),
+                xytext=(12, -40), textcoords="offset points", fontsize=8)
+    ax.axvline(peak, color="C3", ls=":", lw=1)
+    ax.set(xlabel=f"optimizer step ({steps_per_epoch} per epoch)", ylabel="learning rate",
+           title=f"One-cycle schedule: {s.min_lr:g} -> {s.max_lr:g} -> {s.min_lr:g} (no annihilation)")
+    momentum = ax.twinx()
+    momentum.plot(steps, np.full(len(steps), cfg.optim.momentum), color="C1", ls="--", label="momentum")
+    momentum.set_ylabel("momentum (constant)")
+    momentum.set_ylim(0, 1)
+    fig.legend(loc="upper right", bbox_to_anchor=(0.88, 0.88), fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_misclassified(preds: Predictions, classes: tuple[str, ...] = CLASSES, count: int = 24) -> Figure:
+    count = min(count, len(preds.wrong_index))
+    cols = 6
+    rows = max(1, -(-count // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.9, rows * 2.2))
+    for ax in np.ravel(axes):
+        ax.axis("off")
+    for ax, image, index in zip(np.ravel(axes), preds.wrong_images[:count], preds.wrong_index[:count], strict=False):
+        p = preds.probs[index]
+        ax.imshow(image, interpolation="nearest")
+        ax.set_title(f"true {classes[preds.labels[index]]}\npred {classes[p.argmax()]} {p.max():.0%}", fontsize=8)
+    fig.suptitle(f"Misclassified test images ({count} of {int((preds.predicted != preds.labels).sum())})")
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion(preds: Predictions, classes: tuple[str, ...] = CLASSES) -> Figure:
+    matrix = preds.confusion(len(classes))
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    image = ax.imshow(matrix, cmap="Blues")
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
+                color="white" if value > matrix.max() / 2 else "black")
+    per_class = preds.per_class_accuracy(len(classes))
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), [f"{c} ({a:.1%})" for c, a in zip(classes, per_class, strict=True)])
+    ax.set(xlabel="predicted class", ylabel="true class (per-class accuracy)",
+           title=f"Confusion matrix: test accuracy {preds.accuracy:.2%}")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_range_test(result: dict) -> Figure:
+    """Loss against LR (log axis) of a range test, with the suggested bounds marked."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(result["lrs"], result["losses"], color="0.75", lw=1, label="loss per step")
+    ax.plot(result["lrs"], result["smoothed"], color="C0", lw=2, label="smoothed loss")
+    s = result["suggestion"]
+    ax.axvline(s["max_lr"], color="C3", ls="--", label=f"suggested max_lr = {s['max_lr']:.3g}")
+    ax.axvline(s["min_lr"], color="C2", ls="--", label=f"suggested min_lr = {s['min_lr']:.3g}")
+    ax.axvline(s["steepest_lr"], color="0.4", ls=":", label=f"steepest descent at {s['steepest_lr']:.3g}")
+    ax.set_xscale("log")
+    finite = [v for v in result["smoothed"] if math.isfinite(v)]
+    ax.set_ylim(min(finite) * 0.9, min(max(finite), 3 * finite[0]) * 1.05)
+    ax.set(xlabel="learning rate (log scale)", ylabel="training loss",
+           title=f"LR range test: {len(result['lrs'])} steps, batch {result['batch_size']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_sweep(rows: list[dict]) -> Figure:
+    """Train loss and accuracy after one epoch at each LR of an epoch-wise sweep."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lrs = [r["lr"] for r in rows]
+    ax.plot(lrs, [r["train_loss"] for r in rows], "o-", color="C0", label="train loss")
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate (one epoch each, log scale)", ylabel="train loss",
+           title=f"Epoch-wise LR sweep ({rows[0]['images']:,} images per LR)")
+    acc = ax.twinx()
+    acc.plot(lrs, [100 * r["train_acc"] for r in rows], "s--", color="C1", label="train accuracy")
+    acc.set_ylabel("train accuracy (%)")
+    fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.88), fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def summary_markdown(cfg: Config, results: dict, preds: Predictions | None, env: dict) -> str:
+    lines = [
+        f"# Run summary: {cfg.preset} preset, {results['epochs']} epochs",
+        "",
+        f"- final test accuracy: **{results['final_test_acc']:.2%}** (best {results['best_test_acc']:.2%}"
+        + (f"; tested with {method})" if (method := test_method(cfg)) else ")"),
+        f"- training time: {results['train_seconds']:.0f} s in training passes, {results['total_seconds']:.0f} s "
+        f"with test passes, plus {results['compile_seconds']:.0f} s compile warm-up",
+        f"- mean training throughput: {results['mean_train_img_s']:.0f} images/s",
+        f"- device: {env.get('device_name')} ({env.get('device')}), torch {env.get('torch')}, "
+        f"git {str(env.get('git_commit'))[:10]}",
+    ]
+    if preds is not None:
+        lines += ["", "| class | accuracy |", "|---|---:|"]
+        lines += [f"| {c} | {a:.2%} |" for c, a in zip(CLASSES, preds.per_class_accuracy(), strict=True)]
+    lines += ["", "## Config", "", "```json", json.dumps(cfg.to_dict(), indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(run_dir: str | Path) -> list[Path]:
+    """(Re)write all report files of `run_dir`; returns their paths."""
+    run_dir = Path(run_dir)
+    try:
+        cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
+        metrics = read_jsonl(run_dir / "metrics.jsonl")
+        results = json.loads((run_dir / "results.json").read_text())
+        env = json.loads((run_dir / "env.json").read_text())
+    except (OSError, ValueError) as err:
+        raise FastCifarError(f"{run_dir} is not a finished run directory ({err})") from None
+    preds_path = run_dir / "predictions.npz"
+    preds = Predictions.load(preds_path) if preds_path.exists() else None
+    written = []
+    save_figure(plot_curves(metrics, *curve_labels(cfg)), run_dir / "curves.png")
+    save_figure(plot_schedule(cfg, results["steps_per_epoch"]), run_dir / "lr_schedule.png")
+    written += [run_dir / "curves.png", run_dir / "lr_schedule.png"]
+    if preds is not None:
+        save_figure(plot_misclassified(preds), run_dir / "misclassified.png")
+        save_figure(plot_confusion(preds), run_dir / "confusion.png")
+        written += [run_dir / "misclassified.png", run_dir / "confusion.png"]
+    (run_dir / "summary.md").write_text(summary_markdown(cfg, results, preds, env))
+    return [*written, run_dir / "summary.md"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: python -m fastcifar.report RUN_DIR", file=sys.stderr)
+        return 2
+    return run_cli(lambda: [print(f"wrote {path}") for path in write_report(args[0])])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
