@@ -28,7 +28,7 @@ from pathlib import Path
 from benchmarks.run import update_markdown
 from fastcifar.config import Config
 from fastcifar.errors import FastCifarError, run_cli
-from fastcifar.evaluation import evaluate_checkpoint, report_dict
+from fastcifar.evaluation import evaluate_checkpoint, read_tta_accuracy, report_dict
 from fastcifar.multiseed import parse_seeds, run_seeds, summarise
 from fastcifar.rundir import write_json
 
@@ -86,9 +86,8 @@ def budget(args: argparse.Namespace) -> dict:
 def tta_accuracy(run: dict, cfg: Config) -> float:
     """Test accuracy of a finished run's model.pt with flip TTA (computed once, then read from tta.json)."""
     cached = Path(run["run_dir"]) / "tta.json"
-    if cached.exists():
-        saved = json.loads(cached.read_text())
-        return saved["test_acc"] if "test_acc" in saved else saved["tta_test_acc"]  # (the older files' key)
+    if (saved := read_tta_accuracy(cached)) is not None:
+        return saved
     checkpoint = Path(run["run_dir"]) / "model.pt"
     preds = evaluate_checkpoint(checkpoint, tta=True, data_dir=cfg.data.data_dir,
                                 batch_size=cfg.data.test_batch_size, num_workers=cfg.data.num_workers)

@@ -9,6 +9,7 @@ its mirror image (horizontal-flip test-time augmentation). Checkpoints are loade
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from dataclasses import dataclass
@@ -145,6 +146,22 @@ def report_dict(preds: Predictions, checkpoint: str | Path, tta: bool, command: 
     return {"checkpoint": str(checkpoint), "tta": tta, "test_acc": preds.accuracy, "test_loss": preds.loss,
             "images": len(preds.labels), "per_class_acc": dict(zip(classes, per_class.tolist(), strict=True)),
             "command": command}
+
+
+def read_tta_accuracy(path: str | Path) -> float | None:
+    """The flip-TTA accuracy in a file written by `--tta --save` (or by the ablation runner, whose older files
+    hold only `tta_test_acc`); None if there is no such file or it was saved without --tta."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        if "tta_test_acc" in saved:
+            return float(saved["tta_test_acc"])
+        return float(saved["test_acc"]) if saved["tta"] else None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise FastCifarError(f"{path} is not a file written by fastcifar.evaluate --tta --save ({err}); "
+                             f"delete it or write it again") from None
 
 
 def _evaluate_and_report(args: argparse.Namespace, argv: list[str]) -> None:

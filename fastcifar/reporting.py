@@ -154,6 +154,64 @@ def plot_sweep(rows: list[dict]) -> Figure:
     return fig
 
 
+def load_history(run_dir: str | Path) -> tuple[Config, list[dict]]:
+    """A run's config and per-epoch metrics; the run may be unfinished (metrics.jsonl grows epoch by epoch).
+    Should an epoch appear twice (a run restarted over the same folder), its last record counts."""
+    run_dir = Path(run_dir)
+    try:
+        cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
+        # a run writes metrics.jsonl at the end of its first epoch
+        metrics = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+    except (OSError, ValueError) as err:
+        raise FastCifarError(f"{run_dir} is not a run directory ({err}); pass folders written by "
+                             f"python -m fastcifar.train") from None
+    by_epoch = {m["epoch"]: m for m in metrics}
+    if not by_epoch:
+        raise FastCifarError(f"{run_dir} has no finished epoch yet; compare it after its first epoch")
+    return cfg, [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def run_label(name: str, cfg: Config) -> str:
+    """'fast-24ep-cpu (fast, flip TTA)': a run's name, its preset and how its test numbers were measured."""
+    return f"{name} ({', '.join([cfg.preset, *filter(None, [test_method(cfg)])])})"
+
+
+def plot_comparison(runs: dict[str, list[dict]]) -> Figure:
+    """Test accuracy of several runs (label -> metrics), per epoch and against hours spent in training passes
+    (test passes excluded: they differ with TTA and say nothing about the recipe's speed)."""
+    fig, (epoch_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (label, metrics) in enumerate(runs.items()):
+        acc = [100 * m["test_acc"] for m in metrics]
+        hours = np.cumsum([m["train_s"] for m in metrics]) / 3600
+        epoch_ax.plot([m["epoch"] for m in metrics], acc, "o-", color=f"C{i}", label=label, markersize=3)
+        time_ax.plot(hours, acc, "o-", color=f"C{i}", label=label, markersize=3)
+    epoch_ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy per epoch")
+    time_ax.set(xlabel="hours in training passes", ylabel="test accuracy (%)", title="Test accuracy against time")
+    for ax in (epoch_ax, time_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def comparison_markdown(runs: dict[str, list[dict]], tta: dict[str, float] | None = None) -> str:
+    """A table with one row per epoch and one test-accuracy column per run, then the hours in training passes;
+    `tta` (label -> accuracy) adds a row for final weights re-tested with flip TTA (`evaluate --tta --save`)."""
+    labels = list(runs)
+    by_epoch = [{m["epoch"]: m for m in metrics} for metrics in runs.values()]
+    epochs = sorted(set().union(*by_epoch))
+    lines = ["| epoch | " + " | ".join(labels) + " |", "|---:|" + "---:|" * len(labels)]
+    for epoch in epochs:
+        cells = [f"{100 * r[epoch]['test_acc']:.2f}%" if epoch in r else "" for r in by_epoch]
+        lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
+    if tta:
+        lines.append("| final weights, flip TTA | " + " | ".join(
+            f"{100 * tta[label]:.2f}%" if label in tta else "" for label in labels) + " |")
+    hours = [f"{sum(m['train_s'] for m in metrics) / 3600:.2f}" for metrics in runs.values()]
+    lines.append("| hours in training passes | " + " | ".join(hours) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def summary_markdown(cfg: Config, results: dict, preds: Predictions | None, env: dict) -> str:
     lines = [
         f"# Run summary: {cfg.preset} preset, {results['epochs']} epochs",

@@ -7,7 +7,15 @@ from torch import nn
 
 from fastcifar.data import make_loader
 from fastcifar.errors import FastCifarError
-from fastcifar.evaluation import CLASSES, Predictions, evaluate_checkpoint, load_checkpoint, main, predict
+from fastcifar.evaluation import (
+    CLASSES,
+    Predictions,
+    evaluate_checkpoint,
+    load_checkpoint,
+    main,
+    predict,
+    read_tta_accuracy,
+)
 from fastcifar.rundir import save_checkpoint
 
 
@@ -27,6 +35,7 @@ def test_checkpoint_evaluation_matches_the_training_run(tiny_run, synthetic, cap
     assert f"test accuracy {report['test_acc']:.2%}" in out
     assert sorted(report["per_class_acc"]) == sorted(CLASSES)
     assert report["command"].startswith("python -m fastcifar.evaluate --checkpoint ") and "--tta" in report["command"]
+    assert read_tta_accuracy(saved) == report["test_acc"]
 
 
 def test_save_into_a_missing_folder_fails_before_evaluating(tiny_run, tmp_path, capsys):
@@ -49,6 +58,26 @@ class FlipInvariant(nn.Module):
 
 def _no_autocast():
     return torch.autocast("cpu", enabled=False)
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ({"tta": True, "test_acc": 0.9175}, 0.9175),
+    ({"tta": False, "test_acc": 0.9079}, None),  # saved without --tta: not a TTA number
+    ({"tta_test_acc": 0.5262}, 0.5262),  # the ablation runner's older files
+    (None, None),  # no file
+])
+def test_saved_tta_accuracy_is_read_back(tmp_path, content, expected):
+    path = tmp_path / "tta.json"
+    if content is not None:
+        path.write_text(json.dumps(content))
+    assert read_tta_accuracy(path) == expected
+
+
+@pytest.mark.parametrize("text", ["{", "[]", '{"test_acc": 0.9}', '{"tta": true, "test_acc": "high"}'])
+def test_a_broken_tta_file_is_named_in_the_error(tmp_path, text):
+    (tmp_path / "tta.json").write_text(text)
+    with pytest.raises(FastCifarError, match="tta.json is not a file written by fastcifar.evaluate"):
+        read_tta_accuracy(tmp_path / "tta.json")
 
 
 def test_flip_tta_changes_nothing_for_a_flip_invariant_model(synthetic):

@@ -1,0 +1,56 @@
+"""`python -m fastcifar.compare RUN_DIR RUN_DIR ...`: test accuracy of several runs side by side.
+
+Reads config.json and metrics.jsonl of each run (unfinished runs too: a resumable run can be compared while
+it is still under way), prints a markdown table (one row per epoch, one column per run; a row for flip TTA
+where a run folder holds the tta.json of `python -m fastcifar.evaluate --tta --save`) and, with --out, draws
+accuracy per epoch and against hours in training passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fastcifar.errors import FastCifarError, run_cli
+from fastcifar.evaluation import read_tta_accuracy
+from fastcifar.reporting import comparison_markdown, load_history, plot_comparison, run_label, save_figure
+
+
+def compare(run_dirs: list[str], out: str | None = None) -> str:
+    """The markdown table of `run_dirs`; with `out`, also the figure written there."""
+    if out and not Path(out).parent.is_dir():
+        raise FastCifarError(f"--out {out}: its folder does not exist; create it or pick another path")
+    names = [Path(d).name for d in run_dirs]
+    if len(set(names)) < len(names):  # e.g. ablation runs, all called seed0: their whole paths tell them apart
+        names = [str(Path(d)) for d in run_dirs]
+    if len(set(names)) < len(names):
+        raise FastCifarError("a run directory is given twice; name each once")
+    runs, tta = {}, {}
+    for run_dir, name in zip(run_dirs, names, strict=True):
+        cfg, metrics = load_history(run_dir)
+        label = run_label(name, cfg)
+        runs[label] = metrics
+        if (saved := read_tta_accuracy(Path(run_dir) / "tta.json")) is not None:
+            tta[label] = saved
+    if out:
+        save_figure(plot_comparison(runs), Path(out))
+    return comparison_markdown(runs, tta)
+
+
+def _print_comparison(args: argparse.Namespace) -> None:
+    print(compare(args.run_dirs, args.out), end="")
+    if args.out:
+        print(f"wrote {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastcifar.compare", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by fastcifar.train")
+    parser.add_argument("--out", metavar="PNG", help="also draw the accuracy curves into this image file")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    return run_cli(lambda: _print_comparison(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
