@@ -162,10 +162,12 @@ def load_history(run_dir: str | Path) -> tuple[Config, list[dict]]:
         cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
         # a run writes metrics.jsonl at the end of its first epoch
         metrics = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
-    except (OSError, ValueError) as err:
-        raise FastCifarError(f"{run_dir} is not a run directory ({err}); pass folders written by "
-                             f"python -m fastcifar.train") from None
-    by_epoch = {m["epoch"]: m for m in metrics}
+        for m in metrics:  # the fields a comparison reads, checked here so that a bad file fails in one line
+            int(m["epoch"]), float(m["test_acc"]), float(m["train_s"])
+        by_epoch = {int(m["epoch"]): m for m in metrics}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise FastCifarError(f"{run_dir} is not a run directory ({type(err).__name__}: {err}); pass folders "
+                             f"written by python -m fastcifar.train") from None
     if not by_epoch:
         raise FastCifarError(f"{run_dir} has no finished epoch yet; compare it after its first epoch")
     return cfg, [by_epoch[e] for e in sorted(by_epoch)]

@@ -68,6 +68,8 @@ def test_cli_writes_the_figure(tmp_path, capsys):
     (lambda p: make_run(p / "run"), ["run", "run"], "is given twice"),
     (lambda p: make_run(p / "run"), ["run", "--out", "no/such/folder/x.png"], "its folder does not exist"),
     (lambda p: (make_run(p / "run"), (p / "run" / "tta.json").write_text("{")), ["run"], "delete it or write it"),
+    (lambda p: (make_run(p / "run"), (p / "run" / "metrics.jsonl").write_text('{"epoch": 1}\n')), ["run"],
+     "is not a run directory (KeyError"),
 ])
 def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path, capsys, monkeypatch, setup, args, message):
     setup(tmp_path)
