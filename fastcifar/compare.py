@@ -12,15 +12,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from fastcifar.errors import FastCifarError, run_cli
+from fastcifar.errors import FastCifarError, require_output_folder, run_cli
 from fastcifar.evaluation import read_tta_accuracy
 from fastcifar.reporting import comparison_markdown, load_history, plot_comparison, run_label, save_figure
 
 
 def compare(run_dirs: list[str], out: str | None = None) -> str:
     """The markdown table of `run_dirs`; with `out`, also the figure written there."""
-    if out and not Path(out).parent.is_dir():
-        raise FastCifarError(f"--out {out}: its folder does not exist; create it or pick another path")
+    if out:
+        require_output_folder(out, "--out")
     names = [Path(d).name for d in run_dirs]
     if len(set(names)) < len(names):  # e.g. ablation runs, all called seed0: their whole paths tell them apart
         names = [str(Path(d)) for d in run_dirs]

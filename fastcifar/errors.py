@@ -2,6 +2,7 @@
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 class FastCifarError(Exception):
@@ -25,3 +26,10 @@ def run_cli(action: Callable[[], object], interrupted: str = "interrupted") -> i
         print(interrupted, file=sys.stderr)
         return 130
     return 0
+
+
+def require_output_folder(path: str | Path, flag: str) -> None:
+    """Fail at once if the folder of an output file written only at the end of a command does not exist:
+    better than failing after minutes of evaluation or plotting."""
+    if not Path(path).parent.is_dir():
+        raise FastCifarError(f"{flag} {path}: its folder does not exist; create it or pick another path")

@@ -24,7 +24,7 @@ from fastcifar.augment import AugmentSettings, BatchAugment
 from fastcifar.config import Config, ConfigError
 from fastcifar.custom_resnet import CustomResNet
 from fastcifar.data import epoch, make_loader
-from fastcifar.errors import FastCifarError, run_cli
+from fastcifar.errors import FastCifarError, require_output_folder, run_cli
 from fastcifar.rundir import load_checkpoint_file, write_json
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -165,8 +165,8 @@ def read_tta_accuracy(path: str | Path) -> float | None:
 
 
 def _evaluate_and_report(args: argparse.Namespace, argv: list[str]) -> None:
-    if args.save and not Path(args.save).parent.is_dir():  # checked first: an evaluation takes minutes on a CPU
-        raise FastCifarError(f"--save {args.save}: its folder does not exist; create it or pick another path")
+    if args.save:  # checked first: an evaluation takes minutes on a CPU
+        require_output_folder(args.save, "--save")
     preds = evaluate_checkpoint(args.checkpoint, args.tta, args.data_dir, args.device, args.batch_size)
     print(format_report(preds))
     if args.save:
