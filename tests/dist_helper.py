@@ -3,6 +3,7 @@ on every rank and the metric reduction (rank 0 writes what it saw as JSON to OUT
 optimizer step on a split global batch (rank 0 saves the weights to OUT)."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fastcifar.config import ModelConfig
 from fastcifar.custom_resnet import CustomResNet
 from fastcifar.data import epoch, make_loaders
-from fastcifar.distributed import from_env, gather, start, stop
+from fastcifar.distributed import from_env, gather, keep_until_exit, start, stop
 from fastcifar.training import PassStats, _over_ranks
 from tests.synthetic import decode_index
 
@@ -27,6 +28,7 @@ def one_step(out: str) -> None:
     torch.manual_seed(0)
     model = CustomResNet(ModelConfig(widths=(8, 16, 32, 64))).eval()
     ddp = DistributedDataParallel(model)
+    keep_until_exit(ddp)  # as the training command does: its destructor can abort or hang a gloo teardown
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(64, 3, 32, 32, generator=gen), torch.randint(0, 10, (64,), generator=gen)
@@ -71,3 +73,8 @@ if __name__ == "__main__":
         one_step(sys.argv[2])
     else:
         main(sys.argv[1], sys.argv[2])
+    # Every file is written; skip the interpreter's teardown of gloo's threads, which under CPU contention
+    # aborted a finished rank ("terminate called without an active exception"), like training.main does.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
