@@ -322,6 +322,10 @@ PRESETS: dict[str, Config] = {
     ),
 }
 
+# What the command-line tools start from when no --preset is given: `fast` beat `reference` at 24 epochs on the
+# same data (90.79% vs 87.83%, one run each; README, Results). Config() itself stays the specified recipe.
+DEFAULT_PRESET = "fast"
+
 
 # Short flags for the options people change most; each also exists as its dotted form.
 SHORT_FLAGS: dict[str, str] = {
@@ -355,10 +359,12 @@ def keyword_key(name: str) -> str:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add --preset, the short flags and one dotted flag per config field to `parser`."""
-    parser.add_argument("--preset", default="reference", help=f"starting recipe: {', '.join(PRESETS)}")
+    # default None, not the name: --resume must tell "no preset given" from an explicit --preset.
+    parser.add_argument("--preset", default=None, metavar="NAME",
+                        help=f"starting recipe: {', '.join(PRESETS)} (default: {DEFAULT_PRESET})")
     parser.add_argument("--config", metavar="JSON", help="start from a saved config.json (e.g. of a run)")
     short = {dest: flag for flag, dest in SHORT_FLAGS.items()}
-    defaults = Config()
+    defaults = PRESETS[DEFAULT_PRESET]
     for key in all_keys():
         section, name = key.split(".")
         flags = [f"--{key}"] + ([short[key]] if key in short else [])
@@ -375,7 +381,7 @@ def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Co
     if "schedule.lr_from" in overrides and {"schedule.min_lr", "schedule.max_lr"} & overrides.keys():
         raise ConfigError("give either --lr-from or --min-lr/--max-lr, not both")
     if base is not None:
-        if getattr(args, "config", None) or args.preset != "reference":
+        if getattr(args, "config", None) or args.preset is not None:
             raise ConfigError("--resume takes the run's own config; do not combine it with --config or --preset")
         cfg = base.override(overrides)
     elif getattr(args, "config", None):
@@ -385,7 +391,7 @@ def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Co
             raise ConfigError(f"cannot read config file {args.config}: {err}") from None
         cfg = base.override(overrides)
     else:
-        cfg = Config.from_preset(args.preset, overrides)
+        cfg = Config.from_preset(args.preset or DEFAULT_PRESET, overrides)
     return cfg
 
 

@@ -16,7 +16,7 @@ from fastcifar.config import Config, ConfigError
 from fastcifar.errors import FastCifarError
 from fastcifar.interrupt import TrainingInterrupted
 from fastcifar.training import main, train
-from tests.conftest import LEVERS, TINY, sigterm_after_first_epoch, tiny_config
+from tests.conftest import LEVERS, sigterm_after_first_epoch, tiny_cli_args, tiny_config
 
 train_module = importlib.import_module("fastcifar.training")
 TIMINGS = {"train_s", "test_s", "epoch_s", "train_img_s", "test_img_s"}
@@ -152,8 +152,7 @@ def test_a_real_divergence_is_caught(synthetic, tmp_path):
 
 def test_sigterm_to_a_training_process_then_resume_matches_an_uninterrupted_run(synthetic, tmp_path):
     overrides = {"schedule.epochs": 12, "run.name": "killed", "run.threads": 1}  # same threads: same rounding
-    args = [f"--{k}={v}" for k, v in (TINY | overrides).items()] + [
-        "--data-dir", str(synthetic["data_dir"]), "--out-dir", str(tmp_path)]
+    args = tiny_cli_args(synthetic, tmp_path, **overrides)
     code, _, err = sigterm_after_first_epoch([sys.executable, "-m", "fastcifar.train", *args],
                                              tmp_path / "killed" / "metrics.jsonl")
     assert code == 128 + signal.SIGTERM, err

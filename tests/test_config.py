@@ -2,7 +2,15 @@ import json
 
 import pytest
 
-from fastcifar.config import PRESETS, Config, ConfigError, add_config_arguments, all_keys, config_from_args
+from fastcifar.config import (
+    DEFAULT_PRESET,
+    PRESETS,
+    Config,
+    ConfigError,
+    add_config_arguments,
+    all_keys,
+    config_from_args,
+)
 from fastcifar.training import build_parser
 
 
@@ -65,6 +73,22 @@ def test_cli_short_and_dotted_flags_map_onto_the_config():
     assert (cfg.schedule.epochs, cfg.data.batch_size, cfg.schedule.max_lr) == (3, 64, 0.2)
     assert cfg.optim.weight_decay == 1e-3 and cfg.run.channels_last is False and cfg.run.overwrite is True
     assert cfg.model.widths == PRESETS["smoke"].model.widths  # untouched fields keep the preset's values
+
+
+def test_cli_without_a_preset_starts_from_the_default_one():
+    assert DEFAULT_PRESET == "fast"  # it beat `reference` at 24 epochs (README, Results)
+    assert config_from_args(build_parser().parse_args([])) == PRESETS[DEFAULT_PRESET]
+    assert config_from_args(build_parser().parse_args(["--preset", "reference"])) == Config()
+    shown = build_parser().format_help()
+    assert f"(default: {PRESETS[DEFAULT_PRESET].schedule.max_lr})" in shown  # help shows the default preset's values
+
+
+def test_resume_rejects_any_explicit_preset():
+    base = Config.from_preset("smoke")
+    assert config_from_args(build_parser().parse_args(["--epochs", "3"]), base=base).schedule.epochs == 3
+    for name in PRESETS:  # also the default's own name: the run's config decides, not a preset
+        with pytest.raises(ConfigError, match="--resume takes the run's own config"):
+            config_from_args(build_parser().parse_args(["--preset", name]), base=base)
 
 
 def test_cli_rejects_unknown_options(capsys):

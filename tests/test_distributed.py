@@ -16,7 +16,7 @@ from fastcifar.custom_resnet import CustomResNet
 from fastcifar.distributed import AgreedStop, Dist, DistributedError, from_env, split_batch
 from fastcifar.errors import FastCifarError
 from fastcifar.training import seed_everything, train
-from tests.conftest import REPO, TINY, sigterm_after_first_epoch, tiny_config
+from tests.conftest import REPO, sigterm_after_first_epoch, tiny_cli_args, tiny_config
 
 QUIET = {"log": lambda _: None}
 # No augmentation and a small constant-ish LR: two runs that differ only in how the batch is split stay close.
@@ -40,9 +40,7 @@ def torchrun(nproc: int, args: list[str], timeout: int = 300) -> subprocess.Comp
 
 
 def train_args(synthetic, out_dir, name, overrides=None) -> list[str]:
-    options = TINY | (overrides or {}) | {"run.name": name, "run.out_dir": str(out_dir),
-                                          "data.data_dir": str(synthetic["data_dir"])}
-    return ["-m", "fastcifar.train", *[f"--{k}={v}" for k, v in options.items()]]
+    return ["-m", "fastcifar.train", *tiny_cli_args(synthetic, out_dir, **(overrides or {}) | {"run.name": name})]
 
 
 def _weights(run_dir):

@@ -69,8 +69,11 @@ def test_suggestion_refuses_a_curve_that_never_falls():
 def test_find_lr_writes_json_and_png_and_train_takes_it(synthetic, tmp_path):
     cfg = tiny_config(synthetic, tmp_path, **{"run.name": "lr", "lr_finder.steps": 30, "lr_finder.start_lr": 1e-3,
                                               "lr_finder.end_lr": 10})
-    result = find_lr(cfg, log=lambda _: None)
+    logs = []
+    result = find_lr(cfg, log=logs.append)
     path = tmp_path / "lr" / "find_lr.json"
+    # the suggested command names the preset it tested: the default preset is another recipe
+    assert logs[-1].endswith(f"train with: python -m fastcifar.train --preset reference --lr-from {path}")
     saved = json.loads(path.read_text())
     assert saved["suggestion"] == result["suggestion"] and saved["batch_size"] == 64
     assert (tmp_path / "lr" / "find_lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
