@@ -57,10 +57,12 @@ def tiny_config(synthetic: dict, out_dir: Path, **overrides) -> Config:
     return Config.from_preset(TINY_PRESET, _tiny_options(synthetic, out_dir, overrides))
 
 
-def tiny_cli_args(synthetic: dict, out_dir: Path, **overrides) -> list[str]:
-    """The command-line arguments of `tiny_config(synthetic, out_dir, **overrides)`."""
+def tiny_cli_args(synthetic: dict, out_dir: Path, preset: str | None = TINY_PRESET, **overrides) -> list[str]:
+    """The command-line arguments of `tiny_config(synthetic, out_dir, **overrides)`; `preset=None` leaves the
+    preset to the command's default (TINY's settings then apply on top of that preset)."""
     options = _tiny_options(synthetic, out_dir, overrides)
-    return ["--preset", TINY_PRESET, *[f"--{key}={value}" for key, value in options.items()]]
+    named = ["--preset", preset] if preset is not None else []
+    return [*named, *[f"--{key}={value}" for key, value in options.items()]]
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from fastcifar.errors import FastCifarError
 from fastcifar.evaluation import evaluate_checkpoint
 from fastcifar.schedule import make_scheduler
 from fastcifar.training import EpochTable, augment_settings, main, parameter_groups, resolve_precision, time_to, train
-from tests.conftest import LEVERS, TINY, tiny_config
+from tests.conftest import LEVERS, TINY, tiny_cli_args, tiny_config
 
 
 def test_training_lowers_the_loss_and_learns(tiny_run):
@@ -63,9 +63,7 @@ def test_same_seed_same_metrics(synthetic, tmp_path):
 
 def test_unwritable_output_directory_is_refused_before_training(synthetic, tmp_path, capsys):
     (tmp_path / "blocker").write_text("a file where the run directory's parent should be")
-    args = [f"--{k}={v}" for k, v in TINY.items()] + [
-        "--data-dir", str(synthetic["data_dir"]), "--out-dir", str(tmp_path / "blocker"), "--name", "x"]
-    assert main(args) == 1
+    assert main(tiny_cli_args(synthetic, tmp_path / "blocker", **{"run.name": "x"})) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: cannot write to") and err.count("\n") == 1
     assert (tmp_path / "blocker").read_text().startswith("a file")
@@ -109,9 +107,9 @@ def test_cli_errors_are_one_line_with_exit_2(capsys, tmp_path):
 
 
 def test_cli_runs_end_to_end_as_a_module(synthetic, tmp_path):
-    args = [f"--{k}={v}" for k, v in TINY.items()] + [
-        "--data-dir", str(synthetic["data_dir"]), "--out-dir", str(tmp_path), "--name", "cli", "--epochs", "1",
-        "--schedule.peak_epoch", "1", "--data.test_flip", "true"]
+    # the command's default preset, with TINY's settings on top
+    args = tiny_cli_args(synthetic, tmp_path, preset=None, **{"run.name": "cli", "schedule.epochs": 1,
+                                                               "schedule.peak_epoch": 1, "data.test_flip": True})
     proc = subprocess.run([sys.executable, "-m", "fastcifar.train", *args], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
