@@ -56,6 +56,10 @@ def summarise(values: Sequence[float]) -> dict[str, float]:
             "min": min(values), "max": max(values), "n": len(values)}
 
 
+RERUN_HINT = ("stopped; run the same command again to continue: finished seeds are read back and a stopped one "
+              "resumes from its checkpoint")
+
+
 def run_seeds(cfg: Config, seeds: Sequence[int], target: float | None = None,
               log: Callable[[str], None] = print) -> SweepResult:
     """Train `cfg` once per seed (see the module docstring for the directories); returns the per-seed results
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--target is an accuracy in (0, 1], got {args.target}")
         return run_seeds(config_from_args(args), parse_seeds(args.seeds), args.target)
 
-    return run_cli(run)
+    return run_cli(run, interrupted=RERUN_HINT)
 
 
 if __name__ == "__main__":

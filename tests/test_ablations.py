@@ -43,7 +43,8 @@ def test_runner_trains_each_variant_writes_the_table_and_reuses_runs(synthetic, 
         assert saved["command"].startswith("python -m fastcifar.evaluate --checkpoint ")
         assert "--tta" in saved["command"]
     text = md.read_text()
-    assert "hand-written" in text and ablations.BEGIN in text and "| ema | + weight EMA" in text
+    assert "hand-written" in text and ablations.markers(str(tmp_path / "abl"))[0] in text
+    assert "| ema | + weight EMA" in text and ablations.machine(Config().override({"run.precision": "fp32"})) in text
     assert "| fast | the fast preset itself | 1 |" in text and "(1 seed)" in text
     capsys.readouterr()
     assert ablations.main(argv) == 0  # again: every run is read back, nothing trained
@@ -56,6 +57,20 @@ def test_runner_trains_each_variant_writes_the_table_and_reuses_runs(synthetic, 
     rows = json.loads((tmp_path / "abl" / "ablations.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["fast", "ema"] and rows[0] == record["rows"][0]
     assert "--variants ema" in rows[1]["command"] and "--variants ema" in md.read_text()
+
+
+def test_rows_of_another_budget_or_machine_are_refused_before_training(tmp_path, capsys):
+    argv = ["--variants", "fast", "--out-dir", str(tmp_path), "--markdown", "", "--data-dir", str(tmp_path / "none")]
+    base = ablations.budget(ablations.build_parser().parse_args(argv))
+    here = ablations.machine(ablations.variant_config("fast", base))
+    for record in ({"budget": base, "machine": "Another CPU (cpu), bfloat16"},
+                   {"budget": base | {"schedule.epochs": 9}, "machine": here},
+                   {"budget": base, "rows": []}):  # a record from before rows named their machine
+        (tmp_path / "ablations.json").write_text(json.dumps(record | {"rows": []}))
+        assert ablations.main(argv) == 1
+        err = capsys.readouterr().err
+        assert "another budget or machine" in err and "--out-dir" in err and err.count("\n") == 1
+        assert json.loads((tmp_path / "ablations.json").read_text()) == record | {"rows": []}  # left as it was
 
 
 def test_tta_cache_of_older_runs_is_read_without_evaluating(tmp_path):

@@ -25,3 +25,27 @@ def test_interruption_exits_with_128_plus_the_signal(capsys):
 
     assert run_cli(action) == 143
     assert capsys.readouterr().err.startswith("error: stopped by SIGTERM")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_outside_training_stops_a_command_with_one_line(sig, code, capsys):
+    before = signal.getsignal(signal.SIGTERM)
+
+    def action():  # e.g. the ablation runner writing its report when `timeout` sends SIGTERM
+        os.kill(os.getpid(), sig)
+        raise AssertionError("the signal did not stop the action")
+
+    assert run_cli(action, interrupted="stopped; rerun to continue") == code
+    assert capsys.readouterr().err == "stopped; rerun to continue\n"
+    assert signal.getsignal(signal.SIGTERM) is before  # handler put back
+
+
+def test_training_keeps_its_own_handling_of_sigterm_inside_a_command():
+    def action():
+        with StopSignals() as stop:  # as training does: the flag, not an exception, then the handler of run_cli
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    assert run_cli(action) == 0
