@@ -151,7 +151,8 @@ def earlier_rows(out_dir: Path, base: dict, where: str) -> list[dict]:
     earlier = json.loads(path.read_text())
     theirs = (earlier.get("budget"), earlier.get("machine"))
     if theirs != (base, where):
-        raise FastCifarError(f"{path} holds rows measured at another budget or machine ({theirs[1]}; "
+        raise FastCifarError(f"{path} holds rows measured at another budget or machine "
+                             f"({theirs[1] or 'machine not recorded'}; "
                              f"this run: {where}); give another --out-dir to start a table of its own")
     # (files written before rows carried their command have one command for all rows)
     return [{"command": earlier.get("command", "")} | r for r in earlier["rows"]]
