@@ -31,7 +31,7 @@ from fastcifar.config import Config
 from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.evaluation import evaluate_checkpoint, read_tta_accuracy, report_dict
 from fastcifar.multiseed import RERUN_HINT, parse_seeds, run_seeds, summarise
-from fastcifar.rundir import environment, write_json
+from fastcifar.rundir import device_name, write_json
 from fastcifar.training import resolve_device, resolve_precision
 
 
@@ -96,7 +96,7 @@ def machine(cfg: Config) -> str:
     a lever's paired difference from `fast` means nothing across machines or precisions."""
     device = resolve_device(cfg.run.device)
     dtype = resolve_precision(cfg.run.precision, device)
-    return f"{environment(device)['device_name']} ({device.type}), {str(dtype).removeprefix('torch.')}"
+    return f"{device_name(device)} ({device.type}), {str(dtype).removeprefix('torch.')}"
 
 
 def tta_accuracy(run: dict, cfg: Config) -> float:

@@ -136,6 +136,11 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name on CUDA, else the CPU's model name."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """Facts that decide what a run's numbers mean."""
     return {
@@ -149,7 +154,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": device_name(device),
         "cuda": torch.version.cuda,
         "git_commit": _git_commit(),
     }
