@@ -79,9 +79,9 @@ def save_training_state(path: Path, *, cfg: Config, model: torch.nn.Module, opti
                         scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
                         augment_generator: torch.Generator, epochs_done: int, progress: EpochProgress | None,
                         metrics: list[dict], compile_seconds: float, ranks: list[dict] | None = None,
-                        ema: dict | None = None) -> None:
+                        ema: dict | None = None, lookahead: dict | None = None) -> None:
     """`ranks`: every rank's {"rng", "progress"} in a distributed run (each rank resumes its own stream);
-    `ema`: the weight average's state (optim.ema_decay > 0)."""
+    `ema`: the weight average's state (optim.ema_decay > 0); `lookahead`: its slow weights."""
     save_checkpoint(path, {
         "kind": KIND,
         "config": cfg.to_dict(),
@@ -97,6 +97,7 @@ def save_training_state(path: Path, *, cfg: Config, model: torch.nn.Module, opti
         "world_size": len(ranks) if ranks else 1,
         "ranks": ranks if ranks and len(ranks) > 1 else None,
         "ema": ema,
+        "lookahead": lookahead,
     })
 
 

@@ -46,6 +46,10 @@ class DataConfig:
     # Test-time augmentation in every test pass: average the logits of each image and of its mirror
     # (one more forward pass per test image; the reported test accuracy then includes it).
     test_flip: bool = False
+    # Also test on copies shifted by this many pixels (reflect-padded, up-left and down-right), each with
+    # its mirror when test_flip: logits = (untranslated views + mean of the shifted views) / 2 (airbench's
+    # TTA level 2: 6 forward passes per image with test_flip). 0 = off.
+    test_translate: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,12 @@ class ModelConfig:
     # Initialise the prep conv's filters from the training images' 3x3 patch whitening (+/- each of the
     # 27 principal directions scaled by 1/sqrt(eigenvalue), the rest left random); still trained after.
     whiten_init: bool = False
+    # Keep the whitened prep conv fixed during training (needs whiten_init): the peers' frozen whitening layer.
+    whiten_frozen: bool = False
+    # BatchNorm scales fixed at 1 (not trained; the biases are): Page's and airbench's frozen BN scales.
+    bn_weight_frozen: bool = False
+    # Partial-identity init of every conv after prep (the first c_in output channels start as the identity).
+    dirac_init: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,18 @@ class OptimConfig:
     label_smoothing: float = 0.0
     bn_lr_scale: float = 1.0  # LR multiplier for the BatchNorm weights and biases
     bn_weight_decay: bool = True  # apply weight decay to the BatchNorm weights and biases too
+    # Multiplier of the weight decay for the BatchNorm weights and biases (Page and airbench: 1/64 together
+    # with bn_lr_scale 64, so that their LR x decay product stays that of the other weights).
+    bn_wd_scale: float = 1.0
+    # sgd: SGD for every parameter. muon: Muon (orthogonalised momentum, see fastcifar/muon.py) for the conv
+    # filters at muon_lr / muon_momentum (Nesterov, filters kept at a fixed norm, no weight decay), SGD as
+    # above for the rest (BatchNorm, the linear layer).
+    optimizer: str = "sgd"
+    muon_lr: float = 0.24  # the filters' peak LR (the schedule scales it like max_lr)
+    muon_momentum: float = 0.6
+    # Lookahead (airbench's): every lookahead_every steps the weights are pulled back to a slow average whose
+    # weight grows as 0.95**5 * progress**3; the slow weights are the final ones. 0 = off.
+    lookahead_every: int = 0
     # Exponential moving average of the weights (and BN statistics), updated every step; when > 0 the test
     # passes, best.pt and model.pt use the averaged weights. 0 = off.
     ema_decay: float = 0.0
@@ -258,6 +280,15 @@ _CHECKS = [
     else f"data.flip_mode must be random or alternate, got {c.data.flip_mode!r}",
     lambda c: "" if 0 < c.model.bn_momentum <= 1 else f"model.bn_momentum must be in (0, 1], got {c.model.bn_momentum}",
     lambda c: "" if c.optim.bn_lr_scale > 0 else f"optim.bn_lr_scale must be > 0, got {c.optim.bn_lr_scale}",
+    lambda c: "" if c.optim.bn_wd_scale >= 0 else f"optim.bn_wd_scale must be >= 0, got {c.optim.bn_wd_scale}",
+    lambda c: "" if c.optim.optimizer in ("sgd", "muon")
+    else f"optim.optimizer must be sgd or muon, got {c.optim.optimizer!r}",
+    lambda c: "" if c.optim.muon_lr > 0 else f"optim.muon_lr must be > 0, got {c.optim.muon_lr}",
+    lambda c: "" if 0 <= c.optim.muon_momentum < 1 else "optim.muon_momentum must be in [0, 1)",
+    lambda c: "" if c.optim.lookahead_every >= 0 else "optim.lookahead_every must be >= 0 (0 = off)",
+    lambda c: "" if 0 <= c.data.test_translate <= 4 else "data.test_translate must be in [0, 4] pixels (0 = off)",
+    lambda c: "" if c.model.whiten_init or not c.model.whiten_frozen
+    else "model.whiten_frozen needs model.whiten_init true (it freezes the whitened prep conv)",
     lambda c: "" if 0 <= c.optim.ema_decay < 1
     else f"optim.ema_decay must be in [0, 1) (0 = off), got {c.optim.ema_decay}",
     lambda c: "" if c.data.pad_mode in ("zeros", "reflect")

@@ -65,6 +65,10 @@ class CustomResNet(nn.Module):
         self.pool = nn.MaxPool2d(4)
         self.fc = nn.Linear(w3, cfg.num_classes, bias=False)
         self.logit_scale = cfg.logit_scale
+        if cfg.dirac_init:
+            dirac_init(self)
+        if cfg.bn_weight_frozen:
+            freeze_bn_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [N, num_classes] for images [N, 3, 32, 32]; CrossEntropyLoss applies log-softmax."""
@@ -102,8 +106,36 @@ def whiten_init(model: CustomResNet, images: torch.Tensor) -> int:
     return 2 * k
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+@torch.no_grad()
+def dirac_init(model: CustomResNet) -> int:
+    """Partial-identity initialisation: in every conv after the prep layer, the first `c_in` output channels
+    start as the identity (a 3x3 kernel with a 1 in its centre on channel i for output i); the others keep
+    their random initialisation. A convolution with as many outputs as inputs (the residual blocks) starts
+    as the identity, so at initialisation each block passes its input on (airbench's "dirac" init). Returns
+    how many convolutions were set."""
+    convs = [m for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and not name.startswith("prep")]
+    for conv in convs:
+        c_out, c_in = conv.weight.shape[:2]
+        nn.init.dirac_(conv.weight[: min(c_in, c_out)])
+    return len(convs)
+
+
+def freeze_bn_weights(model: nn.Module) -> None:
+    """Keep every BatchNorm scale at its initial 1 (not trained; the biases still are): Page's and airbench's
+    "frozen BN scales". The parameters stay in the model (and its state_dict and parameter count)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+            m.weight.requires_grad_(False)
+
+
+def freeze_prep_conv(model: CustomResNet) -> None:
+    """Stop training the prep conv's filters (after the whitening init: a fixed whitening layer)."""
+    model.prep[0].weight.requires_grad_(False)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """The network's size (6,573,120 for the spec), frozen parameters included unless `trainable_only`."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def summary(model: nn.Module, batch_size: int = 1) -> str:

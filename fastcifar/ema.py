@@ -54,3 +54,49 @@ class WeightEMA:
         self.module.load_state_dict(state["module"])
         self.updates = int(state["updates"])
         self.decay = float(state["decay"])
+
+
+class Lookahead:
+    """Lookahead with a growing pull (airbench's schedule): every `every` steps the slow copy moves towards
+    the trained weights, slow = lerp(slow, weights, 1 - decay), and the trained weights jump back to it
+    (weights := slow). decay = base_decay * progress**3 grows from 0 (plain training early on) to
+    `base_decay` at the end of the run, where `finish` puts the slow weights in place for good. Parameters
+    and BatchNorm running statistics are both averaged; integer counters are left alone."""
+
+    def __init__(self, model: nn.Module, every: int = 5, base_decay: float = 0.95 ** 5) -> None:
+        if every < 1 or not 0 < base_decay < 1:
+            raise ValueError(f"lookahead needs every >= 1 and base_decay in (0, 1), got {every}, {base_decay}")
+        self.every, self.base_decay = every, base_decay
+        self.slow = [t.detach().clone() for t in self._floats(model)]
+
+    @staticmethod
+    def _floats(model: nn.Module) -> list[torch.Tensor]:
+        tensors = list(model.parameters()) + list(model.buffers())
+        return [t for t in tensors if t.is_floating_point()]
+
+    def decay(self, progress: float) -> float:
+        return self.base_decay * min(max(progress, 0.0), 1.0) ** 3
+
+    @torch.no_grad()
+    def step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """Call after optimizer step number `step` (1-based, counted over the whole run)."""
+        if step % self.every == 0:
+            self._pull(model, 1.0 - self.decay(step / total_steps))
+
+    @torch.no_grad()
+    def finish(self, model: nn.Module) -> None:
+        """The end of training: the slow weights become the model's."""
+        self._pull(model, 0.0)
+
+    def _pull(self, model: nn.Module, weight: float) -> None:
+        fast = [t.detach() for t in self._floats(model)]
+        if weight > 0:
+            torch._foreach_lerp_(self.slow, fast, weight)
+        torch._foreach_copy_(fast, self.slow)
+
+    def state_dict(self) -> dict:
+        return {"slow": list(self.slow), "every": self.every, "base_decay": self.base_decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        torch._foreach_copy_(self.slow, list(state["slow"]))
+        self.every, self.base_decay = int(state["every"]), float(state["base_decay"])

@@ -71,14 +71,45 @@ class Predictions:
             return cls(f["probs"].astype(np.float32), f["labels"], f["wrong_images"], f["wrong_index"])
 
 
+def _view_logits(model: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
+    """Mean float logits over `views`. Each output is copied (or added) before the next forward: under CUDA
+    graphs a compiled model reuses its output buffer, and `.float()` makes no copy of fp32 logits."""
+    total = model(views[0]).float().clone()
+    for view in views[1:]:
+        total += model(view).float()
+    return total / len(views)
+
+
+def tta_logits(model: nn.Module, inputs: torch.Tensor, flip: bool = True, translate: int = 0) -> torch.Tensor:
+    """Test-time augmentation: the mean logits of each image and of its mirror (`flip`); with `translate`
+    pixels also of two copies shifted by that much (reflect padding: up-left and down-right, each with its
+    mirror when `flip`), weighted 1/2 for the unshifted views and 1/2 for the shifted ones (airbench's
+    level-2 TTA)."""
+    def views(x: torch.Tensor) -> list[torch.Tensor]:
+        return [x, x.flip(-1)] if flip else [x]
+
+    logits = _view_logits(model, views(inputs))
+    if not translate:
+        return logits
+    t, (h, w) = translate, inputs.shape[-2:]
+    padded = nn.functional.pad(inputs, (t, t, t, t), mode="reflect")
+    shifted = [padded[..., :h, :w], padded[..., 2 * t:2 * t + h, 2 * t:2 * t + w]]
+    channels_last = inputs.is_contiguous(memory_format=torch.channels_last) and not inputs.is_contiguous()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format  # keep the input's layout
+    shifted = [x.contiguous(memory_format=memory_format) for x in shifted]
+    return (logits + _view_logits(model, [v for x in shifted for v in views(x)])) / 2
+
+
 def flip_tta_logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """Flip test-time augmentation: the mean of the float logits of each image and of its mirror."""
-    return (model(inputs).float() + model(inputs.flip(-1)).float()) / 2
+    return tta_logits(model, inputs, flip=True)
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Any, normalize: Any, autocast: Any, tta: bool = False) -> Predictions:
-    """Class probabilities for every test image (eval mode), keeping the first misclassified images.
+def predict(model: nn.Module, loader: Any, normalize: Any, autocast: Any, tta: bool = False,
+            translate: int = 0) -> Predictions:
+    """Class probabilities for every test image (eval mode), keeping the first misclassified images
+    (`tta`, `translate`: the views of `tta_logits`).
     Reads results back every batch: meant for a final pass, not for the timed training loop."""
     model.eval()
     probs, labels, wrong_images, wrong_index, seen, kept = [], [], [], [], 0, 0
@@ -86,7 +117,7 @@ def predict(model: nn.Module, loader: Any, normalize: Any, autocast: Any, tta: b
         for images, targets in batches:
             inputs = normalize(images)
             with autocast():
-                logits = flip_tta_logits(model, inputs) if tta else model(inputs).float()
+                logits = tta_logits(model, inputs, tta, translate) if tta or translate else model(inputs).float()
             p = torch.softmax(logits, dim=1).cpu()
             # a copy: on a CPU `.cpu()` is a view of FFCV's batch buffer, which later batches overwrite
             y = targets.to("cpu", copy=True)
@@ -116,7 +147,7 @@ def load_checkpoint(path: str | Path) -> tuple[CustomResNet, Config, dict]:
 
 
 def evaluate_checkpoint(path: str | Path, tta: bool = False, data_dir: str | None = None, device: str = "auto",
-                        batch_size: int = 1000, num_workers: int = 0) -> Predictions:
+                        batch_size: int = 1000, num_workers: int = 0, translate: int = 0) -> Predictions:
     from fastcifar.training import Amp, resolve_device, resolve_precision
 
     model, cfg, _ = load_checkpoint(path)
@@ -128,7 +159,7 @@ def evaluate_checkpoint(path: str | Path, tta: bool = False, data_dir: str | Non
     loader = make_loader(directory / "test.beton", batch_size, num_workers, dev, train=False,
                          subset=cfg.data.test_subset)
     normalize = BatchAugment(AugmentSettings(), dev, 0, amp.dtype, cfg.run.channels_last).test
-    return predict(model, loader, normalize, amp.autocast, tta)
+    return predict(model, loader, normalize, amp.autocast, tta, translate)
 
 
 def format_report(preds: Predictions, classes: tuple[str, ...] = CLASSES) -> str:
@@ -140,10 +171,11 @@ def format_report(preds: Predictions, classes: tuple[str, ...] = CLASSES) -> str
 
 
 def report_dict(preds: Predictions, checkpoint: str | Path, tta: bool, command: str,
-                classes: tuple[str, ...] = CLASSES) -> dict[str, Any]:
+                classes: tuple[str, ...] = CLASSES, translate: int = 0) -> dict[str, Any]:
     """The numbers of one evaluation with the command that produced them, for `--save`."""
     per_class = preds.per_class_accuracy(len(classes))
-    return {"checkpoint": str(checkpoint), "tta": tta, "test_acc": preds.accuracy, "test_loss": preds.loss,
+    return {"checkpoint": str(checkpoint), "tta": tta, "translate": translate, "test_acc": preds.accuracy,
+            "test_loss": preds.loss,
             "images": len(preds.labels), "per_class_acc": dict(zip(classes, per_class.tolist(), strict=True)),
             "command": command}
 
@@ -167,11 +199,14 @@ def read_tta_accuracy(path: str | Path) -> float | None:
 def _evaluate_and_report(args: argparse.Namespace, argv: list[str]) -> None:
     if args.save:  # checked first: an evaluation takes minutes on a CPU
         require_output_folder(args.save, "--save")
-    preds = evaluate_checkpoint(args.checkpoint, args.tta, args.data_dir, args.device, args.batch_size)
+    if args.batch_size < 1 or not 0 <= args.translate <= 4:
+        raise ConfigError("--batch-size must be >= 1 and --translate in [0, 4]")
+    preds = evaluate_checkpoint(args.checkpoint, args.tta, args.data_dir, args.device, args.batch_size,
+                                translate=args.translate)
     print(format_report(preds))
     if args.save:
         command = shlex.join(["python", "-m", "fastcifar.evaluate", *argv])
-        write_json(Path(args.save), report_dict(preds, args.checkpoint, args.tta, command))
+        write_json(Path(args.save), report_dict(preds, args.checkpoint, args.tta, command, translate=args.translate))
         print(f"saved {args.save}")
 
 
@@ -179,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastcifar.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a model.pt written by fastcifar.train")
     parser.add_argument("--tta", action="store_true", help="average logits with the horizontally flipped image")
+    parser.add_argument("--translate", type=int, default=0, metavar="PX",
+                        help="also average over copies shifted by PX pixels (see data.test_translate; default 0)")
     parser.add_argument("--data-dir", help="where test.beton is (default: the one the model was trained with)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=1000)

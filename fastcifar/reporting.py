@@ -33,7 +33,9 @@ FILES = ("curves.png", "lr_schedule.png", "misclassified.png", "confusion.png", 
 def test_method(cfg: Config) -> str:
     """How a run's test numbers are measured when not plainly ("flip TTA", "EMA weights", both, or ""): every
     printed test accuracy says so, since these change the number without changing training."""
-    return ", ".join((["flip TTA"] if cfg.data.test_flip else []) + (["EMA weights"] if cfg.optim.ema_decay else []))
+    shift = [f"+-{cfg.data.test_translate} px translation TTA"] if cfg.data.test_translate else []
+    return ", ".join((["flip TTA"] if cfg.data.test_flip else []) + shift
+                     + (["EMA weights"] if cfg.optim.ema_decay else []))
 
 
 def loss_name(cfg: Config) -> str:

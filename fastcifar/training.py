@@ -42,7 +42,7 @@ from fastcifar.checkpoint import (
     set_rng_states,
 )
 from fastcifar.config import Config, ConfigError, DataConfig, add_config_arguments, config_from_args
-from fastcifar.custom_resnet import CustomResNet, count_parameters, summary, whiten_init
+from fastcifar.custom_resnet import CustomResNet, count_parameters, freeze_prep_conv, summary, whiten_init
 from fastcifar.data import Loaders, epoch, make_loader, make_loaders
 from fastcifar.distributed import (
     AgreedStop,
@@ -57,10 +57,11 @@ from fastcifar.distributed import (
 )
 from fastcifar.distributed import start as start_group
 from fastcifar.distributed import stop as stop_group
-from fastcifar.ema import WeightEMA
+from fastcifar.ema import Lookahead, WeightEMA
 from fastcifar.errors import FastCifarError, run_cli
-from fastcifar.evaluation import Predictions, flip_tta_logits, predict
+from fastcifar.evaluation import Predictions, predict, tta_logits
 from fastcifar.interrupt import StopSignals, TrainingInterrupted
+from fastcifar.muon import MuonSGD
 from fastcifar.schedule import make_scheduler, one_cycle_lr
 
 PROGRESS_EVERY = 10  # steps between progress-bar updates (each one is a host-device sync on a GPU)
@@ -211,13 +212,15 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, aug
 def train_one_epoch(model: nn.Module, loader: Any, augment: BatchAugment, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, amp: Amp,
                     desc: str = "train", progress: bool | None = None, start: EpochProgress | None = None,
-                    stop: Callable[[], bool] | None = None, ema: WeightEMA | None = None) -> PassStats:
+                    stop: Callable[[], bool] | None = None, ema: WeightEMA | None = None,
+                    lookahead: Lookahead | None = None, total_steps: int = 0) -> PassStats:
     """One pass over `loader` with SGD steps; returns mean loss/accuracy over the epoch's batches.
 
     `start` continues an epoch interrupted after `start.step` steps: the loader replays the same order and
     those batches are skipped. When `stop()` becomes true the epoch ends after the current step
     (`finished` False, `progress` saying how far it got). A NaN/inf loss raises NonFiniteLoss. `ema`, when
-    given, is updated after every step (from the plain module: `ema` must not hold a compiled/DDP wrapper).
+    given, is updated after every step (from the plain module: `ema` must not hold a compiled/DDP wrapper);
+    `lookahead` likewise, counting the scheduler's steps out of the run's `total_steps`.
     """
     model.train()
     start = start or EpochProgress()
@@ -234,10 +237,12 @@ def train_one_epoch(model: nn.Module, loader: Any, augment: BatchAugment, optimi
                 lrs[step] = scheduler.get_last_lr()[0]
                 scale = amp.scaler.get_scale() if amp.scaler.is_enabled() else 0.0  # fp16 only (steps sync anyway)
                 loss, logits = train_step(model, images, labels, augment, optimizer, loss_fn, amp)
-                if ema is not None:
-                    ema.update(_plain(model))
                 totals.skipped += int(amp.scaler.is_enabled() and amp.scaler.get_scale() < scale)
                 scheduler.step()
+                if lookahead is not None:
+                    lookahead.step(_plain(model), scheduler.last_epoch, total_steps)
+                if ema is not None:
+                    ema.update(_plain(model))
                 totals.add(loss, logits, labels)
                 if step % check_every == 0 or step == len(loader):
                     _check_finite(totals, lrs, len(loader))
@@ -268,9 +273,9 @@ def _check_finite(totals: _Totals, lrs: dict[int, float], steps: int) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, normalize: Callable[[torch.Tensor], torch.Tensor], loss_fn: nn.Module,
-             amp: Amp, stop: Callable[[], bool] | None = None, tta: bool = False) -> PassStats:
-    """Mean loss and accuracy of `model` on `loader` (eval mode, no augmentation; `tta`: the logits are the
-    mean of each image's and its mirror's). Raises StopRequested as soon as `stop()` is true."""
+             amp: Amp, stop: Callable[[], bool] | None = None, tta: bool = False, translate: int = 0) -> PassStats:
+    """Mean loss and accuracy of `model` on `loader` (eval mode, no augmentation; `tta`, `translate`: the
+    test-time views of `evaluation.tta_logits`). Raises StopRequested as soon as `stop()` is true."""
     model.eval()
     totals = _Totals(amp.device)
     start = time.perf_counter()
@@ -280,7 +285,7 @@ def evaluate(model: nn.Module, loader: Any, normalize: Callable[[torch.Tensor], 
                 raise StopRequested
             with amp.autocast():
                 inputs = normalize(images)
-                logits = flip_tta_logits(model, inputs) if tta else model(inputs)
+                logits = tta_logits(model, inputs, tta, translate) if tta or translate else model(inputs)
                 totals.add(loss_fn(logits, labels), logits, labels)
     _sync(amp.device)
     loss_avg, acc = totals.read()
@@ -354,21 +359,35 @@ class TrainResult:
         return Predictions.load(self.run_dir / "predictions.npz")
 
 
-def parameter_groups(model: nn.Module, bn_lr_scale: float, bn_weight_decay: bool, weight_decay: float) -> list[dict]:
-    """One group for everything, or (when the BatchNorm parameters get another LR or no weight decay) a
-    second group for BatchNorm weights and biases with its "lr_scale" (read by the LR scheduler)."""
-    if bn_lr_scale == 1.0 and bn_weight_decay:
-        return [{"params": list(model.parameters())}]  # one group: checkpoints stay loadable across versions
-    bn = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+def parameter_groups(model: nn.Module, bn_lr_scale: float, bn_weight_decay: bool, weight_decay: float,
+                     bn_wd_scale: float = 1.0, muon: dict | None = None) -> list[dict]:
+    """One group for everything, or (when the BatchNorm parameters get another LR or weight decay) a second
+    group for BatchNorm weights and biases with its "lr_scale" (read by the LR scheduler). `muon` (the extra
+    keys of a Muon group: lr_scale, momentum) moves the conv filters into a group of their own, first."""
     params = list(model.parameters())
-    return [{"params": [p for p in params if id(p) not in bn]},
-            {"params": [p for p in params if id(p) in bn], "lr_scale": bn_lr_scale,
-             "weight_decay": weight_decay if bn_weight_decay else 0.0}]
+    groups = []
+    if muon is not None:
+        filters = {id(m.weight) for m in model.modules() if isinstance(m, nn.Conv2d) and m.weight.requires_grad}
+        groups.append({"params": [p for p in params if id(p) in filters], "muon": True, "weight_decay": 0.0, **muon})
+        params = [p for p in params if id(p) not in filters]
+    bn_decay = weight_decay * bn_wd_scale if bn_weight_decay else 0.0
+    if bn_lr_scale == 1.0 and bn_decay == weight_decay:
+        return groups + [{"params": params}]  # one group: checkpoints stay loadable across versions
+    bn = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+    return groups + [{"params": [p for p in params if id(p) not in bn]},
+                     {"params": [p for p in params if id(p) in bn], "lr_scale": bn_lr_scale, "weight_decay": bn_decay}]
 
 
-def _make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
+def _make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
     o = cfg.optim
-    groups = parameter_groups(model, o.bn_lr_scale, o.bn_weight_decay, o.weight_decay)
+    if o.optimizer == "muon":
+        muon = {"lr_scale": o.muon_lr / cfg.schedule.max_lr, "momentum": o.muon_momentum, "nesterov": True}
+        groups = parameter_groups(model, o.bn_lr_scale, o.bn_weight_decay, o.weight_decay, o.bn_wd_scale, muon)
+        # Newton-Schulz in bf16 on a GPU (as airbench and torch.optim.Muon do); fp32 on a CPU, where bf16
+        # matmuls are slow without bf16 units and the iteration is ~2% of a step anyway.
+        return MuonSGD(groups, lr=cfg.schedule.max_lr, momentum=o.momentum, nesterov=o.nesterov,
+                       weight_decay=o.weight_decay, ns_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    groups = parameter_groups(model, o.bn_lr_scale, o.bn_weight_decay, o.weight_decay, o.bn_wd_scale)
     return torch.optim.SGD(groups, lr=cfg.schedule.max_lr, momentum=o.momentum, nesterov=o.nesterov,
                            weight_decay=o.weight_decay)
 
@@ -410,6 +429,7 @@ class Session:
     batch_size: int = 0  # per rank (the global batch / world size)
     ema: WeightEMA | None = None  # optim.ema_decay > 0: the averaged weights that the test passes use
     eval_forward: nn.Module | None = None  # what the test passes call (the EMA copy, compiled when enabled)
+    lookahead: Lookahead | None = None  # optim.lookahead_every > 0
 
     @property
     def tested(self) -> nn.Module:
@@ -448,6 +468,8 @@ class Session:
             count = min(loaders.train_size, WHITEN_IMAGES)
             log(f"whitening init: {_whiten_init(model, cfg, device, count)} prep filters set from the 3x3 patches "
                 f"of {count:,} training images")
+        if cfg.model.whiten_frozen:
+            freeze_prep_conv(model)  # also on resume: the optimizer's groups depend on it
         if cfg.run.sync_bn and dist.enabled:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(device=device, memory_format=_memory_format(cfg))
@@ -468,9 +490,11 @@ class Session:
             rundir.record_environment(run_dir / "env.json", env, resumed=resume)
         ema = WeightEMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         eval_forward = forward if ema is None else torch.compile(ema.module, mode=mode) if compiled else ema.module
-        return cls(cfg, device, amp, loaders, run_dir, env, model, forward, compiled, _make_optimizer(model, cfg),
+        lookahead = Lookahead(model, cfg.optim.lookahead_every) if cfg.optim.lookahead_every else None
+        return cls(cfg, device, amp, loaders, run_dir, env, model, forward, compiled,
+                   _make_optimizer(model, cfg, device),
                    nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing), augment, dist, local_batch,
-                   ema, eval_forward)
+                   ema, eval_forward, lookahead)
 
     def warm_up(self) -> float:
         """Compile (if enabled) on every batch shape of the run; returns seconds spent (0 when eager)."""
@@ -602,16 +626,19 @@ def _train_epoch(session: Session, scheduler: torch.optim.lr_scheduler.LRSchedul
     try:
         tr = train_one_epoch(session.forward, loader, session.augment, session.optimizer, scheduler,
                              session.loss_fn, session.amp, f"epoch {ep}/{s.epochs}",
-                             progress_enabled(session.cfg.run.progress), start, stop, session.ema)
+                             progress_enabled(session.cfg.run.progress), start, stop, session.ema,
+                             session.lookahead, s.epochs * len(loader))
     except NonFiniteLoss as err:
         kept = f"the last checkpoint ({ckpt.path}) is intact" if ckpt.path.exists() else "no checkpoint was written"
         raise NonFiniteLoss(f"training diverged in epoch {ep}: {err}; {kept}. Lower --max-lr (see python -m "
                             f"fastcifar.find_lr), use --precision fp32, or add --model.logit_scale 0.125") from None
     if not tr.finished or stop():
         ckpt.interrupt(stop, ep - 1, tr.progress)
+    if session.lookahead is not None and ep == s.epochs:
+        session.lookahead.finish(session.model)  # the slow weights are the run's result (idempotent on resume)
     try:
         te = evaluate(session.eval_forward, session.loaders.test, session.augment.test, session.loss_fn, session.amp,
-                      stop, session.cfg.data.test_flip)
+                      stop, session.cfg.data.test_flip, session.cfg.data.test_translate)
     except StopRequested:
         ckpt.interrupt(stop, ep - 1, tr.progress)  # training part done: resume redoes only the test pass
     skipped = int(all_sum([tr.progress.skipped], session.dist, session.device)[0])
@@ -653,7 +680,8 @@ class Checkpointer:
             save_training_state(self.path, cfg=s.cfg, model=s.model, optimizer=s.optimizer, scheduler=self.scheduler,
                                 scaler=s.amp.scaler, augment_generator=s.augment.generator, epochs_done=epochs_done,
                                 progress=progress, metrics=self.metrics, compile_seconds=self.compile_seconds,
-                                ranks=ranks, ema=s.ema.state_dict() if s.ema is not None else None)
+                                ranks=ranks, ema=s.ema.state_dict() if s.ema is not None else None,
+                                lookahead=s.lookahead.state_dict() if s.lookahead is not None else None)
 
     def end_of_epoch(self, ep: int, test_acc: float) -> None:
         every, epochs = self.session.cfg.run.checkpoint_every, self.session.cfg.schedule.epochs
@@ -684,6 +712,8 @@ def _restore(session: Session, scheduler: torch.optim.lr_scheduler.LRScheduler,
     session.amp.scaler.load_state_dict(state["scaler"])
     if session.ema is not None:
         session.ema.load_state_dict(state["ema"])
+    if session.lookahead is not None:
+        session.lookahead.load_state_dict(state["lookahead"])
     world = state.get("world_size", 1)
     if world != session.dist.world_size:
         raise ConfigError(f"the run was saved with {world} rank(s); resume it with {world}, "
@@ -716,7 +746,8 @@ def _finish(session: Session, metrics: list[dict], compile_seconds: float,
     test = session.loaders.test if not dist.enabled else make_loader(
         Path(cfg.data.data_dir) / "test.beton", cfg.data.test_batch_size, cfg.data.num_workers, session.device,
         train=False, subset=cfg.data.test_subset)
-    predict(session.eval_forward, test, session.augment.test, session.amp.autocast, cfg.data.test_flip).save(
+    predict(session.eval_forward, test, session.augment.test, session.amp.autocast, cfg.data.test_flip,
+            cfg.data.test_translate).save(
         run_dir / "predictions.npz")
     rundir.write_json(run_dir / "results.json", result)
     reporting.write_report(run_dir)

@@ -75,7 +75,9 @@ def tiny_run(synthetic: dict, tmp_path_factory: pytest.TempPathFactory) -> Train
 LEVERS = {"optim.ema_decay": 0.9, "data.flip_mode": "alternate", "data.test_flip": True, "optim.bn_lr_scale": 4.0,
           "optim.bn_weight_decay": False, "model.whiten_init": True, "model.bn_momentum": 0.3,
           "model.logit_scale": 0.5, "optim.nesterov": True, "optim.label_smoothing": 0.1, "data.pad_mode": "reflect",
-          "schedule.end_lr": 0.0}
+          "schedule.end_lr": 0.0, "model.whiten_frozen": True, "model.bn_weight_frozen": True,
+          "model.dirac_init": True, "optim.lookahead_every": 2, "data.test_translate": 1, "optim.optimizer": "muon",
+          "optim.muon_lr": 0.1, "optim.bn_wd_scale": 0.5}
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,15 @@ import pytest
 import torch
 
 from fastcifar.config import ModelConfig
-from fastcifar.custom_resnet import CustomResNet, count_parameters, summary, whiten_init, whitening_filters
+from fastcifar.custom_resnet import (
+    CustomResNet,
+    count_parameters,
+    dirac_init,
+    freeze_prep_conv,
+    summary,
+    whiten_init,
+    whitening_filters,
+)
 
 TINY = ModelConfig(widths=(4, 8, 16, 32))
 
@@ -95,3 +103,30 @@ def test_whiten_init_sets_plus_minus_pairs_and_keeps_the_rest(widths, expected):
     assert torch.equal(weight[:k], -weight[k:expected])
     assert torch.equal(weight[expected:], before[expected:]) and not torch.equal(weight[:k], before[:k])
     assert torch.isfinite(weight).all()
+
+
+def test_dirac_init_makes_the_residual_convs_identities_and_leaves_prep_alone():
+    torch.manual_seed(0)
+    plain = CustomResNet(TINY)
+    torch.manual_seed(0)
+    model = CustomResNet(TINY.__class__(widths=TINY.widths, dirac_init=True))
+    assert torch.equal(model.prep[0].weight, plain.prep[0].weight)
+    x = torch.randn(2, 8, 16, 16)
+    conv = model.layer1.res.conv1[0]
+    assert torch.allclose(conv(x), x, atol=1e-6)  # 8 -> 8 channels: the whole conv is the identity
+    widening = model.layer1.conv[0]  # 4 -> 8: the first 4 outputs copy the inputs, the others stay random
+    y = torch.randn(2, 4, 16, 16)
+    assert torch.allclose(widening(y)[:, :4], y, atol=1e-6)
+    assert torch.equal(widening.weight[4:], plain.layer1.conv[0].weight[4:])
+    assert dirac_init(model) == 7  # every conv but prep's
+
+
+def test_frozen_bn_scales_and_prep_conv_keep_the_parameter_count_but_get_no_gradient():
+    model = CustomResNet(ModelConfig(bn_weight_frozen=True))
+    freeze_prep_conv(model)
+    assert count_parameters(model) == 6_573_120
+    frozen_bn = 64 + 3 * 128 + 256 + 3 * 512
+    assert count_parameters(model, trainable_only=True) == 6_573_120 - frozen_bn - 1_728
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert model.prep[0].weight.grad is None and model.prep[1].weight.grad is None
+    assert model.prep[1].bias.grad is not None and model.layer1.conv[0].weight.grad is not None

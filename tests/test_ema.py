@@ -6,7 +6,7 @@ from torch import nn
 
 from fastcifar.config import ModelConfig
 from fastcifar.custom_resnet import CustomResNet
-from fastcifar.ema import WeightEMA
+from fastcifar.ema import Lookahead, WeightEMA
 
 
 def tiny_net() -> nn.Module:
@@ -71,3 +71,35 @@ def test_state_round_trip_and_loads_into_a_fresh_network():
 def test_invalid_decay_is_refused(decay):
     with pytest.raises(ValueError, match="decay"):
         WeightEMA(tiny_net(), decay)
+
+
+def test_lookahead_pulls_back_every_k_steps_with_a_growing_weight_and_finishes_on_the_slow_weights():
+    net = tiny_net()
+    look = Lookahead(net, every=5, base_decay=0.8)
+    assert look.decay(0.0) == 0.0 and look.decay(0.5) == pytest.approx(0.1) and look.decay(1.0) == pytest.approx(0.8)
+    slow = net[0].weight.detach().clone()
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+        net[1].running_mean.add_(2.0)
+    look.step(net, 4, 10)  # not a multiple of 5: nothing happens
+    assert torch.equal(net[0].weight, slow + 1)
+    look.step(net, 5, 10)  # decay 0.8 * 0.5**3 = 0.1: slow moves 90% of the way, the weights jump back to it
+    moved = slow + 0.9
+    assert torch.allclose(net[0].weight, moved) and torch.allclose(look.slow[0], moved)
+    assert torch.allclose(net[1].running_mean, torch.full((4,), 1.8))  # statistics too
+    with torch.no_grad():
+        net[0].weight.add_(5.0)
+    look.finish(net)
+    assert torch.allclose(net[0].weight, moved)
+    assert int(net[1].num_batches_tracked) == 0  # integer counters untouched
+
+
+def test_lookahead_state_round_trips():
+    net = tiny_net()
+    look = Lookahead(net, every=2)
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    look.step(net, 2, 2)
+    other = Lookahead(tiny_net(), every=3)
+    other.load_state_dict(look.state_dict())
+    assert other.every == 2 and all(torch.equal(a, b) for a, b in zip(other.slow, look.slow, strict=True))

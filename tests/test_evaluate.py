@@ -117,3 +117,45 @@ def test_prediction_statistics_on_hand_made_arrays():
     assert preds.accuracy == 0.75
     np.testing.assert_array_equal(preds.confusion(3), [[1, 0, 0], [0, 1, 1], [0, 0, 1]])
     np.testing.assert_allclose(preds.per_class_accuracy(3), [1, 0.5, 1])
+
+
+class _Linear(torch.nn.Module):
+    """A position-dependent linear model: every view of the TTA gives different logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.randn(10, 3 * 32 * 32, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, x):
+        return x.flatten(1) @ self.weight.T
+
+
+class _ReusesItsOutput(_Linear):
+    """Returns the same buffer on every call, as a model under CUDA graphs does."""
+
+    def forward(self, x):
+        if not hasattr(self, "out"):
+            self.out = torch.empty(len(x), 10)
+        return self.out.copy_(super().forward(x))
+
+
+@pytest.mark.parametrize("flip", [True, False])
+@pytest.mark.parametrize("translate", [0, 1, 2])
+def test_tta_views_are_the_mirror_and_the_reflect_shifted_copies(flip, translate):
+    from fastcifar.evaluation import tta_logits
+
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    model = _Linear()
+
+    def views(v):
+        return [model(v), model(v.flip(-1))] if flip else [model(v)]
+
+    expected = torch.stack(views(x)).mean(0)
+    if translate:
+        padded = torch.nn.functional.pad(x, (translate,) * 4, mode="reflect")
+        t2 = 2 * translate
+        shifted = [padded[..., :32, :32], padded[..., t2:t2 + 32, t2:t2 + 32]]
+        expected = (expected + torch.stack([o for s in shifted for o in views(s)]).mean(0)) / 2
+    assert torch.allclose(tta_logits(model, x, flip, translate), expected, atol=1e-4)
+    # a model that hands back one buffer for every forward (CUDA graphs) gets the same answer
+    assert torch.allclose(tta_logits(_ReusesItsOutput(), x, flip, translate), expected, atol=1e-4)

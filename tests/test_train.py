@@ -128,7 +128,8 @@ def test_a_run_with_every_lever_learns_and_reports_the_ema_weights_with_flip_tta
     assert all(torch.equal(saved[k], v.cpu()) for k, v in lever_run.model.state_dict().items())  # as the API
     # the reported accuracy is that of the averaged weights with flip TTA (same batches as in training)
     preds = evaluate_checkpoint(lever_run.run_dir / "model.pt", tta=True, data_dir=synthetic["data_dir"],
-                                batch_size=TINY["data.test_batch_size"], num_workers=1)
+                                batch_size=TINY["data.test_batch_size"], num_workers=1,
+                                translate=LEVERS["data.test_translate"])
     assert preds.accuracy == lever_run.metrics[-1]["test_acc"]
     without = evaluate_checkpoint(lever_run.run_dir / "model.pt", data_dir=synthetic["data_dir"], num_workers=1)
     assert without.probs.shape == preds.probs.shape and not (without.probs == preds.probs).all()
@@ -150,13 +151,27 @@ def one_epoch_run(synthetic, tmp_path_factory):
     return train(tiny_config(synthetic, tmp_path_factory.mktemp("one"), **ONE_EPOCH), log=lambda _: None)
 
 
-@pytest.mark.parametrize("lever", ["optim.ema_decay", "data.flip_mode", "data.test_flip", "optim.bn_lr_scale",
-                                   "optim.bn_weight_decay", "model.whiten_init", "model.bn_momentum"])
-def test_each_lever_reaches_the_run(lever, one_epoch_run, synthetic, tmp_path):
+# Each lever alone, against a run without it (the baseline: one_epoch_run, or the given overrides).
+_ALONE = ["optim.ema_decay", "data.flip_mode", "data.test_flip", "optim.bn_lr_scale", "optim.bn_weight_decay",
+          "model.whiten_init", "model.bn_momentum", "model.bn_weight_frozen", "model.dirac_init",
+          "optim.lookahead_every", "data.test_translate", "optim.optimizer"]
+_WITH_BASE = [({"model.whiten_init": True, "model.whiten_frozen": True}, {"model.whiten_init": True}),
+              ({"optim.bn_lr_scale": 4.0, "optim.bn_wd_scale": 0.5}, {"optim.bn_lr_scale": 4.0}),
+              ({"optim.optimizer": "muon", "optim.muon_lr": 0.1}, {"optim.optimizer": "muon"})]
+
+
+@pytest.mark.parametrize(("lever", "base"), [({k: LEVERS[k]}, None) for k in _ALONE] + _WITH_BASE,
+                         ids=_ALONE + ["whiten_frozen", "bn_wd_scale", "muon_lr"])
+def test_each_lever_reaches_the_run(lever, base, one_epoch_run, synthetic, tmp_path):
     """Same seed, one lever changed: the numbers change (training, or the test pass for the test-time levers)."""
-    run = train(tiny_config(synthetic, tmp_path, **ONE_EPOCH, **{lever: LEVERS[lever]}), log=lambda _: None)
+    run = train(tiny_config(synthetic, tmp_path, **ONE_EPOCH, **lever), log=lambda _: None)
+    if base is None:
+        reference = one_epoch_run
+    else:
+        reference = train(tiny_config(synthetic, tmp_path, **ONE_EPOCH, **base, **{"run.name": "base"}),
+                          log=lambda _: None)
     keys = ("train_loss", "test_loss")
-    assert [run.metrics[0][k] for k in keys] != [one_epoch_run.metrics[0][k] for k in keys]
+    assert [run.metrics[0][k] for k in keys] != [reference.metrics[0][k] for k in keys]
 
 
 def test_batch_norm_parameters_get_their_own_lr_scale_and_no_weight_decay():
