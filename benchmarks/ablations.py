@@ -32,7 +32,7 @@ from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.evaluation import evaluate_checkpoint, read_tta_accuracy, report_dict
 from fastcifar.multiseed import RERUN_HINT, parse_seeds, run_seeds, summarise
 from fastcifar.rundir import device_name, write_json
-from fastcifar.training import resolve_device, resolve_precision
+from fastcifar.runtime import resolve_device, resolve_precision
 
 
 def markers(out_dir: str) -> tuple[str, str]:

@@ -1,4 +1,4 @@
-"""Three ways to feed augmented CIFAR-10 training batches to a model, measured in images/s (no model).
+"""Four ways to feed augmented CIFAR-10 training batches to a model, measured in images/s (no model).
 
 Each path delivers what a training step consumes: normalised float32 batches [N, 3, 32, 32] on the
 device, after pad-4 random crop, horizontal flip and one 8x8 cutout per image.
@@ -10,6 +10,9 @@ device, after pad-4 random crop, horizontal flip and one 8x8 cutout per image.
   c. ours    fastcifar: FFCV only decodes uint8 and moves it to the device; fastcifar.augment crops,
              flips, cuts out and normalises whole batches there. With fastcifar's default decode
              threads (auto: 1 on a CPU); a and b use --workers.
+  d. resident fastcifar's resident loader: the whole training set on the device as one uint8 tensor,
+             a device permutation per epoch, batches gathered from it, then the same batch augmentation
+             as c. No FFCV, no worker threads.
 """
 
 from __future__ import annotations
@@ -23,11 +26,11 @@ import numpy as np
 import torch
 
 from fastcifar.augment import CIFAR10_MEAN, CIFAR10_STD, AugmentSettings, BatchAugment
-from fastcifar.data import epoch, make_loader
+from fastcifar.data import ffcv_augmenting_loader, make_loader, make_resident_loader
 
 MEAN = np.array(CIFAR10_MEAN, np.float32)
 STD = np.array(CIFAR10_STD, np.float32)
-PATHS = ("torch", "ffcv", "ours")
+PATHS = ("torch", "ffcv", "ours", "resident")
 
 
 class AugmentedCifar(torch.utils.data.Dataset):
@@ -59,30 +62,6 @@ def torch_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, worker
     return torch.utils.data.DataLoader(AugmentedCifar(images, labels, train), batch_size=batch_size, shuffle=train,
                                        num_workers=workers, pin_memory=device.type == "cuda",
                                        persistent_workers=workers > 0)
-
-
-def ffcv_loader(path: Path, batch_size: int, workers: int, device: torch.device) -> object:
-    """FFCV with its own per-image augmentation ops (the way FFCV's CIFAR example does it)."""
-    from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import (
-        Cutout,
-        NormalizeImage,
-        RandomHorizontalFlip,
-        RandomTranslate,
-        Squeeze,
-        ToDevice,
-        ToTensor,
-        ToTorchImage,
-    )
-
-    fill = tuple(int(round(m * 255)) for m in CIFAR10_MEAN)
-    image = [SimpleRGBImageDecoder(), RandomHorizontalFlip(), RandomTranslate(padding=4, fill=fill),
-             Cutout(8, fill), NormalizeImage(MEAN * 255, STD * 255, np.float32), ToTensor(),
-             ToDevice(device, non_blocking=True), ToTorchImage()]
-    return Loader(str(path), batch_size=batch_size, num_workers=workers, order=OrderOption.RANDOM, seed=0,
-                  pipelines={"image": image, "label": [IntDecoder(), ToTensor(), ToDevice(device), Squeeze(1)]})
 
 
 @dataclass
@@ -121,20 +100,24 @@ def measure_path(name: str, data_dir: Path, arrays: tuple[np.ndarray, np.ndarray
             return len(x)
     else:
         if name == "ffcv":
-            loader = ffcv_loader(data_dir / "train.beton", batch_size, workers, device)
+            loader = ffcv_augmenting_loader(data_dir / "train.beton", batch_size, workers, device, CIFAR10_MEAN,
+                                            CIFAR10_STD)
 
             def consume(batch: tuple) -> int:
                 return len(batch[0])
         else:
-            # fastcifar's own default (data.num_workers 0 = auto), not --workers: see fastcifar.data.auto_workers
-            loader = make_loader(data_dir / "train.beton", batch_size, 0, device, train=True)
+            if name == "resident":
+                loader = make_resident_loader(data_dir / "train.npz", batch_size, device, train=True)
+            else:
+                # fastcifar's own default (data.num_workers 0 = auto), not --workers: see fastcifar.data.auto_workers
+                loader = make_loader(data_dir / "train.beton", batch_size, 0, device, train=True)
             augment = BatchAugment(AugmentSettings(), device, 0, torch.float32)
 
             def consume(batch: tuple) -> int:
                 return len(augment.train(batch[0]))
 
         def batches() -> Iterable:
-            with epoch(loader) as it:
+            with loader.epoch() as it:
                 yield from it
 
     _time_epochs(batches, consume, 1, device)  # warm-up epoch

@@ -1,7 +1,8 @@
 """Epoch time end to end: training steps with data loading and augmentation, plus the full test pass.
 
-The usual way (data path a + fp32 eager NCHW model) against fastcifar's default on the device, same
-model, same batch size, same number of steps. Both run `steps` timed training steps from the start of an
+The usual way (data path a + fp32 eager NCHW model) against fastcifar's default on the device with each
+loader kind (FFCV, resident), same model, same batch size, same number of steps (on a GPU: whole
+epochs). Both run `steps` timed training steps from the start of an
 epoch (after an untimed warm-up: loader start-up, JIT, compilation) and one whole test pass, and the
 projected epoch time is train time per step x steps per epoch + test pass. Where the device is the CPU,
 host timers also split the training time into waiting for data, augmentation and the model step.
@@ -21,8 +22,9 @@ from benchmarks.data_paths import torch_loader
 from fastcifar.augment import AugmentSettings, BatchAugment
 from fastcifar.config import ModelConfig
 from fastcifar.custom_resnet import CustomResNet
-from fastcifar.data import epoch, make_loader
-from fastcifar.training import Amp, evaluate, resolve_compile, resolve_precision, train_step, warm_up
+from fastcifar.data import open_split
+from fastcifar.loop import batch_shapes, test_pass, train_step, warm_up
+from fastcifar.runtime import Amp, compile_model, resolve_compile, resolve_precision
 
 
 @dataclass
@@ -109,33 +111,35 @@ def usual_way(arrays: dict[str, tuple[np.ndarray, np.ndarray]], batch_size: int,
 
 
 def fastcifar_default(data_dir: Path, batch_size: int, steps: int, device: torch.device,
-                      widths: tuple[int, int, int, int]) -> EndToEndResult:
+                      widths: tuple[int, int, int, int], kind: str = "ffcv") -> EndToEndResult:
     amp = Amp(device, resolve_precision("auto", device))
     compiled = resolve_compile("auto", device)
     torch.manual_seed(0)
     model = CustomResNet(ModelConfig(widths=widths)).to(device=device, memory_format=torch.channels_last)
-    forward = torch.compile(model) if compiled else model
+    forward = compile_model(model) if compiled else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     loss_fn = nn.CrossEntropyLoss()
-    train = make_loader(data_dir / "train.beton", batch_size, 0, device, train=True)  # 0: fastcifar's auto
-    test = make_loader(data_dir / "test.beton", 1024, 0, device, train=False)
-    steps = min(steps, len(train))
+    # num_workers 0: fastcifar's auto; steps 0: the whole epoch (the default on a GPU, where steps are ms)
+    train = open_split(data_dir, "train", batch_size, device, train=True, kind=kind)
+    test = open_split(data_dir, "test", 1000, device, train=False, kind=kind)
+    steps = min(steps or len(train), len(train))
     augment = _TimedAugment(BatchAugment(AugmentSettings(), device, 0, amp.dtype))
     if compiled:
-        warm_up(forward, optimizer, loss_fn, amp, [batch_size], [1024, len(test.indices) % 1024],
-                torch.channels_last)
+        warm_up(forward, optimizer, loss_fn, amp, batch_shapes(train.images, batch_size),
+                batch_shapes(test.images, 1000), torch.channels_last)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
         train_step(forward, images, labels, augment, optimizer, loss_fn, amp)
 
     model.train()
-    with epoch(train) as batches:  # warm-up: FFCV's JIT compilation, allocations
+    with train.epoch() as batches:  # warm-up: FFCV's JIT compilation, allocations
         _train_steps(batches, min(2, len(train)), step, device)
-    with epoch(test) as batches:  # the test loader's JIT compilation
+    with test.epoch() as batches:  # the test loader's JIT compilation
         next(batches)
     augment.seconds = 0.0
-    with epoch(train) as batches:
+    with train.epoch() as batches:
         train_s, data_s = _train_steps(batches, steps, step, device)
-    test_stats = evaluate(forward, test, augment.inner.test, loss_fn, amp)
-    name = f"fastcifar default ({str(amp.dtype).removeprefix('torch.')}, channels_last, compile={compiled})"
+    test_stats = test_pass(forward, test, normalize=augment.inner.normalize, loss_fn=loss_fn, amp=amp)
+    name = (f"fastcifar default ({str(amp.dtype).removeprefix('torch.')}, channels_last, compile={compiled}, "
+            f"{kind} loader)")
     return EndToEndResult(name, steps, train_s, data_s, augment.seconds, test_stats.seconds, len(train))

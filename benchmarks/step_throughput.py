@@ -3,8 +3,9 @@
     python benchmarks/step_throughput.py [--variants fp32,fp32-cl,default] [--batch-size 512] [--steps 4]
 
 A variant is a precision (fp32 | bf16 | fp16) followed by flags: `cl` (channels_last) and `compile`
-(torch.compile, optionally `compile:MODE`, e.g. `fp32-cl-compile:max-autotune`); `default` is what
-fastcifar picks on the device (run.precision/compile auto, channels_last). Each variant gets a fresh model
+(torch.compile, optionally `compile:MODE`, e.g. `fp32-cl-compile:max-autotune`); `default` is the training step itself
+(fastcifar.loop.train_step with the default preset's augmentation, loss and optimizer, in what fastcifar
+picks on the device: run.precision/compile auto, channels_last). Each variant gets a fresh model
 and SGD, runs `--warmup` untimed steps (compilation happens there and is reported as warm-up time), then
 `--steps` timed steps on a fixed random batch: forward + cross-entropy + backward + SGD step, no data
 loading. On CUDA the timed steps are measured with CUDA events.
@@ -14,13 +15,17 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from fastcifar.config import ModelConfig
+from fastcifar.augment import BatchAugment
+from fastcifar.config import DEFAULT_PRESET, Config, ModelConfig
 from fastcifar.custom_resnet import CustomResNet
-from fastcifar.training import Amp, resolve_compile, resolve_precision
+from fastcifar.loop import train_step
+from fastcifar.runtime import Amp, compile_model, resolve_compile, resolve_precision
+from fastcifar.session import augment_settings, make_optimizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAMES = {v: k for k, v in DTYPES.items()}
@@ -74,20 +79,26 @@ def measure(variant: str, batch_size: int, warmup: int, steps: int, device: torc
     precision, channels_last, compiled, mode = parse_variant(resolved)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     amp = Amp(device, DTYPES[precision])
+    if device.type == "cuda":  # as training sets them
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
     torch.manual_seed(0)
-    model = CustomResNet(ModelConfig(widths=widths)).to(device=device, memory_format=memory_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    forward = torch.compile(model, mode=mode) if compiled else model
-    x = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
-    y = torch.randint(0, 10, (batch_size,), device=device)
+    if variant == "default":
+        step = _training_step(batch_size, device, widths, amp, compiled)
+    else:
+        model = CustomResNet(ModelConfig(widths=widths)).to(device=device, memory_format=memory_format)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        forward = compile_model(model, mode or "default") if compiled else model
+        x = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
+        y = torch.randint(0, 10, (batch_size,), device=device)
 
-    def step() -> None:
-        with amp.autocast():
-            loss = torch.nn.functional.cross_entropy(forward(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        amp.scaler.scale(loss).backward()
-        amp.scaler.step(optimizer)
-        amp.scaler.update()
+        def step() -> None:
+            with amp.autocast():
+                loss = torch.nn.functional.cross_entropy(forward(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            amp.scaler.scale(loss).backward()
+            amp.scaler.step(optimizer)
+            amp.scaler.update()
 
     start, stop = _timer(device)
     begin = time.perf_counter()
@@ -102,6 +113,25 @@ def measure(variant: str, batch_size: int, warmup: int, steps: int, device: torc
     seconds = stop()
     name = f"default ({resolved})" if variant == "default" else variant
     return StepResult(name, warm, steps * batch_size / seconds, seconds / steps)
+
+
+def _training_step(batch_size: int, device: torch.device, widths: tuple[int, int, int, int], amp: Amp,
+                   compiled: bool) -> Callable[[], None]:
+    """The step training runs, as the default preset builds it: a uint8 batch through the fused augmentation,
+    the model (compiled when `compiled`), label-smoothed cross-entropy and the preset's optimizer, via
+    fastcifar.loop.train_step: so that this row and a training run agree."""
+    cfg = Config.from_preset(DEFAULT_PRESET, {"model.widths": ",".join(map(str, widths))})
+    model = CustomResNet(cfg.model).to(device=device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg, device)
+    forward = compile_model(model, cfg.run.compile_mode) if compiled else model
+    augment = BatchAugment(augment_settings(cfg.data), device, 0, amp.dtype)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    images = torch.randint(0, 256, (batch_size, 32, 32, 3), dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
+    labels = torch.randint(0, 10, (batch_size,), device=device)
+
+    def step() -> None:
+        train_step(forward, images, labels, augment, optimizer, loss_fn, amp)
+    return step
 
 
 def main() -> None:

@@ -11,23 +11,28 @@ The Python API; each command-line tool is a thin layer over the same functions:
     fastcifar.evaluate(result.run_dir / "model.pt", tta=True).accuracy
     fastcifar.run_seeds(cfg, seeds=[0, 1, 2]).stats    # the same recipe over several seeds: mean/std/min/max
 
-`train`, `find_lr` and `evaluate` are both functions here and modules (`python -m fastcifar.train`); the
-package attribute is the function. For the module, use `from fastcifar.training import ...` or
-`importlib.import_module("fastcifar.training")` (`import fastcifar.train as m` would give the function).
-Everything is imported eagerly (about 2 s, mostly torch): a lazy import would let the import system rebind
-`fastcifar.train` to the module whenever some other import loads it first.
+`train`, `find_lr` and `evaluate` are both functions here and command modules (`python -m fastcifar.train`);
+the package attribute is always the function, whatever is imported first: loading a submodule makes the
+import system set the package attribute of its name to the module, and this package refuses that one
+rebinding for those three names (the modules stay in `sys.modules`, e.g. `sys.modules["fastcifar.train"]`).
+For the code behind a command, import the module that holds it (`fastcifar.training`, `fastcifar.lr_finder`,
+`fastcifar.evaluation`).
 """
 
+import sys
+import types
 from pathlib import Path
 from typing import Any
 
 from fastcifar.config import PRESETS, Config
 from fastcifar.custom_resnet import CustomResNet, summary
 from fastcifar.data import make_loaders
-from fastcifar.evaluation import Predictions, load_checkpoint
 from fastcifar.evaluation import evaluate_checkpoint as evaluate
+from fastcifar.evaluation import load_checkpoint
+from fastcifar.inference import Predictions
 from fastcifar.lr_finder import find_lr
 from fastcifar.multiseed import SweepResult, run_seeds
+from fastcifar.prepare import prepare as _prepare  # the package attribute `prepare` stays the module
 from fastcifar.reporting import (
     plot_confusion,
     plot_curves,
@@ -43,11 +48,24 @@ evaluate_checkpoint = evaluate
 
 
 def prepare_data(data_dir: str | Path = "data", **options: Any) -> dict:
-    """CIFAR-10 -> data_dir/train.beton and test.beton (data_prep/write_beton.py's `prepare`: archive from
+    """CIFAR-10 -> data_dir/train.beton and test.beton (fastcifar.prepare's `prepare`: archive from
     `archive=` or $FASTCIFAR_CIFAR_ARCHIVE or data_dir, else the md5-checked download); returns the manifest."""
-    from data_prep.write_beton import prepare  # here, not at the top: data_prep imports fastcifar
+    return _prepare(Path(data_dir), **options)
 
-    return prepare(Path(data_dir), **options)
+
+_COMMANDS = ("train", "find_lr", "evaluate")  # API functions that share their name with a command module
+
+
+class _Package(types.ModuleType):
+    """This package's module type: `fastcifar.train` stays the function when fastcifar/train.py is imported."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _COMMANDS and isinstance(value, types.ModuleType):
+            return  # the import system binding the command module: keep the function
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "Config", "PRESETS", "CustomResNet", "summary", "make_loaders", "train", "TrainResult", "find_lr", "evaluate",

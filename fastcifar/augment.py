@@ -172,9 +172,9 @@ class BatchAugment:
         mirror = alternating_mirror(images, self.epoch) if s.flip and s.flip_mode == "alternate" else None
         images = crop_flip_cutout(images, s.crop_padding, s.pad_mode, s.flip, s.cutout_size, self.generator,
                                   self.fill, mirror)
-        return self.test(images)
+        return self.normalize(images)
 
-    def test(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalisation only (the test pass)."""
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalisation only (what the test pass applies to its batches)."""
         out = normalize(images, self.mean, self.std, self.dtype)
         return out.contiguous(memory_format=self.memory_format)

@@ -32,6 +32,7 @@ KIND = "training-state"
 RESUMABLE_CHANGES = {
     "data.data_dir", "data.num_workers", "data.test_batch_size", "run.progress", "run.threads", "run.out_dir",
     "run.name", "run.overwrite", "run.compile", "run.compile_mode", "run.checkpoint_every", "run.dist_timeout_s",
+    "run.device",  # e.g. auto -> cpu; the resolved device type itself must match the checkpoint's (training.train)
 }
 
 
@@ -79,6 +80,7 @@ def save_training_state(path: Path, *, cfg: Config, model: torch.nn.Module, opti
                         scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
                         augment_generator: torch.Generator, epochs_done: int, progress: EpochProgress | None,
                         metrics: list[dict], compile_seconds: float, ranks: list[dict] | None = None,
+                        setup_seconds: float = 0.0, device: str = "",
                         ema: dict | None = None, lookahead: dict | None = None) -> None:
     """`ranks`: every rank's {"rng", "progress"} in a distributed run (each rank resumes its own stream);
     `ema`: the weight average's state (optim.ema_decay > 0); `lookahead`: its slow weights."""
@@ -93,6 +95,8 @@ def save_training_state(path: Path, *, cfg: Config, model: torch.nn.Module, opti
         "progress": progress.to_dict() if progress else None,  # an unfinished epoch epochs_done + 1
         "metrics": metrics,
         "compile_seconds": compile_seconds,
+        "setup_seconds": setup_seconds,
+        "device": device,  # the device type it trained on: its generator states belong there
         "rng": rng_states(augment_generator),
         "world_size": len(ranks) if ranks else 1,
         "ranks": ranks if ranks and len(ranks) > 1 else None,

@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from fastcifar.cli import Parser
 from fastcifar.errors import FastCifarError, require_output_folder, run_cli
 from fastcifar.evaluation import read_tta_accuracy
 from fastcifar.reporting import comparison_markdown, load_history, plot_comparison, run_label, save_figure
@@ -45,7 +46,7 @@ def _print_comparison(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastcifar.compare", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m fastcifar.compare", description=__doc__.split("\n")[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by fastcifar.train")
     parser.add_argument("--out", metavar="PNG", help="also draw the accuracy curves into this image file")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

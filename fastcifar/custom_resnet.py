@@ -139,9 +139,12 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def summary(model: nn.Module, batch_size: int = 1) -> str:
-    """Per-layer output shapes and parameter counts (torchinfo), ending with the total."""
-    from torchinfo import summary as torchinfo_summary  # only needed here; keeps import light
-
+    """Per-layer output shapes and parameter counts, ending with the total: torchinfo's table where torchinfo
+    is installed, else a plain table of the parameters (no shapes)."""
+    try:
+        from torchinfo import summary as torchinfo_summary  # only needed here; keeps import light
+    except ImportError:
+        return plain_summary(model)
     stats = torchinfo_summary(
         model, input_size=(batch_size, 3, 32, 32), verbose=0, device="cpu",
         col_names=("output_size", "num_params"), row_settings=("var_names",),
@@ -149,8 +152,30 @@ def summary(model: nn.Module, batch_size: int = 1) -> str:
     return str(stats)
 
 
-def main() -> None:
-    print(summary(CustomResNet()))
+def plain_summary(model: nn.Module) -> str:
+    """One row per parameter tensor (name, shape, count, trainable), then the totals."""
+    rows = [f"{'parameter':<32} {'shape':<22} {'count':>10}  trainable"]
+    for name, p in model.named_parameters():
+        rows.append(f"{name:<32} {str(tuple(p.shape)):<22} {p.numel():>10,}  {'yes' if p.requires_grad else 'no'}")
+    rows.append(f"Total params: {count_parameters(model):,} (trainable: {count_parameters(model, True):,})")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from fastcifar.cli import Parser
+
+    parser = Parser(prog="python -m fastcifar.custom_resnet",
+                    description="Print the network's layer-by-layer summary (6,573,120 parameters at the spec's "
+                                "widths).")
+    parser.add_argument("--widths", default="64,128,256,512", help="channels of prep, layer1-3 (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        widths = tuple(int(w) for w in args.widths.split(","))
+    except ValueError:
+        parser.error(f"--widths takes 4 integers separated by commas, got {args.widths!r}")
+    if len(widths) != 4 or min(widths) < 1:
+        parser.error(f"--widths takes 4 positive integers, got {args.widths!r}")
+    print(summary(CustomResNet(ModelConfig(widths=widths))))
 
 
 if __name__ == "__main__":

@@ -56,8 +56,10 @@ def start(dist: Dist, device: torch.device, timeout_s: float) -> None:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     try:
+        # device_id binds the NCCL communicator to this rank's GPU at once (no lazy init on first collective)
+        extra = {"device_id": device} if device.type == "cuda" else {}
         torch_dist.init_process_group(backend, rank=dist.rank, world_size=dist.world_size,
-                                      timeout=dt.timedelta(seconds=timeout_s))
+                                      timeout=dt.timedelta(seconds=timeout_s), **extra)
     except (RuntimeError, ValueError, OSError) as err:  # ValueError: missing MASTER_ADDR etc.
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DistributedError(f"cannot start the {backend} process group of {dist.world_size} processes as rank "

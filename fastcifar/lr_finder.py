@@ -22,12 +22,11 @@ Both restore the model and optimizer afterwards: the test never leaves trained w
 
 from __future__ import annotations
 
-import argparse
+import itertools
 import math
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
@@ -35,20 +34,14 @@ from torch import nn
 
 from fastcifar import rundir
 from fastcifar.augment import BatchAugment
-from fastcifar.config import Config, LRFinderConfig, add_config_arguments, config_from_args
-from fastcifar.data import epoch
+from fastcifar.cli import Parser, add_config_arguments, config_from_args
+from fastcifar.config import Config, LRFinderConfig
+from fastcifar.data import BatchLoader
 from fastcifar.errors import FastCifarError, run_cli
+from fastcifar.loop import Trainer, progress_bar, progress_enabled, restore, snapshot, train_one_epoch, train_step
 from fastcifar.reporting import plot_range_test, plot_sweep, save_figure
-from fastcifar.training import (
-    Amp,
-    Session,
-    progress_bar,
-    progress_enabled,
-    restore,
-    snapshot,
-    train_one_epoch,
-    train_step,
-)
+from fastcifar.runtime import Amp
+from fastcifar.session import Session
 
 
 def lr_at(step: int, cfg: LRFinderConfig) -> float:
@@ -63,7 +56,7 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = group["initial_lr"] = lr * group.get("lr_scale", 1.0)  # initial_lr: a new scheduler's start
 
 
-def range_test(model: nn.Module, loader: Any, augment: BatchAugment, optimizer: torch.optim.Optimizer,
+def range_test(model: nn.Module, loader: BatchLoader, augment: BatchAugment, optimizer: torch.optim.Optimizer,
                loss_fn: nn.Module, amp: Amp, cfg: LRFinderConfig, progress: bool | None = None) -> dict:
     """Run the step-wise range test; returns the raw and smoothed curve and whether it diverged."""
     saved = snapshot(model, optimizer)
@@ -74,8 +67,10 @@ def range_test(model: nn.Module, loader: Any, augment: BatchAugment, optimizer: 
     model.train()
     bar = progress_bar(cfg.steps, "LR range test", progress)
     try:
-        while len(lrs) < cfg.steps and not diverged:
-            with epoch(loader) as batches:
+        for index in itertools.count():  # as many epochs as the steps need
+            if len(lrs) >= cfg.steps or diverged:
+                break
+            with loader.epoch(index) as batches:
                 for images, labels in batches:
                     lr = lr_at(len(lrs), cfg)
                     _set_lr(optimizer, lr)
@@ -121,17 +116,18 @@ def suggest(lrs: list[float], smoothed: list[float], min_lr_divisor: float) -> d
     }
 
 
-def sweep(model: nn.Module, loader: Any, augment: BatchAugment, optimizer: torch.optim.Optimizer,
+def sweep(model: nn.Module, loader: BatchLoader, augment: BatchAugment, optimizer: torch.optim.Optimizer,
           loss_fn: nn.Module, amp: Amp, lrs: tuple[float, ...], log: Callable[[str], None] = print) -> list[dict]:
     """One training epoch per LR from the same starting weights; train loss/accuracy per LR."""
     saved = snapshot(model, optimizer)
     rows = []
     try:
-        for lr in lrs:
+        for index, lr in enumerate(lrs):
             restore(model, optimizer, saved)
             _set_lr(optimizer, lr)
             constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-            stats = train_one_epoch(model, loader, augment, optimizer, constant, loss_fn, amp, f"lr {lr:g}")
+            trainer = Trainer(model, optimizer, constant, loss_fn, augment, amp)
+            stats = train_one_epoch(trainer, loader, epoch=index, desc=f"lr {lr:g}")  # LR i: epoch i's order
             rows.append({"lr": lr, "train_loss": stats.loss, "train_acc": stats.accuracy, "images": stats.images,
                          "seconds": stats.seconds})
             log(f"lr {lr:<8g} train loss {stats.loss:.4f}  train acc {stats.accuracy:.2%}")
@@ -171,7 +167,7 @@ def find_lr(cfg: Config, log: Callable[[str], None] = print) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastcifar.find_lr", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m fastcifar.find_lr", description=__doc__.split("\n")[0])
     add_config_arguments(parser)
     args = parser.parse_args(argv)
 

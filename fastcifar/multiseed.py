@@ -23,7 +23,8 @@ from pathlib import Path
 
 from fastcifar import rundir
 from fastcifar.checkpoint import CHECKPOINT, recipe_differences
-from fastcifar.config import Config, ConfigError, add_config_arguments, config_from_args
+from fastcifar.cli import Parser, add_config_arguments, config_from_args
+from fastcifar.config import Config, ConfigError
 from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.training import time_to, train
 
@@ -74,7 +75,9 @@ def run_seeds(cfg: Config, seeds: Sequence[int], target: float | None = None,
         row = {"seed": seed, "run_dir": str(sweep_dir / f"seed{seed}")} | results
         if target is not None:
             row["target"] = target
-            row["epochs_to_target"], row["seconds_to_target"] = time_to(metrics, target, results["compile_seconds"])
+            row["epochs_to_target"], row["seconds_to_target"] = time_to(metrics, target,
+                                                                         results["compile_seconds"]
+                                                                         + results.get("setup_seconds", 0.0))
         runs.append(row)
     stats = {key: summarise([r[key] for r in runs]) for key in STATS}
     rundir.write_json(sweep_dir / "sweep.json", {"config": cfg.to_dict(), "seeds": list(seeds), "target": target,
@@ -120,7 +123,7 @@ def format_table(runs: list[dict], stats: dict[str, dict[str, float]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m fastcifar.sweep",
         description="Train one recipe for several seeds and report mean, std, min and max test accuracy.",
         epilog="Any option of python -m fastcifar.train works here (except --seed: the sweep sets it).")

@@ -21,9 +21,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from fastcifar.cli import Parser
 from fastcifar.config import Config
 from fastcifar.errors import FastCifarError, run_cli
-from fastcifar.evaluation import CLASSES, Predictions
+from fastcifar.inference import CLASSES, Predictions
 from fastcifar.rundir import read_jsonl
 from fastcifar.schedule import one_cycle_lr
 
@@ -265,12 +266,16 @@ def write_report(run_dir: str | Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or args[0].startswith("-"):
-        print("usage: python -m fastcifar.report RUN_DIR", file=sys.stderr)
-        return 2
-    return run_cli(lambda: [print(f"wrote {path}") for path in write_report(args[0])])
-
+    parser = Parser(
+        prog="python -m fastcifar.report",
+        description="(Re)write a finished run's report from its run directory alone: curves.png, lr_schedule.png, "
+                    "misclassified.png, confusion.png and summary.md.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by fastcifar.train")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help (0) or a usage error (2, after argparse's one-line message)
+        return int(done.code or 0)
+    return run_cli(lambda: [print(f"wrote {path}") for path in write_report(args.run_dir)])
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,5 +27,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC2086  # FASTCIFAR_TORCH may hold several words (e.g. an --index-url)
 .venv/bin/python -m pip install -q ${FASTCIFAR_TORCH:-torch==2.13.0}
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q -e ".[dev,ffcv]"
 .venv/bin/python -c "import torch, ffcv; print(f'setup: ok (torch {torch.__version__}, ffcv from {ffcv.__path__[0]})')"

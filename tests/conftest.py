@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.write_beton import prepare
 from fastcifar.config import Config
+from fastcifar.prepare import prepare
 from fastcifar.training import TrainResult, train
 from tests.synthetic import write_archive
 
@@ -41,7 +41,8 @@ def real_archive() -> Path | None:
 # A tiny network on the synthetic betons: learns the colour classes in 3 short epochs.
 TINY = {"model.widths": "8,16,32,64", "data.batch_size": 64, "data.test_batch_size": 64, "data.num_workers": 1,
         "schedule.epochs": 3, "schedule.peak_epoch": 1, "schedule.max_lr": 0.05, "schedule.min_lr": 0.005,
-        "run.compile": "off", "run.precision": "fp32", "run.progress": "off"}
+        "run.compile": "off", "run.precision": "fp32", "run.progress": "off",
+        "run.device": "cpu"}  # the CPU suite stays on the CPU on a GPU host too (tests/test_cuda.py is the GPU's)
 
 
 TINY_PRESET = "reference"  # named in full: the command line's default preset is another one

@@ -13,9 +13,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastcifar.config import ModelConfig
 from fastcifar.custom_resnet import CustomResNet
-from fastcifar.data import epoch, make_loaders
+from fastcifar.data import make_loaders
 from fastcifar.distributed import from_env, gather, keep_until_exit, start, stop
-from fastcifar.training import PassStats, _over_ranks
+from fastcifar.loop import PassStats
+from fastcifar.training import _over_ranks
 from tests.synthetic import decode_index
 
 
@@ -47,7 +48,7 @@ def main(data_dir: str, out: str) -> None:
     start(dist, cpu, 60)
     loaders = make_loaders(data_dir, 32, 32, 1, cpu, seed=0, distributed=True)
     seen = []
-    with epoch(loaders.train) as batches:
+    with loaders.train.epoch() as batches:
         for images, _ in batches:
             seen += decode_index(images.numpy()).tolist()
     # Rank-local numbers, then the reduction the training loop uses.

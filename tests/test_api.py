@@ -2,6 +2,8 @@
 
 import importlib
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -20,6 +22,15 @@ def test_train_find_lr_evaluate_are_functions_even_after_their_modules_load():
 
     assert callable(fastcifar.train) and fastcifar.train.__module__ == "fastcifar.training"
     assert fastcifar.find_lr.__name__ == "find_lr" and fastcifar.evaluate.__name__ == "evaluate_checkpoint"
+
+
+def test_the_api_names_stay_functions_after_the_command_modules_are_imported():
+    for command in ("train", "find_lr", "evaluate"):
+        module = importlib.import_module(f"fastcifar.{command}")
+        assert callable(getattr(fastcifar, command)) and not isinstance(getattr(fastcifar, command), type(module))
+    code = "import fastcifar.train, fastcifar.evaluate, fastcifar.find_lr, fastcifar; print(fastcifar.train.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "train"
 
 
 def test_presets_take_short_keywords_section_keywords_and_dotted_keys():

@@ -112,7 +112,7 @@ def test_batch_augment_is_reproducible_and_channels_last(dtype):
 
 def test_cutout_fill_normalises_to_about_zero():
     aug = BatchAugment(AugmentSettings(), torch.device("cpu"), 0, torch.float32)
-    filled = aug.test(aug.fill.view(1, 3, 1, 1).expand(1, 3, 32, 32))
+    filled = aug.normalize(aug.fill.view(1, 3, 1, 1).expand(1, 3, 32, 32))
     assert filled.abs().max() < 0.5 / 255 / min(CIFAR10_STD)  # within uint8 rounding of zero
 
 
@@ -163,5 +163,5 @@ def test_batch_augment_alternate_mode_mirrors_consecutive_epochs():
     aug.epoch = 1
     second = aug.train(x)
     assert torch.equal(first, again) and torch.equal(second, first.flip(-1))
-    plain = aug.test(x)
+    plain = aug.normalize(x)
     assert 10 < sum(torch.equal(first[i], plain[i]) for i in range(64)) < 54

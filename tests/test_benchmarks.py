@@ -11,7 +11,7 @@ from benchmarks import run as bench
 from benchmarks.data_paths import AugmentedCifar
 from benchmarks.step_throughput import default_variant, measure, parse_variant
 from fastcifar.augment import CIFAR10_MEAN, CIFAR10_STD
-from fastcifar.training import cpu_has_fast_bf16
+from fastcifar.runtime import cpu_has_fast_bf16
 
 
 @pytest.mark.parametrize("variant", ["fp32", "fp32-cl", "default"])
@@ -72,11 +72,13 @@ def test_runner_runs_every_section_and_records_them(synthetic, tmp_path, capsys)
     assert code == 0, capsys.readouterr().err
     (record_path,) = tmp_path.glob("benchmarks-cpu-*.json")
     record = json.loads(record_path.read_text())
-    assert [r["path"] for r in record["data"]] == ["torch", "ffcv", "ours"]
+    assert [r["path"] for r in record["data"]] == ["torch", "ffcv", "ours", "resident"]
     assert all(r["images_per_s"] > 0 for r in record["data"] + record["step"])
     if not cpu_has_fast_bf16():
         assert [r["timed_steps"] for r in record["step"]][2] == 1  # slow bf16 on this CPU: one step only
-    assert len(record["e2e"]) == 2 and all(0 < r["overhead"] < 1 for r in record["e2e"])
+    assert len(record["e2e"]) == 3 and all(0 < r["overhead"] < 1 for r in record["e2e"])  # usual, ffcv, resident
+    assert [r["name"].endswith(f"{kind} loader)") for r, kind in zip(record["e2e"][1:], ("ffcv", "resident"),
+                                                                      strict=True)] == [True, True]
     assert record["physics"]["flops"]["train_step"] > 2 * record["physics"]["flops"]["forward"]
     assert {"data_ours_vs_torch", "data_ours_vs_ffcv", "step_default_vs_fp32_nchw", "epoch_ours_vs_usual"} <= \
         record["ratios"].keys()

@@ -19,6 +19,7 @@ from fastcifar.training import main, train
 from tests.conftest import LEVERS, sigterm_after_first_epoch, tiny_cli_args, tiny_config
 
 train_module = importlib.import_module("fastcifar.training")
+loop_module = importlib.import_module("fastcifar.loop")
 TIMINGS = {"train_s", "test_s", "epoch_s", "train_img_s", "test_img_s"}
 QUIET = {"log": lambda _: None}
 
@@ -36,8 +37,10 @@ def _same_run(a_dir, b_dir) -> None:
 
 
 def _signal_at(monkeypatch, target: str, call: int) -> None:
-    """Send this process SIGTERM during the `call`-th call of fastcifar.training.<target>."""
-    original, calls = getattr(train_module, target), []
+    """Send this process SIGTERM during the `call`-th call of `target`: train_step (fastcifar.loop's, which the
+    epoch loop calls) or test_pass (as fastcifar.training calls it)."""
+    module = loop_module if target == "train_step" else train_module
+    original, calls = getattr(module, target), []
 
     def wrapper(*args, **kwargs):
         calls.append(1)
@@ -45,7 +48,7 @@ def _signal_at(monkeypatch, target: str, call: int) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, target, wrapper)
+    monkeypatch.setattr(module, target, wrapper)
 
 
 def test_rng_states_round_trip_through_weights_only_load(tmp_path):
@@ -67,7 +70,7 @@ def test_interrupted_twice_then_resumed_equals_the_uninterrupted_run(tiny_run, s
     state = load_training_state(run_dir)
     assert state["epoch"] == 0 and state["progress"]["step"] == 5 and not (run_dir / "results.json").exists()
     monkeypatch.undo()
-    _signal_at(monkeypatch, "evaluate", 2)  # during the test pass of epoch 2
+    _signal_at(monkeypatch, "test_pass", 2)  # during the test pass of epoch 2
     with pytest.raises(TrainingInterrupted, match="after epoch 1, step 16"):
         train(cfg, resume=run_dir, **QUIET)
     monkeypatch.undo()
@@ -86,6 +89,30 @@ def test_a_run_with_every_lever_resumes_exactly(lever_run, synthetic, tmp_path, 
     monkeypatch.undo()
     train(cfg, resume=tmp_path / "run", **QUIET)
     _same_run(lever_run.run_dir, tmp_path / "run")
+
+
+def test_the_resident_loader_resumes_mid_epoch_exactly(synthetic, tmp_path, monkeypatch):
+    cfg = tiny_config(synthetic, tmp_path, **{"data.loader": "resident", "run.name": "whole"})
+    train(cfg, **QUIET)
+    stopped = cfg.override({"run.name": "stopped"})
+    _signal_at(monkeypatch, "train_step", 21)  # epoch 2, step 5
+    with pytest.raises(TrainingInterrupted, match="after epoch 1, step 5"):
+        train(stopped, **QUIET)
+    monkeypatch.undo()
+    train(stopped, resume=tmp_path / "stopped", **QUIET)
+    _same_run(tmp_path / "whole", tmp_path / "stopped")
+
+
+def test_a_checkpoint_is_not_resumed_on_another_kind_of_device(synthetic, tmp_path, monkeypatch):
+    cfg = tiny_config(synthetic, tmp_path)
+    _signal_at(monkeypatch, "train_step", 3)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, **QUIET)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["device"] == "cpu"
+    monkeypatch.setattr(train_module, "resolve_device", lambda _: torch.device("cuda"))  # as auto on a GPU host
+    with pytest.raises(FastCifarError, match=r"saved on cpu and would resume on cuda.*--device cpu"):
+        train(cfg, resume=tmp_path / "run", **QUIET)
 
 
 def test_every_epoch_writes_a_resumable_checkpoint_and_the_best_weights(tiny_run):
@@ -128,14 +155,14 @@ def test_unresumable_directories_are_refused(tmp_path, setup, fragment):
 
 
 def test_divergence_stops_at_once_naming_epoch_step_lr_and_keeps_the_checkpoint(synthetic, tmp_path, monkeypatch):
-    original, calls = train_module.train_step, []
+    original, calls = loop_module.train_step, []
 
     def poisoned(*args, **kwargs):  # the 20th step (epoch 2, step 4) returns a NaN loss
         calls.append(1)
         loss, logits = original(*args, **kwargs)
         return (loss * float("nan"), logits) if len(calls) == 20 else (loss, logits)
 
-    monkeypatch.setattr(train_module, "train_step", poisoned)
+    monkeypatch.setattr(loop_module, "train_step", poisoned)
     cfg = tiny_config(synthetic, tmp_path)
     with pytest.raises(train_module.NonFiniteLoss, match=r"epoch 2: .*step 4 of 16.*lr 0\.0[0-9]+.*intact.*--max-lr"):
         train(cfg, **QUIET)

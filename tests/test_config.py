@@ -2,15 +2,8 @@ import json
 
 import pytest
 
-from fastcifar.config import (
-    DEFAULT_PRESET,
-    PRESETS,
-    Config,
-    ConfigError,
-    add_config_arguments,
-    all_keys,
-    config_from_args,
-)
+from fastcifar.cli import add_config_arguments, config_from_args
+from fastcifar.config import DEFAULT_PRESET, PRESETS, Config, ConfigError, all_keys
 from fastcifar.training import build_parser
 
 

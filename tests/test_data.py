@@ -1,23 +1,41 @@
+import threading
+
 import numpy as np
 import pytest
 import torch
 
-from fastcifar.data import epoch, make_loader, make_loaders
+from fastcifar.data import (
+    ResidentLoader,
+    make_loader,
+    make_loaders,
+    make_resident_loader,
+    read_arrays,
+    resolve_kind,
+    write_arrays,
+)
 from fastcifar.errors import DataError
 from tests.synthetic import decode_index
 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def loaders(synthetic):
+KINDS = ["ffcv", "resident"]
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def loaders(synthetic, request):
+    """Each loader kind over the same data: every contract test below runs for both."""
     # batch sizes that do not divide 1000 / 200, so the last batch is partial
-    return make_loaders(synthetic["data_dir"], batch_size=64, test_batch_size=30, num_workers=1, device=CPU, seed=1)
+    return make_loaders(synthetic["data_dir"], batch_size=64, test_batch_size=30, num_workers=1, device=CPU, seed=1,
+                        kind=request.param)
 
 
-def _one_epoch(loader) -> tuple[np.ndarray, np.ndarray, list[int]]:
+BATCH = {"train": 64, "test": 30}
+
+
+def _one_epoch(loader, index: int = 0, skip: int = 0) -> tuple[np.ndarray, np.ndarray, list[int]]:
     indices, labels, sizes = [], [], []
-    with epoch(loader) as batches:
+    with loader.epoch(index, skip) as batches:
         for images, targets in batches:
             assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
             assert images.is_contiguous(memory_format=torch.channels_last)
@@ -35,15 +53,25 @@ def test_each_sample_exactly_once_with_its_own_label(loaders, synthetic, split):
     seen, labels, sizes = _one_epoch(loader)
     assert sorted(seen.tolist()) == list(range(len(true_labels)))  # no drops, no repeats
     np.testing.assert_array_equal(labels, true_labels[seen])
-    assert sizes[-1] == len(true_labels) % loader.batch_size  # drop_last=False keeps the partial batch
+    assert sizes[-1] == len(true_labels) % BATCH[split]  # drop_last=False keeps the partial batch
+    assert len(sizes) == len(loader) and loader.images == len(true_labels)
     if split == "test":
         assert seen.tolist() == list(range(len(true_labels)))  # sequential order
 
 
-def test_train_order_is_shuffled_differently_each_epoch(loaders):
-    first, _, _ = _one_epoch(loaders.train)
-    second, _, _ = _one_epoch(loaders.train)
+def test_train_order_is_shuffled_differently_each_epoch_and_replays_exactly(loaders):
+    first, _, _ = _one_epoch(loaders.train, 0)
+    second, _, _ = _one_epoch(loaders.train, 1)
     assert first.tolist() != sorted(first.tolist()) and first.tolist() != second.tolist()
+    again, _, _ = _one_epoch(loaders.train, 0)  # an epoch's order is a function of (seed, epoch): resumable
+    assert again.tolist() == first.tolist()
+
+
+def test_skip_starts_the_epoch_at_that_batch(loaders):
+    whole, labels, sizes = _one_epoch(loaders.train, 3)
+    tail, tail_labels, tail_sizes = _one_epoch(loaders.train, 3, skip=5)
+    assert tail.tolist() == whole[5 * 64:].tolist() and tail_sizes == sizes[5:]
+    np.testing.assert_array_equal(tail_labels, labels[5 * 64:])
 
 
 def test_subset_takes_the_first_images(synthetic):
@@ -55,17 +83,18 @@ def test_subset_takes_the_first_images(synthetic):
 
 
 def test_stopping_early_shuts_the_epoch_down(loaders):
-    with epoch(loaders.train) as batches:
+    before = threading.active_count()
+    with loaders.train.epoch() as batches:
         next(batches)
-        iterator = batches
-    assert not iterator.is_alive()
+        assert threading.active_count() >= before  # FFCV's worker thread runs during the epoch
+    assert threading.active_count() == before  # and not after it
     seen, _, _ = _one_epoch(loaders.train)  # the loader still works afterwards
     assert len(seen) == 1000
 
 
 def test_torch_thread_count_survives_loaders(loaders):
     before = torch.get_num_threads()
-    with epoch(loaders.test) as batches:
+    with loaders.test.epoch() as batches:
         for _ in batches:
             pass
     assert torch.get_num_threads() == before
@@ -106,3 +135,87 @@ def test_beton_of_the_wrong_kind_is_reported(tmp_path, kind, fragment):
     _write(tmp_path / "x.beton", {"image": RGBImageField(write_mode="raw"), "label": label}, rows)
     with pytest.raises(DataError, match=fragment):
         make_loader(tmp_path / "x.beton", 8, 1, CPU, train=False)
+
+
+def test_both_kinds_give_the_same_samples_each_epoch_and_the_same_test_batches(synthetic):
+    kinds = {kind: make_loaders(synthetic["data_dir"], 64, 30, 1, CPU, seed=1, kind=kind) for kind in KINDS}
+    epochs = {kind: _one_epoch(loaders.train, 2) for kind, loaders in kinds.items()}
+    (ffcv_seen, ffcv_labels, _), (res_seen, res_labels, _) = epochs["ffcv"], epochs["resident"]
+    assert sorted(ffcv_seen.tolist()) == sorted(res_seen.tolist())  # the same multiset of images...
+    assert sorted(zip(ffcv_seen, ffcv_labels, strict=True)) == sorted(zip(res_seen, res_labels, strict=True))
+    with kinds["ffcv"].test.epoch() as a, kinds["resident"].test.epoch() as b:
+        for (xa, ya), (xb, yb) in zip(a, b, strict=True):  # ...and equal test batches, in order
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_resident_ranks_share_every_sample_once_per_epoch(world):
+    n = 12 if world == 2 else 10  # 10 / 3 ranks: padded to 12 with repeats, as DistributedSampler does
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 32, 32, 3).contiguous()
+    ranks = [ResidentLoader(images, torch.arange(n), 2, train=True, seed=5, rank=r, world_size=world)
+             for r in range(world)]
+    assert len({len(r) for r in ranks}) == 1  # the same number of steps on every rank (DDP needs it)
+    seen = []
+    for r in ranks:
+        with r.epoch(1) as batches:
+            seen += [int(v) for x, y in batches for v in y]
+    assert sorted(set(seen)) == list(range(n)) and len(seen) == world * ranks[0]._shard
+
+
+def test_resident_epochs_depend_only_on_seed_and_index():
+    images = torch.zeros(100, 32, 32, 3, dtype=torch.uint8)
+    a, b = (ResidentLoader(images, torch.arange(100), 10, train=True, seed=s) for s in (0, 0))
+    assert torch.equal(a.order(4), b.order(4)) and not torch.equal(a.order(4), a.order(5))
+    other = ResidentLoader(images, torch.arange(100), 10, train=True, seed=1)
+    assert not torch.equal(a.order(4), other.order(4))
+
+
+def test_unknown_or_unavailable_loader_kinds_are_refused(monkeypatch):
+    with pytest.raises(DataError, match="data.loader must be auto, ffcv or resident"):
+        resolve_kind("dali")
+    monkeypatch.setitem(__import__("sys").modules, "ffcv", None)  # FFCV made unimportable
+    assert resolve_kind("auto") == "resident"
+    with pytest.raises(DataError, match="FFCV is not installed; install FFCV with: bash scripts/setup.sh"):
+        resolve_kind("ffcv")
+
+
+def _good_arrays(n=4):
+    return np.zeros((n, 32, 32, 3), np.uint8), np.arange(n) % 10
+
+
+@pytest.mark.parametrize(("case", "fragment"), [
+    ("missing", r"missing .*train\.npz; create it with: python data_prep/write_beton.py"),
+    ("truncated", "not a readable CIFAR-10 array file"),
+    ("foreign", "not a readable CIFAR-10 array file"),
+    ("shape", r"not uint8 \[N, 32, 32, 3\]"),
+    ("dtype", r"not uint8 \[N, 32, 32, 3\]"),
+    ("counts", "labels"),
+    ("labels", "labels outside 0..9"),
+])
+def test_bad_array_files_are_one_clear_error(tmp_path, case, fragment):
+    path = tmp_path / "train.npz"
+    images, labels = _good_arrays()
+    if case == "truncated":
+        write_arrays(images, labels, path)
+        path.write_bytes(path.read_bytes()[:300])
+    elif case == "foreign":
+        path.write_text("not an npz")
+    elif case == "shape":
+        write_arrays(np.zeros((4, 28, 28, 3), np.uint8), labels, path)
+    elif case == "dtype":
+        np.savez(path, images=images.astype(np.float32), labels=labels)
+    elif case == "counts":
+        write_arrays(images, labels[:3], path)
+    elif case == "labels":
+        write_arrays(images, labels + 7, path)
+    with pytest.raises(DataError, match=fragment):
+        make_resident_loader(path, 8, CPU, train=True)
+
+
+def test_arrays_round_trip_and_leave_no_temporary_file(tmp_path):
+    images, labels = _good_arrays(6)
+    write_arrays(images, labels, tmp_path / "test.npz")
+    back_images, back_labels = read_arrays(tmp_path / "test.npz")
+    np.testing.assert_array_equal(back_images, images)
+    np.testing.assert_array_equal(back_labels, labels)
+    assert [p.name for p in tmp_path.iterdir()] == ["test.npz"]

@@ -15,7 +15,8 @@ from fastcifar.config import Config, ModelConfig
 from fastcifar.custom_resnet import CustomResNet
 from fastcifar.distributed import AgreedStop, Dist, DistributedError, from_env, split_batch
 from fastcifar.errors import FastCifarError
-from fastcifar.training import seed_everything, train
+from fastcifar.runtime import seed_everything
+from fastcifar.training import train
 from tests.conftest import REPO, sigterm_after_first_epoch, tiny_cli_args, tiny_config
 
 QUIET = {"log": lambda _: None}

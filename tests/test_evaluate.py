@@ -7,15 +7,8 @@ from torch import nn
 
 from fastcifar.data import make_loader
 from fastcifar.errors import FastCifarError
-from fastcifar.evaluation import (
-    CLASSES,
-    Predictions,
-    evaluate_checkpoint,
-    load_checkpoint,
-    main,
-    predict,
-    read_tta_accuracy,
-)
+from fastcifar.evaluation import evaluate_checkpoint, load_checkpoint, main, read_tta_accuracy
+from fastcifar.inference import CLASSES, Predictions, predict
 from fastcifar.rundir import save_checkpoint
 
 
@@ -142,7 +135,7 @@ class _ReusesItsOutput(_Linear):
 @pytest.mark.parametrize("flip", [True, False])
 @pytest.mark.parametrize("translate", [0, 1, 2])
 def test_tta_views_are_the_mirror_and_the_reflect_shifted_copies(flip, translate):
-    from fastcifar.evaluation import tta_logits
+    from fastcifar.inference import tta_logits
 
     x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     model = _Linear()

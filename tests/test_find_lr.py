@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from fastcifar.config import Config, ConfigError, LRFinderConfig, config_from_args
+from fastcifar.cli import config_from_args
+from fastcifar.config import Config, ConfigError, LRFinderConfig
 from fastcifar.errors import FastCifarError
 from fastcifar.lr_finder import find_lr, lr_at, range_test, suggest
-from fastcifar.training import Session, build_parser
+from fastcifar.session import Session
+from fastcifar.training import build_parser
 from tests.conftest import tiny_config
 
 

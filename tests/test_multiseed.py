@@ -65,7 +65,8 @@ def test_rerun_reuses_finished_seeds_and_refuses_another_recipe(sweep, monkeypat
     monkeypatch.setattr(multiseed, "train", no_training)
     again = run_seeds(cfg, [0, 1], target=0.3, **QUIET)
     assert again.runs == first.runs and again.stats == first.stats
-    with pytest.raises(FastCifarError, match=r"another recipe \(optim.weight_decay 0.0005 -> 0.001\)"):
+    wd = cfg.optim.weight_decay
+    with pytest.raises(FastCifarError, match=rf"another recipe \(optim.weight_decay {wd!r} -> 0.001\)"):
         run_seeds(cfg.override({"optim.weight_decay": 1e-3}), [0], **QUIET)
 
 

@@ -6,7 +6,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from data_prep.write_beton import prepare
+from fastcifar.prepare import prepare
 from tests.synthetic import write_archive
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"

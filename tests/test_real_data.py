@@ -4,8 +4,8 @@ Skipped where there is none; CI has one."""
 import numpy as np
 import pytest
 
-from data_prep.write_beton import prepare, read_cifar10
 from fastcifar.config import Config
+from fastcifar.prepare import prepare, read_cifar10
 from fastcifar.training import train
 from tests.conftest import real_archive
 

@@ -8,7 +8,7 @@ from matplotlib.figure import Figure
 
 from fastcifar import reporting as report
 from fastcifar.config import Config
-from fastcifar.evaluation import Predictions
+from fastcifar.inference import Predictions
 from fastcifar.rundir import append_jsonl, write_json
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep import write_beton as wb
+from fastcifar import prepare as wb
 from fastcifar.errors import DataError
 from tests.synthetic import add_bytes, md5_of, write_archive
 
@@ -41,12 +41,14 @@ def test_reads_the_exact_cifar_layout(archive, tmp_path):
     assert train.images.shape == (50, 32, 32, 3) and train.images.dtype == np.uint8
 
 
-def test_prepare_writes_betons_and_manifest_then_skips(archive, tmp_path, capsys):
+def test_prepare_writes_betons_arrays_and_manifest_then_skips(archive, tmp_path, capsys):
     data = tmp_path / "data"
     manifest = wb.prepare(data, archive=str(archive), counts=(50, 20), num_workers=1)
     assert manifest["train"]["count"] == 50 and manifest["test"]["count"] == 20
     assert manifest["source_md5"] == md5_of(archive)
-    assert sorted(p.name for p in data.iterdir()) == ["betons.json", "test.beton", "train.beton"]
+    assert sorted(p.name for p in data.iterdir()) == ["betons.json", "test.beton", "test.npz", "train.beton",
+                                                      "train.npz"]
+    assert manifest["arrays"]["train"]["count"] == 50 and manifest["arrays"]["test"]["count"] == 20
     out = capsys.readouterr().out
     assert "wrote" in out and "50 images" in out
     mtime = (data / "train.beton").stat().st_mtime_ns

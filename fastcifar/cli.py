@@ -1,0 +1,63 @@
+"""The command line's view of the config: `--preset`, `--config FILE`, the short flags and one dotted flag per
+field (`--section.field VALUE`, with the field's help text and the default preset's value), parsed into a
+validated Config. Unknown options and bad values are one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from fastcifar.config import DEFAULT_PRESET, PRESETS, SECTIONS, SHORT_FLAGS, Config, ConfigError, all_keys
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line naming the problem and --help, not a usage block
+    (a training command has ~80 options)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see: {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --preset, the short flags and one dotted flag per config field to `parser`."""
+    # default None, not the name: --resume must tell "no preset given" from an explicit --preset.
+    parser.add_argument("--preset", default=None, metavar="NAME",
+                        help=f"starting recipe: {', '.join(PRESETS)} (default: {DEFAULT_PRESET})")
+    parser.add_argument("--config", metavar="JSON", help="start from a saved config.json (e.g. of a run)")
+    short = {dest: flag for flag, dest in SHORT_FLAGS.items()}
+    defaults = PRESETS[DEFAULT_PRESET]
+    helps = {f"{s}.{f.name}": f.metadata.get("help", "") for s, c in SECTIONS.items() for f in dataclasses.fields(c)}
+    for key in all_keys():
+        section, name = key.split(".")
+        flags = [f"--{key}"] + ([short[key]] if key in short else [])
+        default = getattr(getattr(defaults, section), name)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        parser.add_argument(*flags, dest=key, default=argparse.SUPPRESS, metavar="V",
+                            help=f"{helps[key]} (default: {shown})".replace("%", "%%"))
+    parser.add_argument("--overwrite", dest="run.overwrite", action="store_const", const="true",
+                        default=argparse.SUPPRESS, help="same as --run.overwrite true")
+
+
+def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
+    """The Config that parsed command-line arguments describe (preset, file or `base`, then overrides)."""
+    overrides = {k: v for k, v in vars(args).items() if "." in k}
+    if "schedule.lr_from" in overrides and {"schedule.min_lr", "schedule.max_lr"} & overrides.keys():
+        raise ConfigError("give either --lr-from or --min-lr/--max-lr, not both")
+    if base is not None:
+        if getattr(args, "config", None) or args.preset is not None:
+            raise ConfigError("--resume takes the run's own config; do not combine it with --config or --preset")
+        cfg = base.override(overrides)
+    elif getattr(args, "config", None):
+        try:
+            base = Config.from_dict(json.loads(Path(args.config).read_text()))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"cannot read config file {args.config}: {err}") from None
+        cfg = base.override(overrides)
+    else:
+        cfg = Config.from_preset(args.preset or DEFAULT_PRESET, overrides)
+    return cfg
