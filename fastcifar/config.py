@@ -26,7 +26,8 @@ class ConfigError(FastCifarError, ValueError):
     """An invalid configuration: the message names the field and says what is allowed."""
 
 
-def _is_device(text: str) -> bool:
+def is_device(text: str) -> bool:
+    """auto, cpu, cuda or cuda:N."""
     head, _, index = text.partition(":")
     return head in {"auto", "cpu"} and not index or head == "cuda" and (not index or index.isdigit())
 
@@ -161,7 +162,7 @@ class LRFinderConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    device: str = opt("auto", "auto, cpu, cuda or cuda:N", Check(lambda v: _is_device(v), "must be auto, cpu, cuda "
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N", Check(lambda v: is_device(v), "must be auto, cpu, cuda "
                                                                    "or cuda:N"))
     precision: str = opt("auto", "auto (bf16 where the hardware has it, see runtime.py), fp32, bf16 or fp16",
                          one_of("auto", "fp32", "bf16", "fp16"))

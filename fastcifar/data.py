@@ -18,7 +18,7 @@ which keeps the CPU out of the critical path on a GPU machine.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import json
 import math
 import os
 import zipfile
@@ -31,10 +31,27 @@ import numpy as np
 import torch
 
 from fastcifar.errors import DataError
+from fastcifar.ffcv_io import (  # re-exported: the FFCV kind of loader, and the beton files
+    PREPARE_HINT,
+    FfcvLoader,
+    auto_workers,
+    ffcv_augmenting_loader,
+    ffcv_available,
+    keep_torch_threads,
+    make_loader,
+    write_beton,
+)
 
-PREPARE_HINT = "create it with: python data_prep/write_beton.py --data-dir {data_dir}"
 LOADER_KINDS = ("auto", "ffcv", "resident")
 FFCV_HINT = "install FFCV with: bash scripts/setup.sh (or pip install 'fastcifar[ffcv]' with its system libraries)"
+
+__all__ = [
+    "Batch", "BatchLoader", "Loaders", "LOADER_KINDS", "FFCV_HINT", "PREPARE_HINT", "resolve_kind", "open_split",
+    "make_loaders", "write_arrays", "read_arrays", "ResidentLoader", "make_resident_loader",
+    # the FFCV kind, from fastcifar.ffcv_io
+    "FfcvLoader", "auto_workers", "ffcv_augmenting_loader", "ffcv_available", "keep_torch_threads", "make_loader",
+    "write_beton",
+]
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 images [N, 3, 32, 32] (channels_last), int64 labels [N]
 
@@ -68,126 +85,6 @@ class Loaders:
         return self.test.images
 
 
-@contextlib.contextmanager
-def keep_torch_threads() -> Iterator[None]:
-    """FFCV sets torch's intra-op thread count (to 1 on import, to its worker count when a loader or
-    an epoch starts); on a CPU that silently slows training, so put back what the process had."""
-    threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _check_beton(path: Path) -> None:
-    if not path.is_file():
-        raise DataError(f"missing {path}; " + PREPARE_HINT.format(data_dir=path.parent))
-
-
-def _check_schema(reader: object, path: Path) -> None:
-    """The beton must hold 32x32 RGB images and integer labels, with every sample inside the file: a
-    wrong or damaged file is refused here rather than crashing (or silently training) later."""
-    fields = {name: type(handler).__name__ for name, handler in reader.handlers.items()}
-    if fields != {"image": "RGBImageField", "label": "IntField"}:
-        raise DataError(f"{path} has fields {fields}, not CIFAR-10's image (RGBImageField) and label (IntField); "
-                        f"rebuild it with: python data_prep/write_beton.py --force")
-    images = reader.metadata[f"f{list(reader.handlers).index('image')}"]  # FFCV names metadata columns f0, f1...
-    if reader.num_samples and not ((images["width"] == 32).all() and (images["height"] == 32).all()):
-        raise DataError(f"{path} holds images that are not 32x32 (e.g. {images['width'][0]}x{images['height'][0]}); "
-                        f"fastcifar trains on CIFAR-10's 32x32 images")
-    table = reader.alloc_table
-    if len(table) and int((table["ptr"] + table["size"]).max()) > path.stat().st_size:
-        raise DataError(f"{path} is truncated (samples point past its end); "
-                        f"rebuild it with: python data_prep/write_beton.py --force")
-
-
-def auto_workers(device: torch.device) -> int:
-    """Decode threads for `num_workers=0`. On a CPU the training step needs every core and the decode is
-    cheap (raw pixels), so one thread; see BENCHMARKS.md (two threads contend with the augmentation's and
-    the step's own threads and made the data path slower, not faster, in development measurements)."""
-    return 1 if device.type == "cpu" else 2
-
-
-class FfcvLoader:
-    """An FFCV Loader behind the BatchLoader contract."""
-
-    def __init__(self, loader: object, images: int) -> None:
-        self._loader = loader
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self._loader)
-
-    @contextlib.contextmanager
-    def epoch(self, index: int = 0, skip: int = 0) -> Iterator[Iterator[Batch]]:
-        # FFCV's shuffle of an epoch depends only on (seed, epoch number): set it, and the order is replayable.
-        self._loader.next_epoch = index
-        with keep_torch_threads():
-            iterator = iter(self._loader)
-        try:
-            for _ in range(skip):  # decoded and dropped: cheap next to the training steps they stand for
-                next(iterator)
-            yield iterator
-        finally:
-            _shut_down(iterator)
-
-
-def _shut_down(iterator: object) -> None:
-    """Stop an FFCV epoch iterator's worker thread, even mid-epoch: an abandoned one can abort the process at
-    exit."""
-    iterator.terminate_event.set()
-    while iterator.is_alive():  # the worker blocks on a full queue until it sees the event
-        with contextlib.suppress(Exception):
-            iterator.output_queue.get(timeout=0.1)
-    iterator.close()
-
-
-def make_loader(path: Path, batch_size: int, num_workers: int, device: torch.device, train: bool,
-                subset: int = 0, seed: int = 0, distributed: bool = False) -> FfcvLoader:
-    """An FFCV loader over `path`: random order for training, sequential for test; never drops a batch.
-    `num_workers` 0 means `auto_workers(device)`. `distributed`: this rank's shard only (FFCV's emulation of
-    DistributedSampler; needs the process group; a rank gets ceil(N / world) samples, padded by repeats
-    where N does not divide)."""
-    _check_beton(path)  # before importing FFCV (~3 s): a missing file is the common mistake
-    with keep_torch_threads():
-        from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import SimpleRGBImageDecoder
-        from ffcv.loader import Loader, OrderOption
-        from ffcv.reader import Reader
-        from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
-
-    try:
-        reader = Reader(str(path))
-    except Exception as err:  # FFCV raises assorted errors for files that are not its format (or truncated)
-        raise DataError(f"{path} is not a readable CIFAR-10 beton ({type(err).__name__}: {err}); "
-                        f"rebuild it with: python data_prep/write_beton.py --force") from None
-    _check_schema(reader, path)
-    num_samples = reader.num_samples
-    if subset > num_samples:
-        raise DataError(f"{path} holds {num_samples} images; cannot take a subset of {subset}")
-    with keep_torch_threads():
-        loader = Loader(
-            str(path), batch_size=batch_size, num_workers=num_workers or auto_workers(device), seed=seed,
-            drop_last=False, distributed=distributed,
-            order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
-            indices=np.arange(subset) if subset else None,
-            pipelines={
-                "image": [SimpleRGBImageDecoder(), ToTensor(), ToDevice(device, non_blocking=True),
-                          ToTorchImage(channels_last=True, convert_back_int16=False)],
-                "label": [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=True), Squeeze(1)],
-            },
-        )
-    return FfcvLoader(loader, len(loader.indices))
-
-
-def ffcv_available() -> bool:
-    """Whether FFCV can be imported here (without importing it: that takes seconds)."""
-    try:
-        return importlib.util.find_spec("ffcv") is not None
-    except (ImportError, ValueError):  # ValueError: sys.modules["ffcv"] is None (made unimportable)
-        return False
-
-
 def resolve_kind(kind: str) -> str:
     """auto -> ffcv where FFCV is installed, else resident; ffcv without FFCV is an error saying what to do."""
     if kind not in LOADER_KINDS:
@@ -206,9 +103,30 @@ def open_split(data_dir: str | Path, split: str, batch_size: int, device: torch.
     random order when `train`, else sequential; `distributed`: this rank's shard."""
     data_dir = Path(data_dir)
     if resolve_kind(kind) == "ffcv":
-        return make_loader(data_dir / f"{split}.beton", batch_size, num_workers, device, train, subset, seed,
-                           distributed)
-    return make_resident_loader(data_dir / f"{split}.npz", batch_size, device, train, subset, seed, distributed)
+        loader = make_loader(data_dir / f"{split}.beton", batch_size, num_workers, device, train, subset, seed,
+                             distributed)
+        expected, path = _manifest_count(data_dir, split, arrays=False), data_dir / f"{split}.beton"
+    else:
+        loader = make_resident_loader(data_dir / f"{split}.npz", batch_size, device, train, subset, seed, distributed)
+        expected, path = _manifest_count(data_dir, split, arrays=True), data_dir / f"{split}.npz"
+    if expected is not None and not subset and loader.images != expected:
+        raise DataError(f"{path} holds {loader.images:,} images but {MANIFEST} says {expected:,}: the files were "
+                        f"swapped or replaced; rebuild them with: python data_prep/write_beton.py --data-dir "
+                        f"{data_dir} --force")
+    return loader
+
+
+MANIFEST = "betons.json"  # written last by the data step (fastcifar.prepare): the counts of every file
+
+
+def _manifest_count(data_dir: Path, split: str, arrays: bool) -> int | None:
+    """The image count the data step recorded for this split's file, or None (no or an unreadable manifest)."""
+    try:
+        manifest = json.loads((data_dir / MANIFEST).read_text())
+        entry = manifest["arrays"][split] if arrays else manifest[split]
+        return int(entry["count"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def make_loaders(data_dir: str | Path, batch_size: int, test_batch_size: int, num_workers: int,
@@ -221,65 +139,6 @@ def make_loaders(data_dir: str | Path, batch_size: int, test_batch_size: int, nu
     return Loaders(train, test)
 
 
-def ffcv_augmenting_loader(path: Path, batch_size: int, workers: int, device: torch.device,
-                           mean: tuple[float, ...], std: tuple[float, ...]) -> FfcvLoader:
-    """For the benchmarks: FFCV with its own per-image augmentation ops (flip, translate 4, cutout 8,
-    normalise; the way FFCV's CIFAR example does it), delivering float batches."""
-    with keep_torch_threads():
-        from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import SimpleRGBImageDecoder
-        from ffcv.loader import Loader, OrderOption
-        from ffcv.transforms import (
-            Cutout,
-            NormalizeImage,
-            RandomHorizontalFlip,
-            RandomTranslate,
-            Squeeze,
-            ToDevice,
-            ToTensor,
-            ToTorchImage,
-        )
-
-    fill = tuple(int(round(m * 255)) for m in mean)
-    image = [SimpleRGBImageDecoder(), RandomHorizontalFlip(), RandomTranslate(padding=4, fill=fill),
-             Cutout(8, fill), NormalizeImage(np.array(mean) * 255, np.array(std) * 255, np.float32), ToTensor(),
-             ToDevice(device, non_blocking=True), ToTorchImage()]
-    with keep_torch_threads():
-        loader = Loader(str(path), batch_size=batch_size, num_workers=workers, order=OrderOption.RANDOM, seed=0,
-                        pipelines={"image": image, "label": [IntDecoder(), ToTensor(), ToDevice(device), Squeeze(1)]})
-    return FfcvLoader(loader, len(loader.indices))
-
-
-class _ArrayDataset:
-    """Images and labels as the indexed dataset FFCV's writer reads."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        return self.images[i], int(self.labels[i])
-
-
-def write_beton(images: np.ndarray, labels: np.ndarray, path: Path, num_workers: int) -> None:
-    """Write uint8 images [N, 32, 32, 3] and labels [N] as an FFCV dataset (raw RGB images, int labels) to
-    `path`, atomically (a temporary name, renamed when complete)."""
-    with keep_torch_threads():
-        from ffcv.fields import IntField, RGBImageField  # heavy import (~3 s), only when writing
-        from ffcv.writer import DatasetWriter
-
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        fields = {"image": RGBImageField(write_mode="raw", max_resolution=32), "label": IntField()}
-        DatasetWriter(str(tmp), fields, num_workers=num_workers).from_indexed_dataset(_ArrayDataset(images, labels))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-# ------------------------------------------------------------------------------------ resident arrays
 
 
 def write_arrays(images: np.ndarray, labels: np.ndarray, path: Path) -> None:

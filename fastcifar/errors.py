@@ -1,7 +1,10 @@
 """Errors that the command-line tools turn into a one-line message and a non-zero exit."""
 
+import errno
+import os
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -41,14 +44,56 @@ def run_cli(action: Callable[[], object], interrupted: str = "interrupted") -> i
     except KeyboardInterrupt as err:
         print(interrupted, file=sys.stderr)
         return 128 + int(getattr(err, "signum", signal.SIGINT))
+    except BrokenPipeError:  # e.g. `... | head -1`: the reader left; say nothing more, like other Unix tools
+        _silence_stdout()
+        return 141
+    except OSError as err:  # the last net: any file-system error not explained closer to its cause
+        print(f"error: {os_error_message(err)}", file=sys.stderr)
+        return 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's final flush of a closed pipe raises nothing more."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+_ADVICE = {
+    errno.ENOSPC: "the disk is full; free space or write elsewhere (--out-dir / --data-dir)",
+    errno.EDQUOT: "the disk quota is exhausted; free space or write elsewhere (--out-dir / --data-dir)",
+    errno.EROFS: "the file system is read-only; write elsewhere (--out-dir / --data-dir)",
+    errno.EACCES: "permission denied; write elsewhere (--out-dir / --data-dir) or fix the permissions",
+    errno.EPERM: "not permitted; write elsewhere (--out-dir / --data-dir) or fix the permissions",
+    errno.ENAMETOOLONG: "the name is too long; choose a shorter --name or path",
+}
+
+
+def os_error_message(err: OSError, doing: str = "", path: str | Path | None = None) -> str:
+    """One line for a file-system error: what failed, on which path, and what to do."""
+    where = f" {path or err.filename}" if (path or err.filename) else ""
+    advice = _ADVICE.get(err.errno or 0, err.strerror or str(err))
+    return f"{doing or 'cannot access'}{where}: {advice}"
+
+
+class WriteError(FastCifarError):
+    """Writing a file failed (full or read-only disk, permissions, name too long); nothing half-written kept."""
+
+
 def require_output_folder(path: str | Path, flag: str) -> None:
-    """Fail at once if the folder of an output file written only at the end of a command does not exist:
-    better than failing after minutes of evaluation or plotting."""
-    if not Path(path).parent.is_dir():
+    """Fail at once if the folder of an output file written only at the end of a command does not exist or
+    cannot be written: better than failing after minutes of evaluation or plotting."""
+    folder = Path(path).parent
+    if not folder.is_dir():
         raise FastCifarError(f"{flag} {path}: its folder does not exist; create it or pick another path")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise FastCifarError(f"{flag} {path}: {os_error_message(err, 'cannot write in', folder)}") from None

@@ -19,7 +19,7 @@ import torch
 
 from fastcifar.augment import AugmentSettings, BatchAugment
 from fastcifar.cli import Parser
-from fastcifar.config import Config, ConfigError
+from fastcifar.config import Config, ConfigError, is_device
 from fastcifar.custom_resnet import CustomResNet
 from fastcifar.data import open_split
 from fastcifar.errors import FastCifarError, require_output_folder, run_cli
@@ -31,12 +31,19 @@ from fastcifar.runtime import Amp, resolve_device, resolve_precision
 def load_checkpoint(path: str | Path) -> tuple[CustomResNet, Config, dict]:
     """Model (on CPU, eval mode) and config from a fastcifar checkpoint, loaded without pickle code."""
     state = load_checkpoint_file(path)
+    if not isinstance(state.get("config"), dict) or not isinstance(state.get("model"), dict):
+        raise FastCifarError(f"{path} holds no model weights with their config; pass a model.pt or best.pt "
+                             f"written by fastcifar.train")
     try:
         cfg = Config.from_dict(state["config"])
     except ConfigError as err:
         raise FastCifarError(f"{path}: its config is not understood by this version ({err})") from None
     model = CustomResNet(cfg.model)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:  # missing keys or other shapes: a 40-line message from torch
+        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise FastCifarError(f"{path}: its weights do not fit the network its config describes ({first})") from None
     return model.eval(), cfg, state
 
 
@@ -93,6 +100,8 @@ def _evaluate_and_report(args: argparse.Namespace, argv: list[str]) -> None:
         require_output_folder(args.save, "--save")
     if args.batch_size < 1 or not 0 <= args.translate <= 4:
         raise ConfigError("--batch-size must be >= 1 and --translate in [0, 4]")
+    if not is_device(args.device):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     preds = evaluate_checkpoint(args.checkpoint, args.tta, args.data_dir, args.device, args.batch_size,
                                 translate=args.translate)
     print(format_report(preds))

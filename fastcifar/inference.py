@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fastcifar.data import BatchLoader
+from fastcifar.rundir import atomic_write
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 KEEP_MISCLASSIFIED = 64  # images of wrong predictions kept for the report's grid
@@ -48,8 +49,11 @@ class Predictions:
         return matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
 
     def save(self, path: Path) -> None:
-        np.savez_compressed(path, probs=self.probs.astype(np.float32), labels=self.labels,
-                            wrong_images=self.wrong_images, wrong_index=self.wrong_index)
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: numpy would append .npz to the temporary name
+                np.savez_compressed(f, probs=self.probs.astype(np.float32), labels=self.labels,
+                                    wrong_images=self.wrong_images, wrong_index=self.wrong_index)
+        atomic_write(Path(path), write)
 
     @classmethod
     def load(cls, path: Path) -> Predictions:

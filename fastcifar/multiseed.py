@@ -41,14 +41,20 @@ class SweepResult:
         return format_table(self.runs, self.stats)
 
 
+MAX_SEEDS = 1000  # a count beyond this is a typo, not a sweep
+
+
 def parse_seeds(text: str) -> list[int]:
     """"5" -> seeds 0..4; "0,3,7" -> those seeds."""
     try:
-        seeds = [int(s) for s in text.split(",")] if "," in text else list(range(int(text)))
+        count = None if "," in text else int(text)
+        if count is not None and count > MAX_SEEDS:
+            raise ConfigError(f"--seeds {count}: at most {MAX_SEEDS} seeds in one sweep")
+        seeds = [int(s) for s in text.split(",")] if count is None else list(range(count))
     except ValueError:
         raise ConfigError(f"--seeds takes a count (5) or a comma-separated list (0,3,7), got {text!r}") from None
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds needs at least one seed, all >= 0 and distinct, got {text!r}")
+    if not seeds or min(seeds) < 0 or max(seeds) >= 2**32 or len(set(seeds)) != len(seeds) or len(seeds) > MAX_SEEDS:
+        raise ConfigError(f"--seeds needs 1 to {MAX_SEEDS} distinct seeds in [0, 2**32), got {text!r}")
     return seeds
 
 

@@ -13,11 +13,13 @@ names and renamed on success, and a manifest (`betons.json`) written last marks 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
 import pickle
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -30,17 +32,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastcifar import data
+from fastcifar import data, rundir
 from fastcifar.cli import Parser
 from fastcifar.config import DataConfig
-from fastcifar.errors import DataError, run_cli
+from fastcifar.errors import DataError, os_error_message, run_cli
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
 ARCHIVE_NAME = "cifar-10-python.tar.gz"
 ARCHIVE_ENV = "FASTCIFAR_CIFAR_ARCHIVE"
 COUNTS = (50_000, 10_000)
-MANIFEST = "betons.json"
+MANIFEST = data.MANIFEST
 MANIFEST_VERSION = 1
 _BATCH_DIR = "cifar-10-batches-py"
 _TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -167,7 +169,11 @@ def extract_batches(archive: Path, workdir: Path) -> dict[str, bytes]:
             if missing:
                 raise DataError(f"{archive} is not the CIFAR-10 python archive: no {_BATCH_DIR}/{missing[0]}")
             tar.extractall(workdir, members=chosen, filter="data")
-    except (tarfile.TarError, EOFError, OSError, ValueError) as err:  # zlib errors are OSError/EOFError
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):  # our disk, not the archive
+            raise DataError(os_error_message(err, "cannot extract the archive into", workdir)) from None
+        raise DataError(f"{archive} is not a readable tar.gz archive ({err}); re-download it") from None
+    except (tarfile.TarError, EOFError, ValueError) as err:  # zlib errors are OSError/EOFError
         raise DataError(f"{archive} is not a readable tar.gz archive ({err}); re-download it") from None
     return {name: (workdir / _BATCH_DIR / name).read_bytes() for name in _NEEDED}
 
@@ -269,6 +275,8 @@ def prepare(data_dir: Path, archive: str | None = None, force: bool = False, url
         print(f"{data_dir}: data files up to date (from {source}, md5 {source_md5}); --force rebuilds")
         return existing
     _require_writable(data_dir)
+    for stale in data_dir.glob(".extract-*"):  # left by a run killed while extracting (up to ~180 MB each)
+        shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=data_dir, prefix=".extract-") as workdir:
         train, test = read_cifar10(source, Path(workdir), counts)
     print(f"read {source} (md5 {source_md5}{', verified' if downloaded else ''}): "
@@ -308,9 +316,7 @@ def _write(data_dir: Path, splits: list[Split], manifest: dict, betons: bool, nu
         manifest[path.stem] = {"count": len(split.labels), "bytes": size}
         seconds = time.perf_counter() - start
         print(f"wrote {path} ({len(split.labels):,} images, {size / 1e6:.1f} MB) in {seconds:.1f} s")
-    tmp = data_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(data_dir / MANIFEST)
+    rundir.write_json(data_dir / MANIFEST, manifest)  # atomic, last: it marks the files as a matched set
     return manifest
 
 

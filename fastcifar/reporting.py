@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from fastcifar import rundir
 from fastcifar.cli import Parser
 from fastcifar.config import Config
 from fastcifar.errors import FastCifarError, run_cli
@@ -237,8 +238,11 @@ def summary_markdown(cfg: Config, results: dict, preds: Predictions | None, env:
 
 
 def save_figure(fig: Figure, path: Path) -> None:
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Save atomically (a full disk leaves no truncated image) and close the figure."""
+    try:
+        rundir.atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format=Path(path).suffix[1:]))
+    finally:
+        plt.close(fig)
 
 
 def write_report(run_dir: str | Path) -> list[Path]:
@@ -251,6 +255,10 @@ def write_report(run_dir: str | Path) -> list[Path]:
         env = json.loads((run_dir / "env.json").read_text())
     except (OSError, ValueError) as err:
         raise FastCifarError(f"{run_dir} is not a finished run directory ({err})") from None
+    missing = [key for key in ("steps_per_epoch", "final_test_acc", "best_test_acc") if key not in results]
+    if missing or not metrics:
+        raise FastCifarError(f"{run_dir}/results.json lacks {', '.join(missing) or 'metrics'}: not a run written by "
+                             f"this fastcifar; retrain or restore the file")
     preds_path = run_dir / "predictions.npz"
     preds = Predictions.load(preds_path) if preds_path.exists() else None
     written = []
@@ -261,7 +269,7 @@ def write_report(run_dir: str | Path) -> list[Path]:
         save_figure(plot_misclassified(preds), run_dir / "misclassified.png")
         save_figure(plot_confusion(preds), run_dir / "confusion.png")
         written += [run_dir / "misclassified.png", run_dir / "confusion.png"]
-    (run_dir / "summary.md").write_text(summary_markdown(cfg, results, preds, env))
+    rundir.write_text(run_dir / "summary.md", summary_markdown(cfg, results, preds, env))
     return [*written, run_dir / "summary.md"]
 
 

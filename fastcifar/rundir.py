@@ -12,47 +12,99 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import math
 import os
 import platform
 import subprocess
 import tempfile
+import uuid
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fastcifar.errors import FastCifarError
+from fastcifar.errors import FastCifarError, WriteError, os_error_message
 
 CHECKPOINT_FORMAT = 1
 
 
+# Every file a training run writes into its directory: --overwrite removes all of them before the new run writes
+# anything, so that nothing of the old run (a checkpoint to resume, weights, figures) survives into the new one.
+RUN_FILES = ("config.json", "env.json", "metrics.jsonl", "results.json", "checkpoint.pt", "best.pt", "model.pt",
+             "predictions.npz", "curves.png", "lr_schedule.png", "misclassified.png", "confusion.png", "summary.md",
+             "tta.json")
+LOCK = ".lock"
+_HELD: dict[Path, Any] = {}  # run directory -> its open lock file, held until the process ends
+
+
 def create_run_dir(out_dir: str, name: str, preset: str, overwrite: bool) -> Path:
-    """Make (or, with `overwrite`, reuse) the run directory; refuses to clobber a finished run."""
+    """Make (or, with `overwrite`, empty and reuse) the run directory, and lock it for this process. Refuses a
+    directory that holds a finished or an unfinished run (without --overwrite) or that another process uses."""
     name = name or f"{dt.datetime.now():%Y%m%d-%H%M%S}-{preset}"
     run_dir = Path(out_dir) / name
-    if (run_dir / "results.json").exists() and not overwrite:
+    if not overwrite and (run_dir / "results.json").exists():
         raise FastCifarError(f"{run_dir} already holds a finished run; choose another --name or pass --overwrite")
+    if not overwrite and (run_dir / "checkpoint.pt").exists():
+        raise FastCifarError(f"{run_dir} holds an unfinished run; continue it with: python -m fastcifar.train "
+                             f"--resume {run_dir} (or pass --overwrite to start over)")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=run_dir):
             pass
     except OSError as err:
-        raise FastCifarError(f"cannot write to {run_dir} ({err.strerror}); choose another --out-dir") from None
-    for stale in ("metrics.jsonl", "results.json"):
+        raise FastCifarError(os_error_message(err, "cannot write to", run_dir)) from None
+    lock_run_dir(run_dir)
+    for stale in RUN_FILES:  # an overwritten run leaves nothing behind (and a plain new one has none of them)
         (run_dir / stale).unlink(missing_ok=True)
     return run_dir
 
 
 def reopen_run_dir(run_dir: Path) -> Path:
-    """An existing run directory, to resume in; must still be writable."""
+    """An existing run directory, to resume in: must still be writable, and not in use by another process."""
     try:
         with tempfile.TemporaryFile(dir=run_dir):
             pass
     except OSError as err:
-        raise FastCifarError(f"cannot write to {run_dir} ({err.strerror})") from None
+        raise FastCifarError(os_error_message(err, "cannot write to", run_dir)) from None
+    lock_run_dir(run_dir)
     return run_dir
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Hold an exclusive lock on RUN_DIR/.lock until this process ends (the OS drops it even after kill -9), so
+    that two trainings never share one directory."""
+    import fcntl  # POSIX only; elsewhere the lock is skipped
+
+    key = run_dir.resolve()
+    if key in _HELD:
+        return
+    handle = open(run_dir / LOCK, "a+")  # noqa: SIM115 (kept open on purpose: the lock lives with the handle)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise FastCifarError(f"{run_dir} is in use by a training that is still running ({owner}); wait for it, "
+                             f"stop it, or choose another --name") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    _HELD[key] = handle
+    for stale in run_dir.glob(".*.tmp"):  # left by a process killed mid-write; we hold the lock: none is live
+        stale.unlink(missing_ok=True)
+
+
+def release_run_dir(run_dir: Path) -> None:
+    """Give up this process's lock (the API releases it when a run ends; a process exit releases it anyway)."""
+    handle = _HELD.pop(Path(run_dir).resolve(), None)
+    if handle is not None:
+        handle.close()
 
 
 def record_environment(path: Path, env: dict[str, Any], resumed: bool) -> None:
@@ -63,34 +115,101 @@ def record_environment(path: Path, env: dict[str, Any], resumed: bool) -> None:
     write_json(path, env)
 
 
+def _temporary(path: Path) -> Path:
+    """A temporary name beside `path`, unique to this process and call (two writers never share one)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write a file through `write(temporary_path)` and rename it into place, so that a reader never sees half a
+    file; on any error (a full or read-only disk...) the temporary file is removed, `path` is left as it was,
+    and an OSError becomes one WriteError line naming the path and what to do."""
+    tmp = _temporary(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise WriteError(os_error_message(err, "cannot write", path)) from None
+    except RuntimeError as err:  # torch.save reports a full disk as RuntimeError ("unexpected pos ...")
+        if "write" in str(err) or "pos" in str(err) or "file" in str(err):
+            raise WriteError(f"cannot write {path}: {str(err).splitlines()[0]} (a full disk?); free space or "
+                             f"write elsewhere (--out-dir)") from None
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _json(obj: Any, **options: Any) -> str:
+    """JSON with non-finite floats written as null (bare NaN is not JSON)."""
+    return json.dumps(_finite(obj), allow_nan=False, **options)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write `obj` as JSON atomically (temp file + rename), so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(_json(obj, indent=2) + "\n"))
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def append_jsonl(path: Path, obj: Any) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(obj) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(_json(obj) + "\n")
+    except OSError as err:
+        raise WriteError(os_error_message(err, "cannot write", path)) from None
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """Replace a .jsonl file atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text("".join(_json(row) + "\n" for row in rows)))
 
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def state_checksum(state: Any) -> str:
+    """A digest of every tensor and plain value in `state` (dict keys sorted): a checkpoint corrupted inside a
+    tensor, with its zip structure intact, no longer matches."""
+    digest = hashlib.blake2b(digest_size=16)
+
+    def visit(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, dict):
+            for key in sorted(obj, key=str):
+                digest.update(str(key).encode())
+                visit(obj[key])
+        elif isinstance(obj, list | tuple):
+            for item in obj:
+                visit(item)
+        else:
+            digest.update(repr(obj).encode())
+
+    visit(state)
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save atomically; `state` must hold only tensors and plain Python values (weights_only)."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
-    os.replace(tmp, path)
+    """torch.save atomically, with a checksum of the state; `state` must hold only tensors and plain Python
+    values (weights_only)."""
+    full = {"format": CHECKPOINT_FORMAT, **state}
+    full["checksum"] = state_checksum(full)
+    atomic_write(path, lambda tmp: torch.save(full, tmp))
 
 
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
@@ -101,12 +220,21 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise FastCifarError(f"no checkpoint at {path}") from None
     except Exception as err:  # weights_only refuses anything but tensors and plain values
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise FastCifarError(f"{path} holds objects other than tensors and plain values; it is refused, "
+                                 f"because loading it could run code") from None
         raise FastCifarError(f"{path} is not a loadable fastcifar checkpoint ({type(err).__name__}: "
                              f"{str(err).splitlines()[0] if str(err) else 'corrupt or truncated'})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise FastCifarError(f"{path}: checkpoint format {found!r}, this fastcifar reads {CHECKPOINT_FORMAT} "
-                             f"(written by an incompatible version)")
+    if not isinstance(state, dict) or "format" not in state:
+        raise FastCifarError(f"{path} is not a fastcifar checkpoint (no format marker); pass a model.pt, best.pt or "
+                             f"checkpoint.pt written by fastcifar.train")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise FastCifarError(f"{path}: checkpoint format {state.get('format')!r}, this fastcifar reads "
+                             f"{CHECKPOINT_FORMAT} (written by an incompatible version)")
+    saved = state.pop("checksum", None)
+    if saved is not None and saved != state_checksum(state):
+        raise FastCifarError(f"{path} is corrupt (its contents do not match the checksum written with it); use "
+                             f"another copy, or best.pt / an earlier run")
     return state
 
 

@@ -28,7 +28,7 @@ from fastcifar.distributed import start as start_group
 from fastcifar.ema import Lookahead, WeightEMA
 from fastcifar.errors import FastCifarError
 from fastcifar.interrupt import TrainingInterrupted
-from fastcifar.loop import Trainer, batch_shapes, warm_up
+from fastcifar.loop import NonFiniteLoss, Trainer, batch_shapes, warm_up
 from fastcifar.muon import MuonSGD
 from fastcifar.runtime import (
     Amp,
@@ -217,6 +217,16 @@ def _whiten_init(model: CustomResNet, cfg: Config, device: torch.device, count: 
     return whiten_init(model, images.cpu())
 
 
+def non_finite_state(model: nn.Module) -> str:
+    """The name of the first parameter or buffer of `model` holding NaN/inf, or "" (one sync)."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    floats = [(name, t) for name, t in tensors if t.is_floating_point()]
+    if not floats:
+        return ""
+    finite = torch.stack([torch.isfinite(t).all() for _, t in floats]).cpu()
+    return next((name for (name, _), ok in zip(floats, finite.tolist(), strict=True) if not ok), "")
+
+
 def checkpoint_interval(cfg: Config, device: torch.device) -> int:
     """run.checkpoint_every, with -1 (auto) meaning every epoch on a CPU (epochs take minutes) and every 10 on a
     GPU, where writing ~80 MB costs as much as a whole ~1 s epoch (a signal still writes one at once)."""
@@ -264,6 +274,10 @@ class Checkpointer:
         s = self.session
         ranks = gather({"rng": rng_states(s.augment.generator), "progress": progress.to_dict() if progress else None},
                        s.dist)
+        bad = non_finite_state(s.model) or (non_finite_state(s.ema.module) if s.ema is not None else "")
+        if bad:  # never overwrite the last good checkpoint with a diverged state
+            raise NonFiniteLoss(f"the training state holds NaN/inf ({bad}); not saved: the last checkpoint "
+                                f"({self.path}) is kept. Lower --max-lr or use --precision fp32")
         if s.dist.is_main:
             save_training_state(self.path, cfg=s.cfg, model=s.model, optimizer=s.optimizer, scheduler=self.scheduler,
                                 scaler=s.amp.scaler, augment_generator=s.augment.generator, epochs_done=epochs_done,

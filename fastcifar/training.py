@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -22,7 +23,7 @@ from torch import nn
 from fastcifar import reporting, rundir
 from fastcifar.checkpoint import EpochProgress, load_training_state, resume_config
 from fastcifar.cli import Parser, add_config_arguments, config_from_args
-from fastcifar.config import Config
+from fastcifar.config import Config, ConfigError
 from fastcifar.custom_resnet import count_parameters
 from fastcifar.data import open_split
 from fastcifar.distributed import AgreedStop, all_max, all_sum, broadcast, from_env, gather, keep_until_exit
@@ -42,7 +43,7 @@ from fastcifar.loop import (
 )
 from fastcifar.runtime import resolve_device
 from fastcifar.schedule import make_scheduler, one_cycle_lr
-from fastcifar.session import Checkpointer, Session, quiet, restore_state
+from fastcifar.session import Checkpointer, Session, non_finite_state, quiet, restore_state
 
 
 @dataclass
@@ -102,6 +103,8 @@ def train(cfg: Config, log: Callable[[str], None] = print, resume: str | Path | 
     except BaseException:
         stop_group(wait=False)  # the other ranks may be anywhere: do not wait for them
         raise
+    finally:
+        rundir.release_run_dir(session.run_dir)
     stop_group()
     return result
 
@@ -172,6 +175,12 @@ def _train_epoch(session: Session, trainer: Trainer, ep: int, start: EpochProgre
                        translate=data.test_translate)
     except StopRequested:
         ckpt.interrupt(stop, ep - 1, tr.progress)  # training part done: resume redoes only the test pass
+    bad = non_finite_state(session.tested)
+    if bad or not math.isfinite(te.loss):
+        what = f"the BatchNorm statistics or weights ({bad})" if bad else "the test loss"
+        kept = f"the last checkpoint ({ckpt.path}) is intact" if ckpt.path.exists() else "no checkpoint was written"
+        raise NonFiniteLoss(f"training diverged in epoch {ep}: {what} became NaN/inf (lr up to {lr:.4g}); {kept}. "
+                            f"Lower --max-lr (see python -m fastcifar.find_lr) or use --precision fp32")
     skipped = int(all_sum([tr.progress.skipped], session.dist, session.device)[0])
     tr, te = _over_ranks(tr, session), _over_ranks(te, session)
     return {"epoch": ep, "lr": lr, "lr_end": trainer.scheduler.get_last_lr()[0], "train_loss": tr.loss,
@@ -262,6 +271,20 @@ def time_to(metrics: list[dict], target: float, start_seconds: float = 0.0) -> t
     return None, None
 
 
+def finish_report(run_dir: Path) -> bool:
+    """A finished run (results.json) whose report files are missing (a kill between the two): write them and
+    say so. True when the run was finished (and nothing is left to resume)."""
+    if not (run_dir / "results.json").exists():
+        return False
+    missing = [name for name in reporting.FILES if not (run_dir / name).exists()]
+    if not missing:
+        return False  # load_training_state says "finished run; nothing to resume"
+    for path in reporting.write_report(run_dir):
+        print(f"wrote {path}")
+    print(f"{run_dir} had finished; its report ({', '.join(missing)}) was missing and is written now")
+    return True
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="python -m fastcifar.train",
@@ -276,9 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
-    def run() -> TrainResult:
+    def run() -> TrainResult | None:
         if args.resume is None:
             return train(config_from_args(args))
+        moved = {"run.name", "run.out_dir"} & vars(args).keys()
+        if moved:
+            raise ConfigError(f"--resume continues {args.resume} in place; do not combine it with "
+                              f"{' or '.join('--' + k for k in sorted(moved))}")
+        if finish_report(Path(args.resume)):
+            return None
         # The interrupted run's config, with only the options given now changed (checked in train).
         saved = load_training_state(args.resume)["config"]
         return train(config_from_args(args, base=Config.from_dict(saved)), resume=args.resume)

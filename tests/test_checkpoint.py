@@ -115,6 +115,33 @@ def test_a_checkpoint_is_not_resumed_on_another_kind_of_device(synthetic, tmp_pa
         train(cfg, resume=tmp_path / "run", **QUIET)
 
 
+def test_a_non_finite_test_loss_or_bn_statistic_stops_the_run_and_keeps_the_last_good_checkpoint(
+        synthetic, tmp_path, monkeypatch):
+    from fastcifar.loop import PassStats
+
+    calls = []
+    original = train_module.test_pass
+
+    def nan_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        stats = original(*args, **kwargs)
+        return PassStats(float("nan"), stats.accuracy, stats.images, stats.seconds) if len(calls) == 2 else stats
+
+    monkeypatch.setattr(train_module, "test_pass", nan_in_epoch_2)
+    with pytest.raises(train_module.NonFiniteLoss, match=r"epoch 2: the test loss became NaN/inf.*intact"):
+        train(tiny_config(synthetic, tmp_path), **QUIET)
+    state = load_training_state(tmp_path / "run")
+    assert state["epoch"] == 1  # the checkpoint of epoch 1, not a diverged one
+    assert "NaN" not in (tmp_path / "run" / "metrics.jsonl").read_text()
+    monkeypatch.undo()
+    with torch.no_grad():  # a model whose BatchNorm statistics went NaN is never saved as "intact"
+        from fastcifar.custom_resnet import CustomResNet
+        from fastcifar.session import non_finite_state
+        model = CustomResNet(tiny_config(synthetic, tmp_path).model)
+        model.prep[1].running_var[0] = float("nan")
+        assert non_finite_state(model) == "prep.1.running_var"
+
+
 def test_every_epoch_writes_a_resumable_checkpoint_and_the_best_weights(tiny_run):
     with pytest.raises(FastCifarError, match="finished run; nothing to resume"):
         load_training_state(tiny_run.run_dir)
@@ -201,3 +228,36 @@ def test_cli_resume_rejects_a_changed_recipe(tmp_path, synthetic, monkeypatch, c
 
 def test_config_of_a_run_loads_back(tiny_run):
     assert Config.from_dict(json.loads((tiny_run.run_dir / "config.json").read_text())) == tiny_run.config
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_resume_ends_bit_identical(tiny_run, synthetic, tmp_path):
+    """A fault-injection run: SIGKILL (no handler, no checkpoint on the way out) at seeded random moments, each
+    followed by --resume (or a fresh start when no checkpoint was written yet); the end must be bit for bit
+    the uninterrupted run, with nothing of the killed attempts mixed in."""
+    import subprocess
+    import time
+
+    rng = random.Random(20261202)
+    run_dir = tmp_path / "killed"
+    fresh = [sys.executable, "-m", "fastcifar.train", *tiny_cli_args(synthetic, tmp_path, **{"run.name": "killed"}),
+             "--overwrite"]
+    resume = [sys.executable, "-m", "fastcifar.train", "--resume", str(run_dir)]
+    kills = 0
+    for _ in range(8):
+        if (run_dir / "results.json").exists() or kills == 4:
+            break
+        proc = subprocess.Popen(resume if (run_dir / "checkpoint.pt").exists() else fresh,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(3.0, 15.0))
+        if proc.poll() is None:
+            proc.kill()
+            kills += 1
+        proc.wait(timeout=60)
+    if not (run_dir / "results.json").exists():
+        proc = subprocess.run(resume if (run_dir / "checkpoint.pt").exists() else fresh, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+    assert kills >= 1
+    _same_run(tiny_run.run_dir, run_dir)
+    assert not list(run_dir.glob(".*.tmp"))

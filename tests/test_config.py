@@ -46,6 +46,12 @@ def test_override_parses_strings_to_field_types(key, text, expected):
     ("schedule.epochs", 2.5, "as int"),
     ("optim.nesterov_momentum", 1, "unknown option 'optim.nesterov_momentum'"),
     ("training.lr", 1, "unknown config section 'training'"),
+    ("schedule.max_lr", "inf", "schedule.max_lr must be a finite number"),
+    ("optim.weight_decay", float("inf"), "optim.weight_decay must be a finite number"),
+    ("run.seed", 99999999999, "run.seed must be in "),
+    ("run.name", "x" * 300, "run.name must be a plain directory name of at most 200 characters"),
+    ("model.num_classes", 5, "model.num_classes must be 10"),
+    ("data.loader", "dali", "data.loader must be auto, ffcv or resident"),
 ])
 def test_invalid_values_are_rejected_with_the_field_named(key, value, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(".", r"\.")):
@@ -105,3 +111,23 @@ def test_config_file_is_a_starting_point(tmp_path):
     path.write_text(json.dumps(Config.from_preset("smoke", {"run.seed": 7}).to_dict()))
     cfg = config_from_args(build_parser().parse_args(["--config", str(path), "--epochs", "1"]))
     assert (cfg.preset, cfg.run.seed, cfg.schedule.epochs) == ("smoke", 7, 1)
+
+
+def test_every_field_has_a_help_text_and_help_shows_it():
+    import dataclasses
+
+    from fastcifar.config import SECTIONS
+
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{section}.{f.name} has no help text"
+    shown = build_parser().format_help()
+    assert "frozen BN scales" in shown.replace("\n", " ") or "BatchNorm scales fixed at 1" in shown.replace(
+        "\n", " ")
+
+
+def test_an_unknown_option_is_one_line_not_a_usage_block(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["--optim.lr", "0.1"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and err.startswith("error: unrecognized arguments")

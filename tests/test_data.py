@@ -219,3 +219,16 @@ def test_arrays_round_trip_and_leave_no_temporary_file(tmp_path):
     np.testing.assert_array_equal(back_images, images)
     np.testing.assert_array_equal(back_labels, labels)
     assert [p.name for p in tmp_path.iterdir()] == ["test.npz"]
+
+
+def test_swapped_files_are_caught_by_the_manifest(synthetic, tmp_path):
+    import shutil
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(synthetic["data_dir"], data_dir)
+    for kind, (a, b) in {"ffcv": ("train.beton", "test.beton"), "resident": ("train.npz", "test.npz")}.items():
+        (data_dir / a).rename(data_dir / "x")
+        (data_dir / b).rename(data_dir / a)
+        (data_dir / "x").rename(data_dir / b)
+        with pytest.raises(DataError, match=r"holds 200 images but betons.json says 1,000: the files were swapped"):
+            make_loaders(data_dir, 64, 30, 1, CPU, kind=kind)

@@ -5,6 +5,8 @@ import pytest
 import torch
 from torch import nn
 
+from fastcifar.config import Config
+from fastcifar.custom_resnet import CustomResNet
 from fastcifar.data import make_loader
 from fastcifar.errors import FastCifarError
 from fastcifar.evaluation import evaluate_checkpoint, load_checkpoint, main, read_tta_accuracy
@@ -93,8 +95,12 @@ def test_unsafe_and_foreign_checkpoints_are_refused(tmp_path):
             return (print, ("pwned",))
 
     torch.save({"format": 1, "x": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(FastCifarError, match="not a loadable fastcifar checkpoint"):
+    with pytest.raises(FastCifarError, match="could run code") as info:
         load_checkpoint(tmp_path / "evil.pt")
+    assert "weights_only" not in str(info.value)  # never pass on PyTorch's advice to turn the protection off
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(FastCifarError, match="is not a fastcifar checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
     save_checkpoint(tmp_path / "old.pt", {"model": {}, "config": {}})
     torch.save({"format": 0, "model": {}}, tmp_path / "old.pt")
     with pytest.raises(FastCifarError, match="checkpoint format 0"):
@@ -152,3 +158,21 @@ def test_tta_views_are_the_mirror_and_the_reflect_shifted_copies(flip, translate
     assert torch.allclose(tta_logits(model, x, flip, translate), expected, atol=1e-4)
     # a model that hands back one buffer for every forward (CUDA graphs) gets the same answer
     assert torch.allclose(tta_logits(_ReusesItsOutput(), x, flip, translate), expected, atol=1e-4)
+
+
+def test_checkpoints_that_do_not_fit_are_one_line(tmp_path):
+    narrow = CustomResNet(Config.from_preset("smoke").model)
+    save_checkpoint(tmp_path / "other.pt", {"model": narrow.state_dict(), "config": Config().to_dict()})
+    with pytest.raises(FastCifarError, match=r"its weights do not fit the network its config describes") as info:
+        load_checkpoint(tmp_path / "other.pt")
+    assert "\n" not in str(info.value)
+    save_checkpoint(tmp_path / "bare.pt", {"weights": {}})
+    with pytest.raises(FastCifarError, match="holds no model weights with their config"):
+        load_checkpoint(tmp_path / "bare.pt")
+
+
+@pytest.mark.parametrize(("args", "fragment"), [(["--device", "mps"], "--device must be"),
+                                                (["--batch-size", "0"], "--batch-size must be >= 1")])
+def test_evaluate_refuses_bad_options_in_one_line(tmp_path, capsys, args, fragment):
+    assert main(["--checkpoint", str(tmp_path / "x.pt"), *args]) == 2
+    assert fragment in capsys.readouterr().err

@@ -86,3 +86,12 @@ def test_cli_errors_are_one_line_with_exit_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("text", ["99999", "0,0", "-1", "0,4294967296"])
+def test_absurd_seed_lists_are_refused(text):
+    from fastcifar.config import ConfigError
+    from fastcifar.multiseed import parse_seeds
+
+    with pytest.raises(ConfigError, match="--seeds"):
+        parse_seeds(text)

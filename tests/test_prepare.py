@@ -253,3 +253,40 @@ def test_interrupted_write_leaves_no_complete_looking_beton(archive, tmp_path, m
         wb.prepare(data, archive=str(archive), counts=(50, 20), num_workers=1)
     assert wb.read_manifest(data) is None and not (data / "test.beton").exists()
     assert not list(data.glob("*.tmp")) and not list(data.glob(".extract-*"))
+
+
+def test_a_killed_extraction_leaves_nothing_for_good(archive, tmp_path):
+    write_archive(archive, per_batch=10, n_test=20)
+    data = tmp_path / "data"
+    (data / ".extract-abc123" / "cifar-10-batches-py").mkdir(parents=True)  # as a kill -9 mid-extraction leaves
+    wb.prepare(data, archive=str(archive), counts=(50, 20), num_workers=1)
+    assert not list(data.glob(".extract-*"))
+
+
+@pytest.mark.slow
+def test_sigterm_while_writing_a_beton_stops_in_one_line_and_leaves_nothing_running(tmp_path):
+    import os
+    import signal
+    import time
+
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    write_archive(archive, per_batch=4000, n_test=2000)  # 20,000 images: a few seconds of writing
+    data = tmp_path / "data"
+    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    proc = subprocess.Popen([sys.executable, str(REPO / "data_prep" / "write_beton.py"), "--archive", str(archive),
+                             "--data-dir", str(data), "--expect-counts", "any"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (data / "train.npz").exists():  # arrays first, then the betons
+        time.sleep(0.05)
+    time.sleep(1.0)  # inside FFCV's writer now
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines() == ["interrupted: nothing half-written was kept"], err
+    time.sleep(1.0)
+    leftover = subprocess.run(["pgrep", "-f", str(data)], capture_output=True, text=True).stdout.split()
+    assert leftover == [], "writer processes left running"
+    if shm_before:
+        assert set(os.listdir("/dev/shm")) <= shm_before, "shared memory left behind"
+    assert not list(data.glob("*.tmp")) and not list(data.glob(".*.tmp")) and not (data / "betons.json").exists()

@@ -1,0 +1,260 @@
+"""Everything that knows FFCV: beton loaders behind the loader contract (`FfcvLoader`), the beton writer, and
+the benchmarks' FFCV-with-its-own-augmentation loader. FFCV is imported only inside these functions (it takes
+seconds, and it is an optional extra): `ffcv_available()` says whether it is installed.
+
+The FFCV loader only decodes and moves bytes: image batches arrive as uint8 [N, 3, 32, 32] in channels_last
+memory on the device (copied with non_blocking=True, overlapping the previous step on a GPU), labels as int64.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastcifar.errors import DataError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+REBUILD = "rebuild it with: python data_prep/write_beton.py --data-dir {data_dir} --force"
+PREPARE_HINT = "create it with: python data_prep/write_beton.py --data-dir {data_dir}"
+
+
+@contextlib.contextmanager
+def keep_torch_threads() -> Iterator[None]:
+    """FFCV sets torch's intra-op thread count (to 1 on import, to its worker count when a loader or
+    an epoch starts); on a CPU that silently slows training, so put back what the process had."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_beton(path: Path) -> None:
+    if not path.is_file():
+        raise DataError(f"missing {path}; " + PREPARE_HINT.format(data_dir=path.parent))
+
+
+def _check_schema(reader: object, path: Path) -> None:
+    """The beton must hold 32x32 RGB images and integer labels, with every sample inside the file: a
+    wrong or damaged file is refused here rather than crashing (or silently training) later."""
+    fields = {name: type(handler).__name__ for name, handler in reader.handlers.items()}
+    if fields != {"image": "RGBImageField", "label": "IntField"}:
+        raise DataError(f"{path} has fields {fields}, not CIFAR-10's image (RGBImageField) and label (IntField); "
+                        + REBUILD.format(data_dir=path.parent))
+    images = reader.metadata[f"f{list(reader.handlers).index('image')}"]  # FFCV names metadata columns f0, f1...
+    if reader.num_samples and not ((images["width"] == 32).all() and (images["height"] == 32).all()):
+        raise DataError(f"{path} holds images that are not 32x32 (e.g. {images['width'][0]}x{images['height'][0]}); "
+                        f"fastcifar trains on CIFAR-10's 32x32 images")
+    table = reader.alloc_table
+    if len(table) and int((table["ptr"] + table["size"]).max()) > path.stat().st_size:
+        raise DataError(f"{path} is truncated (samples point past its end); "
+                        + REBUILD.format(data_dir=path.parent))
+
+
+def auto_workers(device: torch.device) -> int:
+    """Decode threads for `num_workers=0`. On a CPU the training step needs every core and the decode is
+    cheap (raw pixels), so one thread; see BENCHMARKS.md (two threads contend with the augmentation's and
+    the step's own threads and made the data path slower, not faster, in development measurements)."""
+    return 1 if device.type == "cpu" else 2
+
+
+class FfcvLoader:
+    """An FFCV Loader behind the BatchLoader contract."""
+
+    def __init__(self, loader: object, images: int) -> None:
+        self._loader = loader
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    @contextlib.contextmanager
+    def epoch(self, index: int = 0, skip: int = 0) -> Iterator[Iterator[Batch]]:
+        # FFCV's shuffle of an epoch depends only on (seed, epoch number): set it, and the order is replayable.
+        self._loader.next_epoch = index
+        with keep_torch_threads():
+            iterator = iter(self._loader)
+        try:
+            for _ in range(skip):  # decoded and dropped: cheap next to the training steps they stand for
+                next(iterator)
+            yield iterator
+        finally:
+            _shut_down(iterator)
+
+
+def _shut_down(iterator: object) -> None:
+    """Stop an FFCV epoch iterator's worker thread, even mid-epoch: an abandoned one can abort the process at
+    exit."""
+    iterator.terminate_event.set()
+    while iterator.is_alive():  # the worker blocks on a full queue until it sees the event
+        with contextlib.suppress(Exception):
+            iterator.output_queue.get(timeout=0.1)
+    iterator.close()
+
+
+def make_loader(path: Path, batch_size: int, num_workers: int, device: torch.device, train: bool,
+                subset: int = 0, seed: int = 0, distributed: bool = False) -> FfcvLoader:
+    """An FFCV loader over `path`: random order for training, sequential for test; never drops a batch.
+    `num_workers` 0 means `auto_workers(device)`. `distributed`: this rank's shard only (FFCV's emulation of
+    DistributedSampler; needs the process group; a rank gets ceil(N / world) samples, padded by repeats
+    where N does not divide)."""
+    _check_beton(path)  # before importing FFCV (~3 s): a missing file is the common mistake
+    with keep_torch_threads():
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.reader import Reader
+        from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+
+    try:
+        reader = Reader(str(path))
+    except Exception as err:  # FFCV raises assorted errors for files that are not its format (or truncated)
+        raise DataError(f"{path} is not a readable CIFAR-10 beton ({type(err).__name__}: {err}); "
+                        + REBUILD.format(data_dir=path.parent)) from None
+    _check_schema(reader, path)
+    num_samples = reader.num_samples
+    if subset > num_samples:
+        raise DataError(f"{path} holds {num_samples} images; cannot take a subset of {subset}")
+    with keep_torch_threads():
+        loader = Loader(
+            str(path), batch_size=batch_size, num_workers=num_workers or auto_workers(device), seed=seed,
+            drop_last=False, distributed=distributed,
+            order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
+            indices=np.arange(subset) if subset else None,
+            pipelines={
+                "image": [SimpleRGBImageDecoder(), ToTensor(), ToDevice(device, non_blocking=True),
+                          ToTorchImage(channels_last=True, convert_back_int16=False)],
+                "label": [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=True), Squeeze(1)],
+            },
+        )
+    return FfcvLoader(loader, len(loader.indices))
+
+
+def ffcv_available() -> bool:
+    """Whether FFCV can be imported here (without importing it: that takes seconds)."""
+    try:
+        return importlib.util.find_spec("ffcv") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules["ffcv"] is None (made unimportable)
+        return False
+
+
+def ffcv_augmenting_loader(path: Path, batch_size: int, workers: int, device: torch.device,
+                           mean: tuple[float, ...], std: tuple[float, ...]) -> FfcvLoader:
+    """For the benchmarks: FFCV with its own per-image augmentation ops (flip, translate 4, cutout 8,
+    normalise; the way FFCV's CIFAR example does it), delivering float batches."""
+    with keep_torch_threads():
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import (
+            Cutout,
+            NormalizeImage,
+            RandomHorizontalFlip,
+            RandomTranslate,
+            Squeeze,
+            ToDevice,
+            ToTensor,
+            ToTorchImage,
+        )
+
+    fill = tuple(int(round(m * 255)) for m in mean)
+    image = [SimpleRGBImageDecoder(), RandomHorizontalFlip(), RandomTranslate(padding=4, fill=fill),
+             Cutout(8, fill), NormalizeImage(np.array(mean) * 255, np.array(std) * 255, np.float32), ToTensor(),
+             ToDevice(device, non_blocking=True), ToTorchImage()]
+    with keep_torch_threads():
+        loader = Loader(str(path), batch_size=batch_size, num_workers=workers, order=OrderOption.RANDOM, seed=0,
+                        pipelines={"image": image, "label": [IntDecoder(), ToTensor(), ToDevice(device), Squeeze(1)]})
+    return FfcvLoader(loader, len(loader.indices))
+
+
+class _ArrayDataset:
+    """Images and labels as the indexed dataset FFCV's writer reads."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        return self.images[i], int(self.labels[i])
+
+
+def write_beton(images: np.ndarray, labels: np.ndarray, path: Path, num_workers: int) -> None:
+    """Write uint8 images [N, 32, 32, 3] and labels [N] as an FFCV dataset (raw RGB images, int labels) to
+    `path`, atomically (a temporary name, renamed when complete).
+
+    FFCV's writer forks worker processes that would inherit our signal handlers (and print tracebacks, or
+    hang the parent joining them, on Ctrl-C / SIGTERM). So the writing runs in a child process of its own
+    process group with the default handlers; a signal to us kills that whole group, removes the shared memory
+    it left in /dev/shm and the temporary file, and then stops us with the usual one line."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shm_before = _shared_memory()
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # the writer
+        os.close(read_end)
+        code = 1
+        try:
+            os.setpgid(0, 0)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_DFL)
+            _write_beton_here(images, labels, tmp, num_workers)
+            code = 0
+        except BaseException as err:  # reported to the parent through the pipe, never as a traceback here
+            os.write(write_end, f"{type(err).__name__}: {err}".encode()[:2000])
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    try:
+        _, status = os.waitpid(child, 0)
+    except BaseException:  # Ctrl-C / SIGTERM (errors.Terminated) while the writer runs
+        with contextlib.suppress(OSError):
+            os.killpg(child, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.waitpid(child, 0)
+        _remove_new_shared_memory(shm_before)
+        tmp.unlink(missing_ok=True)
+        os.close(read_end)
+        raise
+    message = os.read(read_end, 4000).decode(errors="replace")
+    os.close(read_end)
+    if status != 0:
+        _remove_new_shared_memory(shm_before)
+        tmp.unlink(missing_ok=True)
+        full = any(word in message for word in ("No space", "ENOSPC", "Errno 28"))
+        advice = "the disk is full; free space or use another --data-dir" if full else message or f"status {status}"
+        raise DataError(f"cannot write {path}: {advice}")
+    os.replace(tmp, path)
+
+
+def _write_beton_here(images: np.ndarray, labels: np.ndarray, tmp: Path, num_workers: int) -> None:
+    from ffcv.fields import IntField, RGBImageField  # heavy import (~3 s), only when writing
+    from ffcv.writer import DatasetWriter
+
+    fields = {"image": RGBImageField(write_mode="raw", max_resolution=32), "label": IntField()}
+    DatasetWriter(str(tmp), fields, num_workers=num_workers).from_indexed_dataset(_ArrayDataset(images, labels))
+
+
+def _shared_memory() -> set[str]:
+    try:
+        return set(os.listdir("/dev/shm"))
+    except OSError:
+        return set()
+
+
+def _remove_new_shared_memory(before: set[str]) -> None:
+    """Shared-memory segments that killed writer processes left behind (only those that appeared since)."""
+    for name in _shared_memory() - before:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join("/dev/shm", name))
+
+
+# ------------------------------------------------------------------------------------ resident arrays

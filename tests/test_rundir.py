@@ -1,0 +1,138 @@
+"""Run directories and the files in them: atomic writes that fail in one line and keep what was there, JSON
+without bare NaN, checkpoints with a checksum, one training per directory, --overwrite that leaves nothing of
+the old run behind."""
+
+import errno
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastcifar import rundir
+from fastcifar.errors import FastCifarError, WriteError
+from fastcifar.training import main, train
+from tests.conftest import REPO, tiny_cli_args, tiny_config
+
+QUIET = {"log": lambda _: None}
+
+
+def test_json_holds_null_for_non_finite_numbers(tmp_path):
+    rundir.write_json(tmp_path / "a.json", {"loss": float("nan"), "rows": [float("inf"), 1.5]})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"loss": None, "rows": [None, 1.5]}
+    rundir.append_jsonl(tmp_path / "m.jsonl", {"test_loss": float("-inf")})
+    assert rundir.read_jsonl(tmp_path / "m.jsonl") == [{"test_loss": None}]
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES, errno.ENAMETOOLONG])
+def test_a_failed_write_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch, code):
+    path = tmp_path / "checkpoint.pt"
+    rundir.save_checkpoint(path, {"model": {"w": torch.ones(3)}})
+    before = path.read_bytes()
+
+    def failing_save(obj, target):
+        with open(target, "wb") as f:
+            f.write(b"half")
+        raise OSError(code, "injected")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(WriteError, match=r"cannot write .*checkpoint\.pt: ") as info:
+        rundir.save_checkpoint(path, {"model": {"w": torch.zeros(3)}})
+    assert "\n" not in str(info.value)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_torch_saves_full_disk_error_is_a_write_error(tmp_path, monkeypatch):
+    def full(obj, target):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(WriteError, match="a full disk"):
+        rundir.save_checkpoint(tmp_path / "model.pt", {"model": {}})
+
+
+def test_a_checkpoint_corrupted_inside_a_tensor_is_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    rundir.save_checkpoint(path, {"model": {"w": torch.arange(4.0)}, "config": {}})
+    assert torch.equal(rundir.load_checkpoint_file(path)["model"]["w"], torch.arange(4.0))
+    state = torch.load(path, weights_only=True)
+    state["model"]["w"][2] = 99.0  # same size, zip structure intact: only the checksum can tell
+    torch.save(state, path)
+    with pytest.raises(FastCifarError, match="is corrupt"):
+        rundir.load_checkpoint_file(path)
+
+
+def test_temporary_names_are_unique_per_write(tmp_path):
+    names = {rundir._temporary(tmp_path / "checkpoint.pt").name for _ in range(50)}
+    assert len(names) == 50 and all(n.startswith(".checkpoint.pt.") for n in names)
+
+
+def test_a_run_directory_in_use_by_another_process_is_refused(synthetic, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    rundir.lock_run_dir(run_dir)  # as a training in this process would
+    try:
+        proc = subprocess.run([sys.executable, "-m", "fastcifar.train", *tiny_cli_args(synthetic, tmp_path)],
+                              capture_output=True, text=True, timeout=300, cwd=REPO)
+    finally:
+        rundir.release_run_dir(run_dir)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "is in use by a training" in proc.stderr
+    assert not (run_dir / "config.json").exists()  # nothing of the refused run was written
+
+
+def test_an_unfinished_run_is_not_restarted_without_overwrite(synthetic, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pt").write_bytes(b"an interrupted run")
+    with pytest.raises(FastCifarError, match="holds an unfinished run; continue it with: .*--resume"):
+        train(tiny_config(synthetic, tmp_path), **QUIET)
+    assert (run_dir / "checkpoint.pt").read_bytes() == b"an interrupted run"
+
+
+def test_overwrite_removes_every_file_of_the_old_run_first(tiny_run, synthetic, tmp_path, monkeypatch):
+    import shutil
+
+    from fastcifar import loop
+    from fastcifar.interrupt import TrainingInterrupted
+
+    old = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, old)
+    original, calls = loop.train_step, []
+
+    def stop_in_epoch_1(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            import os
+            import signal
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", stop_in_epoch_1)
+    with pytest.raises(TrainingInterrupted):
+        train(tiny_config(synthetic, tmp_path, **{"run.overwrite": True, "run.seed": 7}), **QUIET)
+    left = {p.name for p in old.iterdir()}
+    assert not {"model.pt", "best.pt", "results.json", "curves.png", "summary.md", "predictions.npz"} & left
+    state = torch.load(old / "checkpoint.pt", weights_only=True)
+    assert state["config"]["run"]["seed"] == 7 and state["progress"]["step"] == 3  # the new run's, not the old
+
+
+def test_resume_finishes_a_report_that_a_kill_left_missing(tiny_run, tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.run_dir, run_dir)
+    (run_dir / "curves.png").unlink()
+    (run_dir / "summary.md").unlink()
+    assert main(["--resume", str(run_dir)]) == 0
+    assert (run_dir / "curves.png").is_file() and (run_dir / "summary.md").is_file()
+    assert "was missing and is written now" in capsys.readouterr().out
+    assert main(["--resume", str(run_dir)]) == 1  # complete now: nothing to resume
+    assert "finished run; nothing to resume" in capsys.readouterr().err
+
+
+def test_resume_refuses_to_move_the_run(tmp_path, capsys):
+    assert main(["--resume", str(tmp_path), "--name", "other"]) == 2
+    err = capsys.readouterr().err
+    assert "continues" in err and "in place" in err and "--run.name" in err
