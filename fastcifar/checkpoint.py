@@ -128,13 +128,40 @@ def recipe_differences(saved: Config, requested: Config) -> list[str]:
             if old[k] != new[k] and k not in RESUMABLE_CHANGES and not k.startswith("lr_finder.")]
 
 
-def resume_config(saved: Config, requested: Config) -> Config:
-    """`requested` if it only differs from the interrupted run's config in RESUMABLE_CHANGES; else an error
-    naming each setting that differs."""
+# What `--resume RUN --lower-lr` may change: the LR levels (to lower values), nothing else of the recipe.
+LR_LEVELS = ("schedule.max_lr", "schedule.min_lr", "schedule.end_lr", "optim.muon_lr")
+
+
+def resume_config(saved: Config, requested: Config, lower_lr: bool = False) -> Config:
+    """`requested` if it only differs from the interrupted run's config in RESUMABLE_CHANGES (and, with
+    `lower_lr`, in LR_LEVELS, each lower than before and at least one of them); else an error naming each
+    setting that differs."""
     differ = recipe_differences(saved, requested)
+    if lower_lr:
+        old, new = _levels(saved), _levels(requested)
+        changed = [k for k in LR_LEVELS if old[k] != new[k]]
+        higher = [f"{k} {old[k]!r} -> {new[k]!r}" for k in changed if new[k] > old[k]]
+        if higher:
+            raise ConfigError(f"--lower-lr only lowers learning rates: {', '.join(higher)}")
+        if not changed:
+            raise ConfigError("--lower-lr needs a lower learning rate than the run's, e.g. --max-lr "
+                              f"{old['schedule.max_lr'] / 2:.4g}")
+        differ = [d for d in differ if d.split(" ", 1)[0] not in LR_LEVELS]
     if differ:
-        raise ConfigError(f"cannot resume with a different recipe: {', '.join(differ)}; start a new run instead")
+        hint = ("; to continue a diverged run with a lower LR add --lower-lr"
+                if not lower_lr and all(d.split(" ", 1)[0] in LR_LEVELS for d in differ) else
+                "; start a new run instead")
+        raise ConfigError(f"cannot resume with a different recipe: {', '.join(differ)}{hint}")
     return requested
+
+
+def _levels(cfg: Config) -> dict[str, float]:
+    """LR_LEVELS as the LRs they mean (end_lr -1 means min_lr)."""
+    flat = _flat(cfg)
+    levels = {k: float(flat[k]) for k in LR_LEVELS}
+    if levels["schedule.end_lr"] < 0:
+        levels["schedule.end_lr"] = levels["schedule.min_lr"]
+    return levels
 
 
 def _flat(cfg: Config) -> dict[str, Any]:

@@ -307,11 +307,23 @@ class Checkpointer:
                                   f"python -m fastcifar.train --resume {self.session.run_dir}", stop.signum)
 
 
-def restore_state(session: Session, scheduler: torch.optim.lr_scheduler.LRScheduler,
-             state: dict) -> tuple[list[dict], EpochProgress | None]:
+def restore_state(session: Session, scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict,
+                  new_lr: bool = False) -> tuple[list[dict], EpochProgress | None]:
+    """Put the saved training state into `session`; the metrics so far and how far the epoch got.
+
+    `new_lr` (resume --lower-lr): keep the LR levels of the session's config rather than the saved ones. The
+    saved optimizer and scheduler states carry the old levels (each group's "initial_lr" and "lr_scale", the
+    scheduler's base_lrs); the momentum buffers and the step count are kept."""
+    fresh = [(g["initial_lr"], g.get("lr_scale", 1.0)) for g in session.optimizer.param_groups]
     session.model.load_state_dict(state["model"])
     session.optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if new_lr:
+        factor = scheduler.lr_lambdas[0](scheduler.last_epoch)  # built from the new levels; not in its state
+        for group, (initial, scale) in zip(session.optimizer.param_groups, fresh, strict=True):
+            group["initial_lr"], group["lr_scale"], group["lr"] = initial, scale, initial * factor
+        scheduler.base_lrs = [initial for initial, _ in fresh]
+        scheduler._last_lr = [g["lr"] for g in session.optimizer.param_groups]
     session.amp.scaler.load_state_dict(state["scaler"])
     if session.ema is not None:
         session.ema.load_state_dict(state["ema"])

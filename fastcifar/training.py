@@ -78,19 +78,24 @@ class EpochTable:
         return "  ".join(fmt.format(metrics[name]) for name, fmt in self.COLUMNS)
 
 
-def train(cfg: Config, log: Callable[[str], None] = print, resume: str | Path | None = None) -> TrainResult:
+def train(cfg: Config, log: Callable[[str], None] = print, resume: str | Path | None = None,
+          lower_lr: bool = False) -> TrainResult:
     """Train the network as `cfg` says, writing the run directory; returns metrics and the model.
 
     `resume`: a run directory whose checkpoint.pt to continue from (exactly: same batches, same random
     draws); `cfg` may then differ from that run's config only in RESUMABLE_CHANGES (paths, speed settings).
+    `lower_lr` (with `resume`): also lower the LR levels, e.g. to continue a diverged run from its last good
+    checkpoint; the schedule then follows the new levels from the checkpoint's step on.
     """
+    if lower_lr and resume is None:
+        raise ConfigError("--lower-lr continues a run: use it with --resume RUN_DIR")
     began = time.perf_counter()  # the set-up (data onto the device, whitening, run directory) counts too
     state = None
     if resume is not None:
         state = load_training_state(resume)
         run_dir = Path(resume)
         cfg = resume_config(Config.from_dict(state["config"]),
-                            cfg.override({"run.out_dir": str(run_dir.parent), "run.name": run_dir.name}))
+                            cfg.override({"run.out_dir": str(run_dir.parent), "run.name": run_dir.name}), lower_lr)
         saved_on, now_on = state.get("device") or "", resolve_device(cfg.run.device).type
         if saved_on and saved_on != now_on:
             raise FastCifarError(f"{run_dir} was saved on {saved_on} and would resume on {now_on}: its random "
@@ -99,7 +104,7 @@ def train(cfg: Config, log: Callable[[str], None] = print, resume: str | Path | 
     if session.dist.enabled:
         keep_until_exit(session.forward)  # its destructor can deadlock gloo at the end: see distributed._KEPT
     try:
-        result = _train(session, state, log if session.dist.is_main else quiet, began)
+        result = _train(session, state, log if session.dist.is_main else quiet, began, lower_lr)
     except BaseException:
         stop_group(wait=False)  # the other ranks may be anywhere: do not wait for them
         raise
@@ -109,7 +114,8 @@ def train(cfg: Config, log: Callable[[str], None] = print, resume: str | Path | 
     return result
 
 
-def _train(session: Session, state: dict | None, log: Callable[[str], None], began: float) -> TrainResult:
+def _train(session: Session, state: dict | None, log: Callable[[str], None], began: float,
+           lower_lr: bool = False) -> TrainResult:
     run_dir, s = session.run_dir, session.cfg.schedule
     scheduler = make_scheduler(session.optimizer, len(session.loaders.train), s.epochs, s.peak_epoch, s.min_lr,
                                s.max_lr, s.end_lr)
@@ -120,13 +126,14 @@ def _train(session: Session, state: dict | None, log: Callable[[str], None], beg
     metrics: list[dict] = []
     progress: EpochProgress | None = None
     if state is not None:  # after the warm-up, which puts back what it changed
-        metrics, progress = restore_state(session, scheduler, state)
+        metrics, progress = restore_state(session, scheduler, state, new_lr=lower_lr)
         compile_seconds += state["compile_seconds"]
         setup_seconds += state.get("setup_seconds", 0.0)  # 0 for checkpoints from before it was kept
         if session.dist.is_main:
             rundir.write_jsonl(run_dir / "metrics.jsonl", metrics)  # drops rows logged after the checkpoint
         log(f"resumed {run_dir} after epoch {len(metrics)}"
-            + (f", step {progress.step} of epoch {len(metrics) + 1}" if progress else ""))
+            + (f", step {progress.step} of epoch {len(metrics) + 1}" if progress else "")
+            + (f", with the LR levels lowered to max {s.max_lr:g} / min {s.min_lr:g}" if lower_lr else ""))
 
     trainer = session.trainer(scheduler)
     ckpt = Checkpointer(session, scheduler, metrics, compile_seconds, setup_seconds)
@@ -164,7 +171,8 @@ def _train_epoch(session: Session, trainer: Trainer, ep: int, start: EpochProgre
     except NonFiniteLoss as err:
         kept = f"the last checkpoint ({ckpt.path}) is intact" if ckpt.path.exists() else "no checkpoint was written"
         raise NonFiniteLoss(f"training diverged in epoch {ep}: {err}; {kept}. Lower --max-lr (see python -m "
-                            f"fastcifar.find_lr), use --precision fp32, or add --model.logit_scale 0.125") from None
+                            f"fastcifar.find_lr), use --precision fp32, or add --model.logit_scale 0.125"
+                            f"{_continue_hint(ckpt, session)}") from None
     if not tr.finished or stop():
         ckpt.interrupt(stop, ep - 1, tr.progress)
     if session.lookahead is not None and ep == s.epochs:
@@ -180,7 +188,8 @@ def _train_epoch(session: Session, trainer: Trainer, ep: int, start: EpochProgre
         what = f"the BatchNorm statistics or weights ({bad})" if bad else "the test loss"
         kept = f"the last checkpoint ({ckpt.path}) is intact" if ckpt.path.exists() else "no checkpoint was written"
         raise NonFiniteLoss(f"training diverged in epoch {ep}: {what} became NaN/inf (lr up to {lr:.4g}); {kept}. "
-                            f"Lower --max-lr (see python -m fastcifar.find_lr) or use --precision fp32")
+                            f"Lower --max-lr (see python -m fastcifar.find_lr) or use --precision fp32"
+                            f"{_continue_hint(ckpt, session)}")
     skipped = int(all_sum([tr.progress.skipped], session.dist, session.device)[0])
     tr, te = _over_ranks(tr, session), _over_ranks(te, session)
     return {"epoch": ep, "lr": lr, "lr_end": trainer.scheduler.get_last_lr()[0], "train_loss": tr.loss,
@@ -188,6 +197,13 @@ def _train_epoch(session: Session, trainer: Trainer, ep: int, start: EpochProgre
             "train_s": tr.seconds, "test_s": te.seconds, "epoch_s": tr.seconds + te.seconds,
             "train_img_s": tr.images / tr.seconds, "test_img_s": te.images / te.seconds,
             "skipped_steps": skipped}
+
+
+def _continue_hint(ckpt: Checkpointer, session: Session) -> str:
+    if not ckpt.path.exists():
+        return ""
+    return (f"; or continue from that checkpoint: python -m fastcifar.train --resume {session.run_dir} "
+            f"--lower-lr --max-lr {session.cfg.schedule.max_lr / 2:.4g}")
 
 
 def _over_ranks(stats: PassStats, session: Session) -> PassStats:
@@ -293,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(parser)
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR/checkpoint.pt")
+    parser.add_argument("--lower-lr", action="store_true",
+                        help="with --resume: allow lower LR levels (--max-lr, --min-lr, --schedule.end_lr, "
+                             "--optim.muon_lr) than the run's, e.g. to continue a diverged run from its last "
+                             "good checkpoint")
     return parser
 
 
@@ -301,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> TrainResult | None:
         if args.resume is None:
+            if args.lower_lr:
+                raise ConfigError("--lower-lr continues a run: use it with --resume RUN_DIR")
             return train(config_from_args(args))
         moved = {"run.name", "run.out_dir"} & vars(args).keys()
         if moved:
@@ -310,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             return None
         # The interrupted run's config, with only the options given now changed (checked in train).
         saved = load_training_state(args.resume)["config"]
-        return train(config_from_args(args, base=Config.from_dict(saved)), resume=args.resume)
+        return train(config_from_args(args, base=Config.from_dict(saved)), resume=args.resume,
+                     lower_lr=args.lower_lr)
 
     code = run_cli(run)
     if from_env().enabled:  # every file is written and closed; skip the gloo/DDP teardown (distributed._KEPT)

@@ -15,6 +15,7 @@ from fastcifar.checkpoint import load_training_state, resume_config, rng_states,
 from fastcifar.config import Config, ConfigError
 from fastcifar.errors import FastCifarError
 from fastcifar.interrupt import TrainingInterrupted
+from fastcifar.schedule import one_cycle_lr
 from fastcifar.training import main, train
 from tests.conftest import LEVERS, sigterm_after_first_epoch, tiny_cli_args, tiny_config
 
@@ -196,6 +197,42 @@ def test_divergence_stops_at_once_naming_epoch_step_lr_and_keeps_the_checkpoint(
     assert len(calls) == 20  # stopped at the bad step, not later
     state = load_training_state(tmp_path / "run")
     assert state["epoch"] == 1 and state["progress"] is None
+
+
+def test_a_diverged_run_continues_from_its_last_good_checkpoint_with_a_lower_lr(synthetic, tmp_path, monkeypatch,
+                                                                               capsys):
+    original, calls = loop_module.train_step, []
+
+    def poisoned(*args, **kwargs):  # NaN at epoch 2, step 4 (as above); the checkpoint is epoch 1's
+        calls.append(1)
+        loss, logits = original(*args, **kwargs)
+        return (loss * float("nan"), logits) if len(calls) == 20 else (loss, logits)
+
+    monkeypatch.setattr(loop_module, "train_step", poisoned)
+    with pytest.raises(train_module.NonFiniteLoss, match=r"--resume .*run --lower-lr --max-lr 0\.025"):
+        train(tiny_config(synthetic, tmp_path), **QUIET)
+    monkeypatch.setattr(loop_module, "train_step", original)
+    run = str(tmp_path / "run")
+    assert main(["--resume", run, "--max-lr", "0.02"]) == 2  # a changed LR needs the explicit option
+    assert "add --lower-lr" in capsys.readouterr().err
+    assert main(["--resume", run, "--lower-lr", "--max-lr", "0.1"]) == 2
+    assert "only lowers learning rates: schedule.max_lr 0.05 -> 0.1" in capsys.readouterr().err
+    assert main(["--resume", run, "--lower-lr"]) == 2
+    assert "needs a lower learning rate" in capsys.readouterr().err
+    assert main(["--resume", run, "--lower-lr", "--max-lr", "0.02", "--batch-size", "32"]) == 2  # the rest stays
+    assert "data.batch_size 64 -> 32" in capsys.readouterr().err
+    assert main(["--lower-lr", *tiny_cli_args(synthetic, tmp_path, **{"run.name": "new"})]) == 2
+    assert "use it with --resume" in capsys.readouterr().err
+
+    assert main(["--resume", run, "--lower-lr", "--max-lr", "0.02", "--min-lr", "0.002"]) == 0
+    assert "LR levels lowered to max 0.02 / min 0.002" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[0]["lr_end"] == pytest.approx(one_cycle_lr(16, 16, 3, 1, 0.005, 0.05))  # before: the old levels
+    for r in rows[1:]:  # after: the schedule of the new levels, from the checkpoint's step on
+        assert r["lr_end"] == pytest.approx(one_cycle_lr(16 * r["epoch"], 16, 3, 1, 0.002, 0.02))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["schedule"]["max_lr"] == 0.02
+    assert (tmp_path / "run" / "results.json").exists()
 
 
 def test_a_real_divergence_is_caught(synthetic, tmp_path):
