@@ -148,7 +148,8 @@ def physics_record(device: torch.device, batch_size: int, widths: tuple[int, ...
         peaks["bf16"] = physics.matmul_peak(torch.bfloat16, device, n=n)
     else:  # the slow path: a small matmul says enough (a 2048^2 one would take minutes)
         peaks["bf16"] = physics.matmul_peak(torch.bfloat16, device, n=256, seconds=1.0)
-    out = {"flops": flops, "matmul_peak_flops": peaks}
+    out = {"flops": flops, "matmul_peak_flops": peaks,
+           "default_op_shares": step_throughput.op_shares(batch_size, device, widths)}
     default = next((s for s in steps if s["variant"].startswith("default")), None)
     if default:
         achieved = flops["train_step"] / default["step_s"]
@@ -230,6 +231,11 @@ def markdown(record: dict) -> str:
             lines[-1] += (f" fastcifar's default step reaches {p['default_achieved_flops'] / 1e9:,.1f} GFLOP/s = "
                           f"{p['default_fraction_of_peak']:.0%} of the peak of its precision.")
         lines.append("")
+        if p.get("default_op_shares"):
+            lines += ["Where the default step's time goes (torch.profiler, self time per op over 2 steps):", "",
+                      "| op | share | ms/step |", "|---|---:|---:|"]
+            lines += [f"| `{r['op']}` | {r['share']:.1%} | {r['ms_per_step']:,.1f} |" for r in p["default_op_shares"]]
+            lines.append("")
     if record.get("ratios"):
         lines += ["**Ratios**: " + ", ".join(f"{k} = {v:.2f}" for k, v in record["ratios"].items()), ""]
     return "\n".join(lines)
@@ -251,8 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--data-dir", default="data", help="holds train.beton and test.beton")
-    parser.add_argument("--sections", default=",".join(SECTIONS))
-    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated, from {','.join(SECTIONS)} (default: all; the generated part of "
+                             "--markdown is replaced by the sections run)")
+    parser.add_argument("--batch-size", type=int, default=512, help="training batch size")
     parser.add_argument("--workers", type=int, default=2,
                         help="DataLoader processes (path a) and FFCV threads (path b); fastcifar's path uses its own "
                              "default (data.num_workers auto)")

@@ -134,6 +134,33 @@ def _training_step(batch_size: int, device: torch.device, widths: tuple[int, int
     return step
 
 
+def op_shares(batch_size: int, device: torch.device, widths: tuple[int, int, int, int] = ModelConfig.widths,
+              steps: int = 2, top: int = 8) -> list[dict]:
+    """Where the default step's time goes: torch.profiler over `steps` steps (after one untimed), each op's
+    self time as a share of the total, the `top` largest first and the rest as one "other" row."""
+    from torch.profiler import ProfilerActivity, profile  # only here: importing it costs ~1 s
+
+    precision, _, compiled, _ = parse_variant(default_variant(device))
+    step = _training_step(batch_size, device, widths, Amp(device, DTYPES[precision]), compiled)
+    step()
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [(e.key, getattr(e, key)) for e in prof.key_averages() if getattr(e, key) > 0]
+    total = sum(t for _, t in events) or 1.0
+    events.sort(key=lambda e: -e[1])
+    rows = [{"op": name, "share": t / total, "ms_per_step": t / 1000 / steps} for name, t in events[:top]]
+    rest = sum(t for _, t in events[top:])
+    if rest:
+        rows.append({"op": "other", "share": rest / total, "ms_per_step": rest / 1000 / steps})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default="fp32,fp32-cl,default")

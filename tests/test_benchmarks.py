@@ -80,11 +80,14 @@ def test_runner_runs_every_section_and_records_them(synthetic, tmp_path, capsys)
     assert [r["name"].endswith(f"{kind} loader)") for r, kind in zip(record["e2e"][1:], ("ffcv", "resident"),
                                                                       strict=True)] == [True, True]
     assert record["physics"]["flops"]["train_step"] > 2 * record["physics"]["flops"]["forward"]
+    shares = record["physics"]["default_op_shares"]
+    assert sum(r["share"] for r in shares) == pytest.approx(1.0) and any("conv" in r["op"] for r in shares)
     assert {"data_ours_vs_torch", "data_ours_vs_ffcv", "step_default_vs_fp32_nchw", "epoch_ours_vs_usual"} <= \
         record["ratios"].keys()
     assert record["machine"]["torch"] == torch.__version__ and "git_commit" in record["machine"]
     text = markdown.read_text()
-    assert "| c. fastcifar" in text and "**Physics**" in text and text.endswith("hand-written notes\n")
+    assert "| c. fastcifar" in text and "**Physics**" in text and "| op | share |" in text
+    assert text.endswith("hand-written notes\n")
 
 
 def test_unknown_section_is_a_one_line_error(tmp_path, capsys):
