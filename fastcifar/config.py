@@ -73,7 +73,8 @@ class DataConfig:
     loader: str = opt("auto", "ffcv (betons), resident (the split on the device as one tensor; needs no FFCV) "
                       "or auto (ffcv where installed)", one_of("auto", "ffcv", "resident"))
     batch_size: int = opt(512, "training batch size (global: split over torchrun ranks)", at_least(1))
-    test_batch_size: int = opt(1024, "test batch size (no grad: larger batches are cheaper)", at_least(1))
+    test_batch_size: int = opt(1000, "test batch size (no grad: larger batches are cheaper; 1000 divides the 10,000 "
+                                     "test images: one compiled shape, no partial batch)", at_least(1))
     # 1 on a CPU: decoding raw 32x32 images is cheap, and every extra thread takes a core from the step.
     num_workers: int = opt(0, "FFCV decode threads; 0 = auto (1 on a CPU, 2 with a GPU)", at_least(0, " (0 = auto)"))
     train_subset: int = opt(0, "train on the first N images only (0 = all 50,000)", at_least(0, " (0 = all)"))

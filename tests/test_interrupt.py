@@ -27,8 +27,16 @@ def test_interruption_exits_with_128_plus_the_signal(capsys):
     assert capsys.readouterr().err.startswith("error: stopped by SIGTERM")
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own Ctrl-C handler, also where the suite inherits an ignored SIGINT (a job started with `&`)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_outside_training_stops_a_command_with_one_line(sig, code, capsys):
+def test_a_signal_outside_training_stops_a_command_with_one_line(sig, code, capsys, python_sigint):
     before = signal.getsignal(signal.SIGTERM)
 
     def action():  # e.g. the ablation runner writing its report when `timeout` sends SIGTERM
