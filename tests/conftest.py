@@ -97,3 +97,22 @@ def sigterm_after_first_epoch(cmd: list[str], metrics: Path, cwd: Path | None = 
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     return proc.returncode, out, err
+
+
+def signal_at(monkeypatch: pytest.MonkeyPatch, target: str, call: int) -> None:
+    """Send this process SIGTERM during the `call`-th call of `target`: train_step (fastcifar.loop's, which the
+    epoch loop calls) or test_pass (as fastcifar.training calls it)."""
+    import importlib
+    import os
+    import signal
+
+    module = importlib.import_module("fastcifar.loop" if target == "train_step" else "fastcifar.training")
+    original, calls = getattr(module, target), []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, target, wrapper)

@@ -2,7 +2,6 @@
 
 import importlib
 import json
-import os
 import random
 import signal
 import sys
@@ -17,7 +16,7 @@ from fastcifar.errors import FastCifarError
 from fastcifar.interrupt import TrainingInterrupted
 from fastcifar.schedule import one_cycle_lr
 from fastcifar.training import main, train
-from tests.conftest import LEVERS, sigterm_after_first_epoch, tiny_cli_args, tiny_config
+from tests.conftest import LEVERS, signal_at, sigterm_after_first_epoch, tiny_cli_args, tiny_config
 
 train_module = importlib.import_module("fastcifar.training")
 loop_module = importlib.import_module("fastcifar.loop")
@@ -37,21 +36,6 @@ def _same_run(a_dir, b_dir) -> None:
     assert rows[0] == rows[1]
 
 
-def _signal_at(monkeypatch, target: str, call: int) -> None:
-    """Send this process SIGTERM during the `call`-th call of `target`: train_step (fastcifar.loop's, which the
-    epoch loop calls) or test_pass (as fastcifar.training calls it)."""
-    module = loop_module if target == "train_step" else train_module
-    original, calls = getattr(module, target), []
-
-    def wrapper(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == call:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(module, target, wrapper)
-
-
 def test_rng_states_round_trip_through_weights_only_load(tmp_path):
     gen = torch.Generator().manual_seed(3)
     torch.save(rng_states(gen), tmp_path / "rng.pt")
@@ -64,14 +48,14 @@ def test_rng_states_round_trip_through_weights_only_load(tmp_path):
 def test_interrupted_twice_then_resumed_equals_the_uninterrupted_run(tiny_run, synthetic, tmp_path, monkeypatch):
     cfg = tiny_config(synthetic, tmp_path)
     run_dir = tmp_path / "run"
-    _signal_at(monkeypatch, "train_step", 5)  # mid-epoch 1 (16 steps per epoch)
+    signal_at(monkeypatch, "train_step", 5)  # mid-epoch 1 (16 steps per epoch)
     with pytest.raises(TrainingInterrupted, match=r"SIGTERM after epoch 0, step 5.*--resume .*run") as info:
         train(cfg, **QUIET)
     assert info.value.exit_code == 128 + signal.SIGTERM
     state = load_training_state(run_dir)
     assert state["epoch"] == 0 and state["progress"]["step"] == 5 and not (run_dir / "results.json").exists()
     monkeypatch.undo()
-    _signal_at(monkeypatch, "test_pass", 2)  # during the test pass of epoch 2
+    signal_at(monkeypatch, "test_pass", 2)  # during the test pass of epoch 2
     with pytest.raises(TrainingInterrupted, match="after epoch 1, step 16"):
         train(cfg, resume=run_dir, **QUIET)
     monkeypatch.undo()
@@ -84,7 +68,7 @@ def test_interrupted_twice_then_resumed_equals_the_uninterrupted_run(tiny_run, s
 def test_a_run_with_every_lever_resumes_exactly(lever_run, synthetic, tmp_path, monkeypatch):
     """EMA state, alternating flips (epoch-dependent) and the BN parameter group survive an interruption."""
     cfg = tiny_config(synthetic, tmp_path, **LEVERS)
-    _signal_at(monkeypatch, "train_step", 21)  # epoch 2, step 5
+    signal_at(monkeypatch, "train_step", 21)  # epoch 2, step 5
     with pytest.raises(TrainingInterrupted, match="after epoch 1, step 5"):
         train(cfg, **QUIET)
     monkeypatch.undo()
@@ -96,7 +80,7 @@ def test_the_resident_loader_resumes_mid_epoch_exactly(synthetic, tmp_path, monk
     cfg = tiny_config(synthetic, tmp_path, **{"data.loader": "resident", "run.name": "whole"})
     train(cfg, **QUIET)
     stopped = cfg.override({"run.name": "stopped"})
-    _signal_at(monkeypatch, "train_step", 21)  # epoch 2, step 5
+    signal_at(monkeypatch, "train_step", 21)  # epoch 2, step 5
     with pytest.raises(TrainingInterrupted, match="after epoch 1, step 5"):
         train(stopped, **QUIET)
     monkeypatch.undo()
@@ -106,7 +90,7 @@ def test_the_resident_loader_resumes_mid_epoch_exactly(synthetic, tmp_path, monk
 
 def test_a_checkpoint_is_not_resumed_on_another_kind_of_device(synthetic, tmp_path, monkeypatch):
     cfg = tiny_config(synthetic, tmp_path)
-    _signal_at(monkeypatch, "train_step", 3)
+    signal_at(monkeypatch, "train_step", 3)
     with pytest.raises(TrainingInterrupted):
         train(cfg, **QUIET)
     monkeypatch.undo()
@@ -255,7 +239,7 @@ def test_sigterm_to_a_training_process_then_resume_matches_an_uninterrupted_run(
 
 
 def test_cli_resume_rejects_a_changed_recipe(tmp_path, synthetic, monkeypatch, capsys):
-    _signal_at(monkeypatch, "train_step", 3)
+    signal_at(monkeypatch, "train_step", 3)
     with pytest.raises(TrainingInterrupted):
         train(tiny_config(synthetic, tmp_path), **QUIET)
     assert main(["--resume", str(tmp_path / "run"), "--batch-size", "32"]) == 2

@@ -16,7 +16,7 @@ from fastcifar.augment import AugmentSettings, BatchAugment, cutout, normalize, 
 from fastcifar.data import make_resident_loader
 from fastcifar.runtime import resolve_precision
 from fastcifar.training import train
-from tests.conftest import tiny_config
+from tests.conftest import signal_at, tiny_config
 from tests.synthetic import decode_index
 
 pytestmark = [pytest.mark.cuda,
@@ -157,23 +157,12 @@ def test_a_tiny_cuda_run_learns_and_records_the_gpu(synthetic, tmp_path):
 
 
 def test_resume_on_cuda_matches_the_uninterrupted_run(synthetic, tmp_path, monkeypatch):
-    import os
-    import signal
 
-    from fastcifar import loop
     from fastcifar.interrupt import TrainingInterrupted
 
     cfg = tiny_config(synthetic, tmp_path, **ON_GPU, **{"run.deterministic": True})
     whole = train(cfg.override({"run.name": "whole"}), **QUIET)
-    original, calls = loop.train_step, []
-
-    def stop_at_21(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 21:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", stop_at_21)
+    signal_at(monkeypatch, "train_step", 21)
     with pytest.raises(TrainingInterrupted):
         train(cfg.override({"run.name": "stopped"}), **QUIET)
     monkeypatch.undo()
@@ -184,23 +173,12 @@ def test_resume_on_cuda_matches_the_uninterrupted_run(synthetic, tmp_path, monke
 
 def test_a_run_started_on_the_cpu_is_not_resumed_on_the_gpu(synthetic, tmp_path, monkeypatch):
     """--device auto both times: the checkpoint's generator states belong to the CPU."""
-    import os
-    import signal
 
-    from fastcifar import loop
     from fastcifar.errors import FastCifarError
     from fastcifar.interrupt import TrainingInterrupted
 
     cfg = tiny_config(synthetic, tmp_path, **{"run.device": "auto"})
-    original, calls = loop.train_step, []
-
-    def stop_at_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", stop_at_3)
+    signal_at(monkeypatch, "train_step", 3)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU machine
     with pytest.raises(TrainingInterrupted):
         train(cfg, **QUIET)

@@ -13,7 +13,7 @@ import torch
 from fastcifar import rundir
 from fastcifar.errors import FastCifarError, WriteError
 from fastcifar.training import main, train
-from tests.conftest import REPO, tiny_cli_args, tiny_config
+from tests.conftest import REPO, signal_at, tiny_cli_args, tiny_config
 
 QUIET = {"log": lambda _: None}
 
@@ -94,22 +94,11 @@ def test_an_unfinished_run_is_not_restarted_without_overwrite(synthetic, tmp_pat
 def test_overwrite_removes_every_file_of_the_old_run_first(tiny_run, synthetic, tmp_path, monkeypatch):
     import shutil
 
-    from fastcifar import loop
     from fastcifar.interrupt import TrainingInterrupted
 
     old = tmp_path / "run"
     shutil.copytree(tiny_run.run_dir, old)
-    original, calls = loop.train_step, []
-
-    def stop_in_epoch_1(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            import os
-            import signal
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", stop_in_epoch_1)
+    signal_at(monkeypatch, "train_step", 3)  # in epoch 1
     with pytest.raises(TrainingInterrupted):
         train(tiny_config(synthetic, tmp_path, **{"run.overwrite": True, "run.seed": 7}), **QUIET)
     left = {p.name for p in old.iterdir()}
