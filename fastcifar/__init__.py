@@ -24,6 +24,7 @@ import types
 from pathlib import Path
 from typing import Any
 
+import fastcifar._launch  # noqa: F401  first: a command restarts with the faster allocator before torch loads
 from fastcifar.config import PRESETS, Config
 from fastcifar.custom_resnet import CustomResNet, summary
 from fastcifar.data import make_loaders

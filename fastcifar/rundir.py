@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from fastcifar import allocator
 from fastcifar.errors import FastCifarError, WriteError, os_error_message
 
 CHECKPOINT_FORMAT = 1
@@ -281,6 +282,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "allocator": allocator.describe(),  # tcmalloc where installed (fastcifar/allocator.py): speed only
         "device": str(device),
         "device_name": device_name(device),
         "cuda": torch.version.cuda,

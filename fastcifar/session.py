@@ -159,6 +159,7 @@ class Session:
         ranks = f" | {dist.world_size} ranks x {local_batch} images/step" if dist.enabled else ""
         log(f"run dir {run_dir} | device {env['device_name']} ({device}) | {str(amp.dtype).removeprefix('torch.')} "
             f"| channels_last={cfg.run.channels_last} | compile={compiled} | threads {torch.get_num_threads()} | "
+            f"allocator {env['allocator'].split(' (')[0]} | "
             f"{env['loader']} loader, {loaders.train_size:,} train / {loaders.test_size:,} test images, "
             f"{len(loaders.train)} steps/epoch"
             f"{ranks}" + (f" | test accuracy with {method}" if (method := reporting.test_method(cfg)) else ""))

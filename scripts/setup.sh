@@ -22,6 +22,21 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 
+# tcmalloc: optional, a faster malloc for CPU training that the commands preload themselves (1.21x the fp32
+# step measured on an EPYC; fastcifar/allocator.py). Without it everything works on the system's malloc.
+if ! ls /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib/libtcmalloc_minimal.so.4 /usr/lib64/libtcmalloc_minimal.so.4 \
+    >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing libtcmalloc-minimal4 (a faster allocator for CPU training)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1 ||
+      { apt-get update -q >/dev/null 2>&1 &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1; } ||
+      echo "setup: could not install libtcmalloc-minimal4; CPU training uses the system's malloc (slower)" >&2
+  else
+    echo "setup: optional, ~1.2x faster CPU training:  sudo apt-get install -y libtcmalloc-minimal4" >&2
+  fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
   "${PYTHON:-python3}" -m venv .venv
 fi
