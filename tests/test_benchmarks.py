@@ -7,11 +7,19 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks import physics, test_pass
 from benchmarks import run as bench
 from benchmarks.data_paths import AugmentedCifar
 from benchmarks.step_throughput import default_variant, measure, parse_variant
 from fastcifar.augment import CIFAR10_MEAN, CIFAR10_STD
 from fastcifar.runtime import cpu_has_fast_bf16
+
+
+def test_the_cpu_matmul_peak_is_the_fastest_call(monkeypatch):
+    # a fake clock: calls of 3, 1 and 2 s, then the time is up; the peak is the 1 s call's rate
+    ticks = iter([0.0, 0.0, 3.0, 3.0, 4.0, 4.0, 6.0, 100.0])
+    monkeypatch.setattr(physics.time, "perf_counter", lambda: next(ticks))
+    assert physics.matmul_peak(torch.float32, torch.device("cpu"), n=8, seconds=5.0) == 2 * 8**3 / 1.0
 
 
 @pytest.mark.parametrize("variant", ["fp32", "fp32-cl", "default"])
@@ -93,3 +101,14 @@ def test_runner_runs_every_section_and_records_them(synthetic, tmp_path, capsys)
 def test_unknown_section_is_a_one_line_error(tmp_path, capsys):
     assert bench.main(["--sections", "data,nope", "--out-dir", str(tmp_path), "--markdown", ""]) == 1
     assert "unknown section(s) nope" in capsys.readouterr().err
+
+
+def test_folding_batch_norm_into_its_convs_keeps_the_outputs():
+    model = test_pass.random_model(widths=(4, 8, 8, 16))
+    folded, pairs = test_pass.fold_batch_norm(model)
+    assert pairs == 5  # prep and the four residual convs; the pooled layers' BN follows the max-pool
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()) == 3
+    x = torch.randn(6, 3, 32, 32).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+    assert test_pass.images_per_s(folded, x, torch.inference_mode, repeats=1) > 0
