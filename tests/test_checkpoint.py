@@ -166,15 +166,22 @@ def test_unresumable_directories_are_refused(tmp_path, setup, fragment):
         load_training_state(run_dir)
 
 
-def test_divergence_stops_at_once_naming_epoch_step_lr_and_keeps_the_checkpoint(synthetic, tmp_path, monkeypatch):
+def _nan_loss_at(monkeypatch: pytest.MonkeyPatch, step: int) -> list:
+    """Make the `step`-th training step (counted over the whole run) return a NaN loss; returns the list that
+    counts the steps taken."""
     original, calls = loop_module.train_step, []
 
-    def poisoned(*args, **kwargs):  # the 20th step (epoch 2, step 4) returns a NaN loss
+    def poisoned(*args, **kwargs):
         calls.append(1)
         loss, logits = original(*args, **kwargs)
-        return (loss * float("nan"), logits) if len(calls) == 20 else (loss, logits)
+        return (loss * float("nan"), logits) if len(calls) == step else (loss, logits)
 
     monkeypatch.setattr(loop_module, "train_step", poisoned)
+    return calls
+
+
+def test_divergence_stops_at_once_naming_epoch_step_lr_and_keeps_the_checkpoint(synthetic, tmp_path, monkeypatch):
+    calls = _nan_loss_at(monkeypatch, 20)  # epoch 2, step 4 (16 steps per epoch)
     cfg = tiny_config(synthetic, tmp_path)
     with pytest.raises(train_module.NonFiniteLoss, match=r"epoch 2: .*step 4 of 16.*lr 0\.0[0-9]+.*intact.*--max-lr"):
         train(cfg, **QUIET)
@@ -185,14 +192,8 @@ def test_divergence_stops_at_once_naming_epoch_step_lr_and_keeps_the_checkpoint(
 
 def test_a_diverged_run_continues_from_its_last_good_checkpoint_with_a_lower_lr(synthetic, tmp_path, monkeypatch,
                                                                                capsys):
-    original, calls = loop_module.train_step, []
-
-    def poisoned(*args, **kwargs):  # NaN at epoch 2, step 4 (as above); the checkpoint is epoch 1's
-        calls.append(1)
-        loss, logits = original(*args, **kwargs)
-        return (loss * float("nan"), logits) if len(calls) == 20 else (loss, logits)
-
-    monkeypatch.setattr(loop_module, "train_step", poisoned)
+    original = loop_module.train_step
+    _nan_loss_at(monkeypatch, 20)  # epoch 2, step 4 (as above); the checkpoint is epoch 1's
     with pytest.raises(train_module.NonFiniteLoss, match=r"--resume .*run --lower-lr --max-lr 0\.025"):
         train(tiny_config(synthetic, tmp_path), **QUIET)
     monkeypatch.setattr(loop_module, "train_step", original)
