@@ -24,8 +24,14 @@ fi
 
 # tcmalloc: optional, a faster malloc for CPU training that the commands preload themselves (1.21x the fp32
 # step measured on an EPYC; fastcifar/allocator.py). Without it everything works on the system's malloc.
-if ! ls /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib/libtcmalloc_minimal.so.4 /usr/lib64/libtcmalloc_minimal.so.4 \
-    >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+have_tcmalloc() {
+  local f
+  for f in /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib/libtcmalloc_minimal.so.4 /usr/lib64/libtcmalloc_minimal.so.4; do
+    [ -e "$f" ] && return 0
+  done
+  return 1
+}
+if ! have_tcmalloc && command -v apt-get >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: installing libtcmalloc-minimal4 (a faster allocator for CPU training)"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1 ||
