@@ -36,10 +36,10 @@ def fold_batch_norm(model: nn.Module) -> tuple[nn.Module, int]:
             conv, bn = seq._modules[first], seq._modules[second]
             if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
                 continue
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
             fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                               conv.dilation, conv.groups, bias=True)
-            with torch.no_grad():
+            with torch.no_grad():  # the folded weights are constants, not a graph back to the BN parameters
+                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
                 fused.weight.copy_(conv.weight * scale[:, None, None, None])
                 shift = bn.bias - bn.running_mean * scale
                 fused.bias.copy_(shift if conv.bias is None else shift + conv.bias * scale)

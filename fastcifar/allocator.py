@@ -4,7 +4,7 @@ A CPU training step allocates and frees its activation buffers, ~2.4 GB at batch
 malloc returns the large ones to the OS and faults them in again each time. Preloading tcmalloc made the default
 fp32 step 1.21x faster on the 2-core EPYC (BENCHMARKS.md, "The memory allocator"). It changes no number a run
 computes. An allocator has to be in place before the process starts (`LD_PRELOAD`), so a command that would
-run without it starts itself again, once, with it: `os.execv` of the same command line, same process id (so
+run without it starts itself again, once, with it: `os.execve` of the same command line, same process id (so
 torchrun, a shell's `$!` and signals are unaffected), before torch is imported.
 
 `FASTCIFAR_ALLOCATOR` chooses: `auto` (default: tcmalloc, else jemalloc, else the system's, as installed),
