@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import physics, test_pass
+from benchmarks import conv_layers, physics, test_pass
 from benchmarks import run as bench
 from benchmarks.data_paths import AugmentedCifar
 from benchmarks.step_throughput import default_variant, measure, parse_variant
@@ -47,6 +47,43 @@ def test_bad_variant_names_are_refused(text):
 def test_default_variant_on_a_cpu_is_channels_last_eager_in_the_auto_precision():
     expected = "bf16-cl" if cpu_has_fast_bf16() else "fp32-cl"
     assert default_variant(torch.device("cpu")) == expected
+
+
+@pytest.mark.parametrize(("fast_bf16", "compiled"), [(True, "bf16-cl"), (False, "fp32-cl")])
+def test_compile_variants_on_a_cpu_run_in_the_precision_that_trains_there(monkeypatch, fast_bf16, compiled):
+    monkeypatch.setattr(bench, "cpu_has_fast_bf16", lambda: fast_bf16)
+    variants = bench.default_variants(torch.device("cpu"))
+    assert [v for v in variants if "compile" in v] == [f"{compiled}-compile", f"{compiled}-compile:max-autotune"]
+    assert variants[:3] == ["fp32", "fp32-cl", "bf16-cl"] and variants[-1] == "default"
+
+
+@pytest.mark.parametrize(("c_in", "c_out", "side"), [(3, 5, 6), (8, 4, 4), (16, 16, 2)])
+def test_the_im2col_filter_gradient_equals_the_convolution_backward(c_in, c_out, side):
+    torch.manual_seed(0)
+    x = torch.randn(3, c_in, side, side).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c_out, c_in, 3, 3)
+    grad_out = torch.randn(3, c_out, side, side).contiguous(memory_format=torch.channels_last)
+    expected = torch.ops.aten.convolution_backward(grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0],
+                                                   1, [False, True, False])[1]
+    torch.testing.assert_close(conv_layers.weight_grad_im2col(grad_out, x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_conv_table_lists_the_spec_networks_eight_convolutions():
+    shapes = conv_layers.conv_shapes()
+    assert [s[1:] for s in shapes] == [(3, 64, 32), (64, 128, 32), (128, 128, 16), (128, 128, 16), (128, 256, 16),
+                                       (256, 512, 8), (512, 512, 4), (512, 512, 4)]
+
+
+def test_the_conv_benchmark_runs_and_records_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(conv_layers, "conv_shapes", lambda: [("a", 3, 4, 4), ("b", 4, 8, 2)])
+    monkeypatch.setattr(conv_layers, "matmul_peak", lambda dtype, device: 1e9)
+    out = tmp_path / "conv.json"
+    conv_layers.main(["--batch-size", "2", "--dtype", "fp32", "--repeats", "1", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert [r["layer"] for r in record["layers"]] == ["a", "b"] and record["dtype"] == "fp32"
+    assert all(s > 0 for r in record["layers"] for s in r["seconds"].values())
+    assert record["layers"][1]["flops_per_pass"] == 2 * 2 * 2 * 2 * 4 * 8 * 9
+    assert "grad_weight_im2col" in capsys.readouterr().out
 
 
 def test_per_sample_baseline_normalises_and_augments():

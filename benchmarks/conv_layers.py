@@ -1,0 +1,125 @@
+"""Where the training step's convolution time goes: each convolution of the spec's network, its three passes
+(forward, gradient of the input, gradient of the filters) timed one by one, against the machine's matmul peak.
+
+    python -m benchmarks.conv_layers [--batch-size 512] [--dtype auto|bf16|fp32] [--repeats 3] [--out FILE]
+
+The profile of a whole step (`python -m benchmarks.run --sections physics`) names `convolution_backward` as the
+largest op; this says which layer and which of its two gradients is slow. Each pass runs as PyTorch runs it in
+training (channels_last, the training precision, `aten.convolution_backward` with one output selected), plus one
+alternative formulation of the filter gradient that oneDNN does not use: the 9 shifted copies of the padded input
+side by side (an im2col in channels_last) and one matmul against the output gradient. A formulation that beats
+oneDNN here is a candidate for a custom autograd Function; one that loses is recorded as tried.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.physics import matmul_peak
+from fastcifar import allocator
+from fastcifar.config import ModelConfig
+from fastcifar.custom_resnet import CustomResNet
+from fastcifar.runtime import cpu_has_fast_bf16
+
+
+def conv_shapes(widths: tuple[int, int, int, int] = ModelConfig.widths) -> list[tuple[str, int, int, int]]:
+    """(name, input channels, output channels, side) of every Conv2d of the network, in forward order."""
+    model = CustomResNet(ModelConfig(widths=widths))
+    shapes: list[tuple[str, int, int, int]] = []
+    hooks = [m.register_forward_hook(lambda m, args, out, name=name: shapes.append(
+        (name, m.in_channels, m.out_channels, args[0].shape[-1])))
+        for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))
+    for hook in hooks:
+        hook.remove()
+    return shapes
+
+
+def weight_grad_im2col(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The filter gradient of a 3x3, stride 1, pad 1 convolution as one matmul: the 9 shifted views of the padded
+    channels_last input concatenated along channels ([N*H*W, 9*C_in]) against the output gradient ([N*H*W, C_out]).
+    Returns [C_out, C_in, 3, 3], equal to aten.convolution_backward's filter gradient up to rounding."""
+    n, c, h, w = x.shape
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # [N, H+2, W+2, C]
+    cols = torch.cat([padded[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)], dim=-1)
+    g = grad_out.permute(0, 2, 3, 1).reshape(-1, grad_out.shape[1])  # [N*H*W, C_out]: a view when channels_last
+    grad = g.t() @ cols.reshape(-1, 9 * c)  # [C_out, 9*C_in], ordered (tap, channel)
+    return grad.view(-1, 3, 3, c).permute(0, 3, 1, 2)
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Seconds of the fastest of `repeats` calls, after one untimed call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - begin)
+    return best
+
+
+def time_layer(c_in: int, c_out: int, side: int, batch_size: int, dtype: torch.dtype, repeats: int) -> dict:
+    """Seconds of each pass of one convolution; random data (speed does not depend on the values)."""
+    x = torch.randn(batch_size, c_in, side, side).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c_out, c_in, 3, 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    out = F.conv2d(x, weight, padding=1)
+    grad_out = torch.randn_like(out)
+
+    def backward(mask: list[bool]) -> Callable[[], object]:
+        return lambda: torch.ops.aten.convolution_backward(
+            grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
+
+    times = {
+        "forward": best_time(lambda: F.conv2d(x, weight, padding=1), repeats),
+        "grad_input": best_time(backward([True, False, False]), repeats),
+        "grad_weight": best_time(backward([False, True, False]), repeats),
+        "grad_weight_im2col": best_time(lambda: weight_grad_im2col(grad_out, x), repeats),
+    }
+    return {"flops_per_pass": 2 * batch_size * side * side * c_in * c_out * 9, "seconds": times}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.conv_layers", description=__doc__.split("\n")[0])
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="auto: bf16 where the CPU has bf16 units (what --precision auto trains in), else fp32")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per pass; the fastest is kept")
+    parser.add_argument("--out", type=Path, default=None, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.repeats < 1:
+        parser.error("--batch-size and --repeats must be at least 1")
+    name = args.dtype if args.dtype != "auto" else ("bf16" if cpu_has_fast_bf16() else "fp32")
+    dtype = torch.bfloat16 if name == "bf16" else torch.float32
+    peak = matmul_peak(dtype, torch.device("cpu"))
+    print(f"cpu, {torch.get_num_threads()} threads, {name}, allocator {allocator.describe()}, batch "
+          f"{args.batch_size}; matmul peak {peak / 1e12:.2f} TFLOP/s (share of peak in brackets)")
+    passes = ("forward", "grad_input", "grad_weight", "grad_weight_im2col")
+    print(f"{'layer':<18} {'shape':<16}" + "".join(f"{p:>22}" for p in passes))
+    rows, totals = [], dict.fromkeys(passes, 0.0)
+    for layer, c_in, c_out, side in conv_shapes():
+        row = time_layer(c_in, c_out, side, args.batch_size, dtype, args.repeats)
+        cells = ""
+        for p in passes:
+            seconds = row["seconds"][p]
+            totals[p] += seconds
+            cells += f"{seconds * 1e3:>12.1f} ms ({row['flops_per_pass'] / seconds / peak:4.0%})"
+        print(f"{layer:<18} {f'{c_in}->{c_out} @{side}':<16}{cells}", flush=True)
+        rows.append({"layer": layer, "c_in": c_in, "c_out": c_out, "side": side, **row})
+    print(f"{'total':<35}" + "".join(f"{totals[p] * 1e3:>12.1f} ms{'':>7}" for p in passes))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"dtype": name, "batch_size": args.batch_size, "peak_flops": peak,
+                                        "threads": torch.get_num_threads(), "layers": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
