@@ -21,6 +21,7 @@ from torch import nn
 from benchmarks.data_paths import torch_loader
 from fastcifar.augment import AugmentSettings, BatchAugment
 from fastcifar.config import ModelConfig
+from fastcifar.conv import apply_conv_grad
 from fastcifar.custom_resnet import CustomResNet
 from fastcifar.data import open_split
 from fastcifar.loop import batch_shapes, test_pass, train_step, warm_up
@@ -115,7 +116,9 @@ def fastcifar_default(data_dir: Path, batch_size: int, steps: int, device: torch
     amp = Amp(device, resolve_precision("auto", device))
     compiled = resolve_compile("auto", device)
     torch.manual_seed(0)
-    model = CustomResNet(ModelConfig(widths=widths)).to(device=device, memory_format=torch.channels_last)
+    model = CustomResNet(ModelConfig(widths=widths))
+    im2col = apply_conv_grad(model, "auto", device, amp.dtype)
+    model = model.to(device=device, memory_format=torch.channels_last)
     forward = compile_model(model) if compiled else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     loss_fn = nn.CrossEntropyLoss()
@@ -141,5 +144,5 @@ def fastcifar_default(data_dir: Path, batch_size: int, steps: int, device: torch
         train_s, data_s = _train_steps(batches, steps, step, device)
     test_stats = test_pass(forward, test, normalize=augment.inner.normalize, loss_fn=loss_fn, amp=amp)
     name = (f"fastcifar default ({str(amp.dtype).removeprefix('torch.')}, channels_last, compile={compiled}, "
-            f"{kind} loader)")
+            f"{'im2col filter grads at 4x4, ' if im2col else ''}{kind} loader)")
     return EndToEndResult(name, steps, train_s, data_s, augment.seconds, test_stats.seconds, len(train))

@@ -45,7 +45,8 @@ def default_variants(device: torch.device) -> list[str]:
         "compile", "compile:reduce-overhead", "compile:max-autotune"]
     mixed = "bf16-cl" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16-cl"
     trained = "fp32-cl" if device.type == "cpu" and not cpu_has_fast_bf16() else mixed
-    return ["fp32", "fp32-cl", mixed, *[f"{trained}-{m}" for m in modes], "default"]
+    im2col = [f"{trained}-im2col"] if device.type == "cpu" else []  # the 4x4 filter gradients, fastcifar/conv.py
+    return ["fp32", "fp32-cl", mixed, *im2col, *[f"{trained}-{m}" for m in modes], "default"]
 
 
 def _variants(text: str, device: torch.device) -> list[str]:

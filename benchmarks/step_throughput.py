@@ -2,10 +2,11 @@
 
     python benchmarks/step_throughput.py [--variants fp32,fp32-cl,default] [--batch-size 512] [--steps 4]
 
-A variant is a precision (fp32 | bf16 | fp16) followed by flags: `cl` (channels_last) and `compile`
-(torch.compile, optionally `compile:MODE`, e.g. `fp32-cl-compile:max-autotune`); `default` is the training step itself
+A variant is a precision (fp32 | bf16 | fp16) followed by flags: `cl` (channels_last), `im2col` (the 4x4
+convolutions' filter gradient as one matmul, fastcifar/conv.py) and `compile` (torch.compile, optionally
+`compile:MODE`, e.g. `fp32-cl-compile:max-autotune`); `default` is the training step itself
 (fastcifar.loop.train_step with the default preset's augmentation, loss and optimizer, in what fastcifar
-picks on the device: run.precision/compile auto, channels_last). Each variant gets a fresh model
+picks on the device: run.precision/compile/conv_grad auto, channels_last). Each variant gets a fresh model
 and SGD, runs `--warmup` untimed steps (compilation happens there and is reported as warm-up time), then
 `--steps` timed steps on a fixed random batch: forward + cross-entropy + backward + SGD step, no data
 loading. On CUDA the timed steps are measured with CUDA events.
@@ -22,9 +23,10 @@ import torch
 
 from fastcifar.augment import BatchAugment
 from fastcifar.config import DEFAULT_PRESET, Config, ModelConfig
+from fastcifar.conv import apply_conv_grad
 from fastcifar.custom_resnet import CustomResNet
 from fastcifar.loop import train_step
-from fastcifar.runtime import Amp, compile_model, resolve_compile, resolve_precision
+from fastcifar.runtime import Amp, compile_model, resolve_compile, resolve_conv_grad, resolve_precision
 from fastcifar.session import augment_settings, make_optimizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -33,18 +35,20 @@ NAMES = {v: k for k, v in DTYPES.items()}
 
 def default_variant(device: torch.device) -> str:
     """fastcifar's own choice on `device`, spelled as a variant."""
-    precision = NAMES[resolve_precision("auto", device)]
-    return f"{precision}-cl" + ("-compile" if resolve_compile("auto", device) else "")
+    dtype = resolve_precision("auto", device)
+    im2col = "-im2col" if resolve_conv_grad("auto", device, dtype) else ""
+    return f"{NAMES[dtype]}-cl{im2col}" + ("-compile" if resolve_compile("auto", device) else "")
 
 
-def parse_variant(variant: str) -> tuple[str, bool, bool, str | None]:
-    """"fp32-cl-compile:max-autotune" -> ("fp32", channels_last, compiled, compile mode or None)."""
+def parse_variant(variant: str) -> tuple[str, bool, bool, str | None, bool]:
+    """"fp32-cl-compile:max-autotune" -> ("fp32", channels_last, compiled, compile mode or None, im2col)."""
     head, _, mode = variant.partition(":")  # the mode itself may contain dashes
     precision, *flags = head.split("-")
-    unknown = set(flags) - {"cl", "compile"}
+    unknown = set(flags) - {"cl", "compile", "im2col"}
     if precision not in DTYPES or unknown or (mode and "compile" not in flags):
-        raise ValueError(f"cannot read step variant {variant!r} (e.g. fp32, bf16-cl, fp32-cl-compile:max-autotune)")
-    return precision, "cl" in flags, "compile" in flags, mode or None
+        raise ValueError(f"cannot read step variant {variant!r} (e.g. fp32, bf16-cl, bf16-cl-im2col, "
+                         "fp32-cl-compile:max-autotune)")
+    return precision, "cl" in flags, "compile" in flags, mode or None, "im2col" in flags
 
 
 @dataclass
@@ -76,7 +80,7 @@ def measure(variant: str, batch_size: int, warmup: int, steps: int, device: torc
             widths: tuple[int, int, int, int] = ModelConfig.widths) -> StepResult:
     """Warm-up seconds and timed images/s of one variant."""
     resolved = default_variant(device) if variant == "default" else variant
-    precision, channels_last, compiled, mode = parse_variant(resolved)
+    precision, channels_last, compiled, mode, im2col = parse_variant(resolved)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     amp = Amp(device, DTYPES[precision])
     if device.type == "cuda":  # as training sets them
@@ -86,7 +90,9 @@ def measure(variant: str, batch_size: int, warmup: int, steps: int, device: torc
     if variant == "default":
         step = _training_step(batch_size, device, widths, amp, compiled)
     else:
-        model = CustomResNet(ModelConfig(widths=widths)).to(device=device, memory_format=memory_format)
+        model = CustomResNet(ModelConfig(widths=widths))
+        apply_conv_grad(model, "im2col" if im2col else "onednn", device, amp.dtype)
+        model = model.to(device=device, memory_format=memory_format)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
         forward = compile_model(model, mode or "default") if compiled else model
         x = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
@@ -121,7 +127,9 @@ def _training_step(batch_size: int, device: torch.device, widths: tuple[int, int
     the model (compiled when `compiled`), label-smoothed cross-entropy and the preset's optimizer, via
     fastcifar.loop.train_step: so that this row and a training run agree."""
     cfg = Config.from_preset(DEFAULT_PRESET, {"model.widths": ",".join(map(str, widths))})
-    model = CustomResNet(cfg.model).to(device=device, memory_format=torch.channels_last)
+    model = CustomResNet(cfg.model)
+    apply_conv_grad(model, cfg.run.conv_grad, device, amp.dtype)
+    model = model.to(device=device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg, device)
     forward = compile_model(model, cfg.run.compile_mode) if compiled else model
     augment = BatchAugment(augment_settings(cfg.data), device, 0, amp.dtype)

@@ -31,7 +31,8 @@ KIND = "training-state"
 # and how fast it runs, not the numbers (compile changes float rounding on some devices, not the recipe).
 RESUMABLE_CHANGES = {
     "data.data_dir", "data.num_workers", "data.test_batch_size", "run.progress", "run.threads", "run.out_dir",
-    "run.name", "run.overwrite", "run.compile", "run.compile_mode", "run.checkpoint_every", "run.dist_timeout_s",
+    "run.name", "run.overwrite", "run.compile", "run.compile_mode", "run.conv_grad", "run.checkpoint_every",
+    "run.dist_timeout_s",
     "run.device",  # e.g. auto -> cpu; the resolved device type itself must match the checkpoint's (training.train)
 }
 

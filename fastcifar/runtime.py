@@ -65,6 +65,13 @@ def resolve_compile(setting: str, device: torch.device) -> bool:
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
+def resolve_conv_grad(setting: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the 4x4 convolutions take the im2col filter gradient (fastcifar/conv.py). auto: on a CPU in bf16,
+    the one setting where it was measured (3.7x oneDNN's there; BENCHMARKS.md); fp32 CPUs and GPUs keep their
+    libraries' own until a measurement says otherwise."""
+    return setting == "im2col" or (setting == "auto" and device.type == "cpu" and dtype == torch.bfloat16)
+
+
 @dataclass
 class Amp:
     """Mixed-precision policy: autocast to `dtype`, and a GradScaler for fp16 only (bf16 has fp32's range)."""

@@ -21,6 +21,7 @@ from fastcifar import reporting, rundir
 from fastcifar.augment import AugmentSettings, BatchAugment
 from fastcifar.checkpoint import CHECKPOINT, EpochProgress, rng_states, save_training_state, set_rng_states
 from fastcifar.config import Config, ConfigError, DataConfig
+from fastcifar.conv import apply_conv_grad
 from fastcifar.custom_resnet import CustomResNet, freeze_prep_conv, summary, whiten_init
 from fastcifar.data import Loaders, make_loaders, open_split, resolve_kind
 from fastcifar.distributed import AgreedStop, Dist, broadcast, from_env, gather, split_batch
@@ -147,6 +148,7 @@ class Session:
             freeze_prep_conv(model)  # also on resume: the optimizer's groups depend on it
         if cfg.run.sync_bn and dist.enabled:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        im2col = apply_conv_grad(model, cfg.run.conv_grad, device, amp.dtype)  # before DDP and compile see it
         model = model.to(device=device, memory_format=_memory_format(cfg))
         # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets (no copy in and out of them)
         wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
@@ -158,7 +160,8 @@ class Session:
                                cfg.run.channels_last)
         ranks = f" | {dist.world_size} ranks x {local_batch} images/step" if dist.enabled else ""
         log(f"run dir {run_dir} | device {env['device_name']} ({device}) | {str(amp.dtype).removeprefix('torch.')} "
-            f"| channels_last={cfg.run.channels_last} | compile={compiled} | threads {torch.get_num_threads()} | "
+            f"| channels_last={cfg.run.channels_last} | compile={compiled} | "
+            f"conv_grad={'im2col' if im2col else 'library'} | threads {torch.get_num_threads()} | "
             f"allocator {env['allocator'].split(' (')[0]} | "
             f"{env['loader']} loader, {loaders.train_size:,} train / {loaders.test_size:,} test images, "
             f"{len(loaders.train)} steps/epoch"

@@ -22,7 +22,7 @@ def test_the_cpu_matmul_peak_is_the_fastest_call(monkeypatch):
     assert physics.matmul_peak(torch.float32, torch.device("cpu"), n=8, seconds=5.0) == 2 * 8**3 / 1.0
 
 
-@pytest.mark.parametrize("variant", ["fp32", "fp32-cl", "default"])
+@pytest.mark.parametrize("variant", ["fp32", "fp32-cl", "fp32-cl-im2col", "default"])
 def test_step_throughput_measures_a_positive_rate(variant):
     r = measure(variant, batch_size=2, warmup=1, steps=1, device=torch.device("cpu"), widths=(4, 8, 8, 16))
     assert r.warmup_s > 0 and r.images_per_s > 0 and r.step_s > 0
@@ -31,9 +31,10 @@ def test_step_throughput_measures_a_positive_rate(variant):
 
 
 @pytest.mark.parametrize(("text", "parsed"), [
-    ("fp32", ("fp32", False, False, None)), ("bf16-cl", ("bf16", True, False, None)),
-    ("fp32-cl-compile", ("fp32", True, True, None)),
-    ("fp32-cl-compile:max-autotune", ("fp32", True, True, "max-autotune"))])
+    ("fp32", ("fp32", False, False, None, False)), ("bf16-cl", ("bf16", True, False, None, False)),
+    ("bf16-cl-im2col", ("bf16", True, False, None, True)),
+    ("fp32-cl-compile", ("fp32", True, True, None, False)),
+    ("fp32-cl-compile:max-autotune", ("fp32", True, True, "max-autotune", False))])
 def test_variant_names_parse(text, parsed):
     assert parse_variant(text) == parsed
 
@@ -45,7 +46,7 @@ def test_bad_variant_names_are_refused(text):
 
 
 def test_default_variant_on_a_cpu_is_channels_last_eager_in_the_auto_precision():
-    expected = "bf16-cl" if cpu_has_fast_bf16() else "fp32-cl"
+    expected = "bf16-cl-im2col" if cpu_has_fast_bf16() else "fp32-cl"
     assert default_variant(torch.device("cpu")) == expected
 
 
@@ -54,18 +55,7 @@ def test_compile_variants_on_a_cpu_run_in_the_precision_that_trains_there(monkey
     monkeypatch.setattr(bench, "cpu_has_fast_bf16", lambda: fast_bf16)
     variants = bench.default_variants(torch.device("cpu"))
     assert [v for v in variants if "compile" in v] == [f"{compiled}-compile", f"{compiled}-compile:max-autotune"]
-    assert variants[:3] == ["fp32", "fp32-cl", "bf16-cl"] and variants[-1] == "default"
-
-
-@pytest.mark.parametrize(("c_in", "c_out", "side"), [(3, 5, 6), (8, 4, 4), (16, 16, 2)])
-def test_the_im2col_filter_gradient_equals_the_convolution_backward(c_in, c_out, side):
-    torch.manual_seed(0)
-    x = torch.randn(3, c_in, side, side).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(c_out, c_in, 3, 3)
-    grad_out = torch.randn(3, c_out, side, side).contiguous(memory_format=torch.channels_last)
-    expected = torch.ops.aten.convolution_backward(grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0],
-                                                   1, [False, True, False])[1]
-    torch.testing.assert_close(conv_layers.weight_grad_im2col(grad_out, x), expected, rtol=1e-4, atol=1e-4)
+    assert variants[:4] == ["fp32", "fp32-cl", "bf16-cl", f"{compiled}-im2col"] and variants[-1] == "default"
 
 
 def test_the_conv_table_lists_the_spec_networks_eight_convolutions():
@@ -74,16 +64,36 @@ def test_the_conv_table_lists_the_spec_networks_eight_convolutions():
                                        (256, 512, 8), (512, 512, 4), (512, 512, 4)]
 
 
+@pytest.mark.parametrize("name", sorted(conv_layers.FORMULATIONS))
+@pytest.mark.parametrize(("c_in", "c_out", "side"), [(3, 5, 6), (8, 4, 4), (4, 4, 1)])
+def test_every_filter_gradient_formulation_equals_the_convolution_backward(name, c_in, c_out, side):
+    torch.manual_seed(0)
+    x = torch.randn(3, c_in, side, side).contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(3, c_out, side, side).contiguous(memory_format=torch.channels_last)
+    expected = torch.ops.aten.convolution_backward(grad_out, x, torch.randn(c_out, c_in, 3, 3), None, [1, 1],
+                                                   [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])[1]
+    torch.testing.assert_close(conv_layers.FORMULATIONS[name](grad_out, x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_an_unknown_formulation_is_refused(capsys):
+    with pytest.raises(SystemExit) as err:
+        conv_layers.main(["--formulations", "im2col,winograd"])
+    assert err.value.code == 2 and "unknown formulation 'winograd'" in capsys.readouterr().err
+
+
 def test_the_conv_benchmark_runs_and_records_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(conv_layers, "conv_shapes", lambda: [("a", 3, 4, 4), ("b", 4, 8, 2)])
     monkeypatch.setattr(conv_layers, "matmul_peak", lambda dtype, device: 1e9)
     out = tmp_path / "conv.json"
-    conv_layers.main(["--batch-size", "2", "--dtype", "fp32", "--repeats", "1", "--out", str(out)])
+    conv_layers.main(["--batch-size", "2", "--dtype", "fp32", "--repeats", "1", "--formulations", "im2col,shift",
+                      "--out", str(out)])
     record = json.loads(out.read_text())
     assert [r["layer"] for r in record["layers"]] == ["a", "b"] and record["dtype"] == "fp32"
     assert all(s > 0 for r in record["layers"] for s in r["seconds"].values())
     assert record["layers"][1]["flops_per_pass"] == 2 * 2 * 2 * 2 * 4 * 8 * 9
-    assert "grad_weight_im2col" in capsys.readouterr().out
+    assert {"grad_weight_im2col", "grad_weight_shift"} == {k for k in record["layers"][0]["seconds"] if "_" in k
+                                                           and k.startswith("grad_weight_")}
+    assert "grad_weight_shift" in capsys.readouterr().out
 
 
 def test_per_sample_baseline_normalises_and_augments():
