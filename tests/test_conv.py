@@ -146,3 +146,13 @@ def test_a_training_run_with_the_im2col_gradient_learns_and_names_it(synthetic, 
                    log=lines.append)
     assert any("conv_grad=im2col" in line for line in lines)
     assert result.metrics[-1]["train_loss"] < result.metrics[0]["train_loss"]
+
+
+@pytest.mark.slow
+def test_the_switched_conv_compiles_and_gives_the_eager_gradients():
+    plain, switched = _pair()
+    compiled = torch.compile(switched, dynamic=False)
+    x = torch.randn(4, 6, 4, 4).contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(4, 5, 4, 4)
+    for got, expected in zip(_grads(compiled, x, grad_out), _grads(plain, x, grad_out), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
