@@ -148,7 +148,7 @@ def op_shares(batch_size: int, device: torch.device, widths: tuple[int, int, int
     self time as a share of the total, the `top` largest first and the rest as one "other" row."""
     from torch.profiler import ProfilerActivity, profile  # only here: importing it costs ~1 s
 
-    precision, _, compiled, _ = parse_variant(default_variant(device))
+    precision, _, compiled, *_ = parse_variant(default_variant(device))
     step = _training_step(batch_size, device, widths, Amp(device, DTYPES[precision]), compiled)
     step()
     cuda = device.type == "cuda"

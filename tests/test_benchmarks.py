@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import conv_layers, physics, test_pass
+from benchmarks import conv_layers, physics, step_throughput, test_pass
 from benchmarks import run as bench
 from benchmarks.data_paths import AugmentedCifar
 from benchmarks.step_throughput import default_variant, measure, parse_variant
@@ -28,6 +28,12 @@ def test_step_throughput_measures_a_positive_rate(variant):
     assert r.warmup_s > 0 and r.images_per_s > 0 and r.step_s > 0
     # the default names what it resolved to on this CPU: fp32-cl, or bf16-cl where oneDNN has bf16 kernels (AMX)
     assert r.variant == (f"default ({default_variant(torch.device('cpu'))})" if variant == "default" else variant)
+
+
+def test_the_profile_of_the_default_step_splits_its_time_into_shares():
+    shares = step_throughput.op_shares(batch_size=2, device=torch.device("cpu"), widths=(4, 8, 8, 16), steps=1, top=3)
+    assert len(shares) == 4 and shares[-1]["op"] == "other"
+    assert sum(r["share"] for r in shares) == pytest.approx(1.0) and all(r["ms_per_step"] >= 0 for r in shares)
 
 
 @pytest.mark.parametrize(("text", "parsed"), [
