@@ -25,7 +25,7 @@ from torch import nn
 from benchmarks.physics import matmul_peak
 from fastcifar import allocator
 from fastcifar.config import ModelConfig
-from fastcifar.conv import weight_grad_im2col
+from fastcifar.conv import conv3x3_backward, weight_grad_im2col
 from fastcifar.custom_resnet import CustomResNet
 from fastcifar.runtime import cpu_has_fast_bf16
 
@@ -90,14 +90,13 @@ def time_layer(c_in: int, c_out: int, side: int, batch_size: int, dtype: torch.d
     out = F.conv2d(x, weight, padding=1)
     grad_out = torch.randn_like(out)
 
-    def backward(mask: list[bool]) -> Callable[[], object]:
-        return lambda: torch.ops.aten.convolution_backward(
-            grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
+    def backward(mask: tuple[bool, bool]) -> Callable[[], object]:
+        return lambda: conv3x3_backward(grad_out, x, weight, mask)
 
     times = {
         "forward": best_time(lambda: F.conv2d(x, weight, padding=1), repeats),
-        "grad_input": best_time(backward([True, False, False]), repeats),
-        "grad_weight": best_time(backward([False, True, False]), repeats),
+        "grad_input": best_time(backward((True, False)), repeats),
+        "grad_weight": best_time(backward((False, True)), repeats),
     }
     for name in formulations:
         times[f"grad_weight_{name}"] = best_time(lambda f=FORMULATIONS[name]: f(grad_out, x), repeats)

@@ -25,6 +25,14 @@ from fastcifar.runtime import resolve_conv_grad
 MAX_SIDE = 4
 
 
+def conv3x3_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                     mask: tuple[bool, bool]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The library's own (input, filter) gradients of conv2d(x, weight, padding=1), each only where `mask` asks."""
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [*mask, False])
+    return grad_x, grad_w
+
+
 def weight_grad_im2col(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The filter gradient [C_out, C_in, 3, 3] of a 3x3, stride 1, pad 1 convolution of `x` [N, C_in, H, W] whose
     output gradient is `grad_out` [N, C_out, H, W]: the 9 shifted views of the zero-padded input side by side in
@@ -59,9 +67,7 @@ class _Conv3x3Im2colGrad(torch.autograd.Function):
         grad_out = grad_out.to(x.dtype)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(
-                grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])[0]
-            grad_x = grad_x.to(x_dtype)
+            grad_x = conv3x3_backward(grad_out, x, weight, (True, False))[0].to(x_dtype)
         if ctx.needs_input_grad[1]:
             grad_w = weight_grad_im2col(grad_out, x).to(weight_dtype)
         return grad_x, grad_w

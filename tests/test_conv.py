@@ -10,18 +10,17 @@ from torch import nn
 
 from fastcifar import conv
 from fastcifar.config import ModelConfig
-from fastcifar.conv import Im2colGradConv2d, apply_conv_grad, use_im2col_filter_grad, weight_grad_im2col
+from fastcifar.conv import (
+    Im2colGradConv2d,
+    apply_conv_grad,
+    conv3x3_backward,
+    use_im2col_filter_grad,
+    weight_grad_im2col,
+)
 from fastcifar.custom_resnet import CustomResNet
 from fastcifar.runtime import resolve_conv_grad
 from fastcifar.training import train
 from tests.conftest import tiny_config
-
-CPU = torch.device("cpu")
-
-
-def _filter_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten.convolution_backward(grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-                                               [False, True, False])[1]
 
 
 @pytest.mark.parametrize(("c_in", "c_out", "side"), [(3, 5, 6), (8, 4, 4), (16, 16, 2), (4, 8, 1)])
@@ -32,7 +31,7 @@ def test_the_im2col_filter_gradient_equals_the_convolution_backward(c_in, c_out,
     x = torch.randn(3, c_in, side, side).contiguous(memory_format=fmt)
     weight = torch.randn(c_out, c_in, 3, 3)
     grad_out = torch.randn(3, c_out, side, side).contiguous(memory_format=fmt)
-    torch.testing.assert_close(weight_grad_im2col(grad_out, x), _filter_grad(grad_out, x, weight),
+    torch.testing.assert_close(weight_grad_im2col(grad_out, x), conv3x3_backward(grad_out, x, weight, (False, True))[1],
                                rtol=1e-4, atol=1e-4)
 
 
