@@ -32,6 +32,7 @@ KIND = "training-state"
 RESUMABLE_CHANGES = {
     "data.data_dir", "data.num_workers", "data.test_batch_size", "run.progress", "run.threads", "run.out_dir",
     "run.name", "run.overwrite", "run.compile", "run.compile_mode", "run.conv_grad", "run.checkpoint_every",
+    "run.test_every",
     "run.dist_timeout_s",
     "run.device",  # e.g. auto -> cpu; the resolved device type itself must match the checkpoint's (training.train)
 }

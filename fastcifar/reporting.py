@@ -52,14 +52,20 @@ def curve_labels(cfg: Config) -> tuple[str, str]:
     return loss_name(cfg), f"test ({method})" if method else "test"
 
 
+def tested_epochs(metrics: list[dict]) -> list[dict]:
+    """The epochs that ended with a test pass (all of them unless run.test_every was > 1 or 0)."""
+    return [m for m in metrics if m["test_acc"] is not None]
+
+
 def plot_curves(metrics: list[dict], loss_label: str = "cross-entropy loss", test_label: str = "test") -> Figure:
     epochs = [m["epoch"] for m in metrics]
+    tested = tested_epochs(metrics)  # every epoch, unless run.test_every skipped some test passes
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     loss_ax.plot(epochs, [m["train_loss"] for m in metrics], "o-", label="train")
-    loss_ax.plot(epochs, [m["test_loss"] for m in metrics], "s-", label=test_label)
+    loss_ax.plot([m["epoch"] for m in tested], [m["test_loss"] for m in tested], "s-", label=test_label)
     loss_ax.set(xlabel="epoch", ylabel=loss_label, title="Loss")
     acc_ax.plot(epochs, [100 * m["train_acc"] for m in metrics], "o-", label="train (augmented)")
-    acc_ax.plot(epochs, [100 * m["test_acc"] for m in metrics], "s-", label=test_label)
+    acc_ax.plot([m["epoch"] for m in tested], [100 * m["test_acc"] for m in tested], "s-", label=test_label)
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
@@ -167,7 +173,7 @@ def load_history(run_dir: str | Path) -> tuple[Config, list[dict]]:
         # a run writes metrics.jsonl at the end of its first epoch
         metrics = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
         for m in metrics:  # the fields a comparison reads, checked here so that a bad file fails in one line
-            int(m["epoch"]), float(m["test_acc"]), float(m["train_s"])
+            int(m["epoch"]), float(m["train_s"]), m["test_acc"] is None or float(m["test_acc"])
         by_epoch = {int(m["epoch"]): m for m in metrics}
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise FastCifarError(f"{run_dir} is not a run directory ({type(err).__name__}: {err}); pass folders "
@@ -187,9 +193,11 @@ def plot_comparison(runs: dict[str, list[dict]]) -> Figure:
     (test passes excluded: they differ with TTA and say nothing about the recipe's speed)."""
     fig, (epoch_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for i, (label, metrics) in enumerate(runs.items()):
-        acc = [100 * m["test_acc"] for m in metrics]
         hours = np.cumsum([m["train_s"] for m in metrics]) / 3600
-        epoch_ax.plot([m["epoch"] for m in metrics], acc, "o-", color=f"C{i}", label=label, markersize=3)
+        tested = [(m["epoch"], h, 100 * m["test_acc"]) for m, h in zip(metrics, hours, strict=True)
+                  if m["test_acc"] is not None]
+        epochs, hours, acc = zip(*tested, strict=True)
+        epoch_ax.plot(epochs, acc, "o-", color=f"C{i}", label=label, markersize=3)
         time_ax.plot(hours, acc, "o-", color=f"C{i}", label=label, markersize=3)
     epoch_ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy per epoch")
     time_ax.set(xlabel="hours in training passes", ylabel="test accuracy (%)", title="Test accuracy against time")
@@ -208,7 +216,8 @@ def comparison_markdown(runs: dict[str, list[dict]], tta: dict[str, float] | Non
     epochs = sorted(set().union(*by_epoch))
     lines = ["| epoch | " + " | ".join(labels) + " |", "|---:|" + "---:|" * len(labels)]
     for epoch in epochs:
-        cells = [f"{100 * r[epoch]['test_acc']:.2f}%" if epoch in r else "" for r in by_epoch]
+        cells = [f"{100 * r[epoch]['test_acc']:.2f}%" if epoch in r and r[epoch]["test_acc"] is not None else ""
+                 for r in by_epoch]
         lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
     if tta:
         lines.append("| final weights, flip TTA | " + " | ".join(

@@ -165,7 +165,8 @@ class Session:
             f"allocator {env['allocator'].split(' (')[0]} | "
             f"{env['loader']} loader, {loaders.train_size:,} train / {loaders.test_size:,} test images, "
             f"{len(loaders.train)} steps/epoch"
-            f"{ranks}" + (f" | test accuracy with {method}" if (method := reporting.test_method(cfg)) else ""))
+            f"{ranks}" + (f" | test accuracy with {method}" if (method := reporting.test_method(cfg)) else "")
+            + _test_schedule(cfg.run.test_every, cfg.schedule.epochs))
         if dist.is_main:
             rundir.write_json(run_dir / "config.json", cfg.to_dict())
             rundir.record_environment(run_dir / "env.json", env, resumed=resume)
@@ -263,6 +264,15 @@ def _memory_format(cfg: Config) -> torch.memory_format:
     return torch.channels_last if cfg.run.channels_last else torch.contiguous_format
 
 
+def _test_schedule(every: int, epochs: int) -> str:
+    """The run header's note on skipped test passes (run.test_every), "" when every epoch is tested."""
+    if every == 1 or epochs == 1:
+        return ""
+    if every == 0 or every >= epochs:
+        return " | tested after the last epoch only"
+    return f" | tested every {every} epochs and after the last"
+
+
 class Checkpointer:
     """Writes checkpoint.pt (full training state) and best.pt (weights of the best test accuracy)."""
 
@@ -271,7 +281,7 @@ class Checkpointer:
         self.session, self.scheduler, self.metrics = session, scheduler, metrics
         self.compile_seconds, self.setup_seconds = compile_seconds, setup_seconds
         self.path = session.run_dir / CHECKPOINT
-        self.best = max((m["test_acc"] for m in metrics), default=-1.0)
+        self.best = max((m["test_acc"] for m in metrics if m["test_acc"] is not None), default=-1.0)
 
     def save(self, epochs_done: int, progress: EpochProgress | None) -> None:
         """Every rank calls this (its RNG states and epoch sums are gathered); rank 0 writes the file."""
@@ -290,11 +300,12 @@ class Checkpointer:
                                 ema=s.ema.state_dict() if s.ema is not None else None,
                                 lookahead=s.lookahead.state_dict() if s.lookahead is not None else None)
 
-    def end_of_epoch(self, ep: int, test_acc: float) -> None:
+    def end_of_epoch(self, ep: int, test_acc: float | None) -> None:
+        """The checkpoint this epoch is due (run.checkpoint_every), and best.pt when it was tested and the best."""
         every, epochs = checkpoint_interval(self.session.cfg, self.session.device), self.session.cfg.schedule.epochs
         if every and (ep % every == 0 or ep == epochs):
             self.save(ep, None)
-        if test_acc > self.best:
+        if test_acc is not None and test_acc > self.best:
             self.best = test_acc
             if not self.session.dist.is_main:
                 return

@@ -75,7 +75,10 @@ class EpochTable:
         return "  ".join(name.rjust(w) for (name, _), w in zip(self.COLUMNS, widths, strict=True))
 
     def row(self, metrics: dict) -> str:
-        return "  ".join(fmt.format(metrics[name]) for name, fmt in self.COLUMNS)
+        """One epoch's row; a value the epoch did not measure (no test pass, run.test_every) shows as "-"."""
+        widths = [len(fmt.format(0.0 if "d" not in fmt else 0)) for _, fmt in self.COLUMNS]
+        return "  ".join("-".rjust(w) if metrics[name] is None else fmt.format(metrics[name])
+                         for (name, fmt), w in zip(self.COLUMNS, widths, strict=True))
 
 
 def train(cfg: Config, log: Callable[[str], None] = print, resume: str | Path | None = None,
@@ -151,7 +154,7 @@ def _train(session: Session, state: dict | None, log: Callable[[str], None], beg
             if session.dist.is_main:
                 rundir.append_jsonl(run_dir / "metrics.jsonl", row)
             log(table.row(row))
-            ckpt.end_of_epoch(ep, row["test_acc"])
+            ckpt.end_of_epoch(ep, row["test_acc"])  # None: no test pass this epoch
             if stop():
                 ckpt.interrupt(stop, ep, None)
     return _finish(session, metrics, ckpt.compile_seconds, ckpt.setup_seconds, log)
@@ -177,26 +180,37 @@ def _train_epoch(session: Session, trainer: Trainer, ep: int, start: EpochProgre
         ckpt.interrupt(stop, ep - 1, tr.progress)
     if session.lookahead is not None and ep == s.epochs:
         session.lookahead.finish(session.model)  # the slow weights are the run's result (idempotent on resume)
-    try:
-        te = test_pass(session.eval_forward, session.loaders.test, normalize=session.augment.normalize,
-                       loss_fn=session.loss_fn, amp=session.amp, stop=stop, flip=data.test_flip,
-                       translate=data.test_translate)
-    except StopRequested:
-        ckpt.interrupt(stop, ep - 1, tr.progress)  # training part done: resume redoes only the test pass
+    te = None
+    if is_test_epoch(ep, s.epochs, session.cfg.run.test_every):
+        try:
+            te = test_pass(session.eval_forward, session.loaders.test, normalize=session.augment.normalize,
+                           loss_fn=session.loss_fn, amp=session.amp, stop=stop, flip=data.test_flip,
+                           translate=data.test_translate)
+        except StopRequested:
+            ckpt.interrupt(stop, ep - 1, tr.progress)  # training part done: resume redoes only the test pass
     bad = non_finite_state(session.tested)
-    if bad or not math.isfinite(te.loss):
+    if bad or te is not None and not math.isfinite(te.loss):
         what = f"the BatchNorm statistics or weights ({bad})" if bad else "the test loss"
         kept = f"the last checkpoint ({ckpt.path}) is intact" if ckpt.path.exists() else "no checkpoint was written"
         raise NonFiniteLoss(f"training diverged in epoch {ep}: {what} became NaN/inf (lr up to {lr:.4g}); {kept}. "
                             f"Lower --max-lr (see python -m fastcifar.find_lr) or use --precision fp32"
                             f"{_continue_hint(ckpt, session)}")
     skipped = int(all_sum([tr.progress.skipped], session.dist, session.device)[0])
-    tr, te = _over_ranks(tr, session), _over_ranks(te, session)
-    return {"epoch": ep, "lr": lr, "lr_end": trainer.scheduler.get_last_lr()[0], "train_loss": tr.loss,
-            "train_acc": tr.accuracy, "test_loss": te.loss, "test_acc": te.accuracy,
-            "train_s": tr.seconds, "test_s": te.seconds, "epoch_s": tr.seconds + te.seconds,
-            "train_img_s": tr.images / tr.seconds, "test_img_s": te.images / te.seconds,
-            "skipped_steps": skipped}
+    tr = _over_ranks(tr, session)
+    row = {"epoch": ep, "lr": lr, "lr_end": trainer.scheduler.get_last_lr()[0], "train_loss": tr.loss,
+           "train_acc": tr.accuracy, "test_loss": None, "test_acc": None, "train_s": tr.seconds, "test_s": 0.0,
+           "epoch_s": tr.seconds, "train_img_s": tr.images / tr.seconds, "test_img_s": None,
+           "skipped_steps": skipped}
+    if te is not None:  # else an epoch without a test pass (run.test_every): its test fields stay None
+        te = _over_ranks(te, session)
+        row |= {"test_loss": te.loss, "test_acc": te.accuracy, "test_s": te.seconds,
+                "epoch_s": tr.seconds + te.seconds, "test_img_s": te.images / te.seconds}
+    return row
+
+
+def is_test_epoch(ep: int, epochs: int, every: int) -> bool:
+    """Whether epoch `ep` (1-based) of `epochs` ends with a test pass: every `every`-th one, and always the last."""
+    return ep == epochs or every > 0 and ep % every == 0
 
 
 def _continue_hint(ckpt: Checkpointer, session: Session) -> str:
@@ -252,13 +266,14 @@ def _finish(session: Session, metrics: list[dict], compile_seconds: float, setup
 
 
 def _summarise(metrics: list[dict], compile_seconds: float, parameters: int, setup_seconds: float = 0.0) -> dict:
+    tested = [m for m in metrics if m["test_acc"] is not None]  # the last epoch always is (is_test_epoch)
     total = sum(m["epoch_s"] for m in metrics)
     train_s = sum(m["train_s"] for m in metrics)
     images = sum(m["train_img_s"] * m["train_s"] for m in metrics)
     return {
         "epochs": len(metrics),
         "final_test_acc": metrics[-1]["test_acc"],
-        "best_test_acc": max(m["test_acc"] for m in metrics),
+        "best_test_acc": max(m["test_acc"] for m in tested),
         "final_test_loss": metrics[-1]["test_loss"],
         "train_seconds": train_s,
         "total_seconds": total,
@@ -266,8 +281,9 @@ def _summarise(metrics: list[dict], compile_seconds: float, parameters: int, set
         "setup_seconds": setup_seconds,  # from train() to the warm-up: session, data onto the device, inits
         "mean_train_img_s": images / train_s,
         "parameters": parameters,
-        # the first epoch whose test accuracy reaches each mark, and the seconds to it: set-up, warm-up, and
-        # every epoch up to it with its test pass
+        # the first tested epoch whose test accuracy reaches each mark, and the seconds to it: set-up, warm-up,
+        # and every epoch up to it with its test pass (with run.test_every > 1, an untested epoch before it may
+        # have reached the mark already)
         "time_to_test_acc": {f"{mark:.2f}": dict(zip(("epoch", "seconds"), time_to(
             metrics, mark, compile_seconds + setup_seconds), strict=True)) for mark in ACCURACY_MARKS},
     }
@@ -278,11 +294,11 @@ ACCURACY_MARKS = (0.90, 0.91, 0.92, 0.93, 0.94)
 
 def time_to(metrics: list[dict], target: float, start_seconds: float = 0.0) -> tuple[int | None, float | None]:
     """The first epoch whose test accuracy reaches `target` and the seconds spent in epochs up to and
-    including it (plus `start_seconds`, e.g. the compile warm-up); (None, None) if no epoch does."""
+    including it (plus `start_seconds`, e.g. the compile warm-up); (None, None) if no tested epoch does."""
     elapsed = start_seconds
     for m in metrics:
         elapsed += m["epoch_s"]
-        if m["test_acc"] >= target:
+        if m["test_acc"] is not None and m["test_acc"] >= target:
             return m["epoch"], elapsed
     return None, None
 

@@ -9,10 +9,11 @@ from fastcifar.config import Config
 from fastcifar.custom_resnet import CustomResNet
 from fastcifar.errors import FastCifarError
 from fastcifar.evaluation import evaluate_checkpoint
+from fastcifar.reporting import load_history
 from fastcifar.runtime import resolve_precision
 from fastcifar.schedule import make_scheduler
 from fastcifar.session import augment_settings, parameter_groups
-from fastcifar.training import EpochTable, main, time_to, train
+from fastcifar.training import EpochTable, is_test_epoch, main, time_to, train
 from tests.conftest import LEVERS, TINY, tiny_cli_args, tiny_config
 
 
@@ -98,6 +99,38 @@ def test_epoch_table_aligns_header_and_rows():
     row = table.row({"epoch": 3, "lr": 0.1, "train_loss": 1.2, "train_acc": 0.5, "test_loss": 1.1, "test_acc": 0.6,
                      "epoch_s": 12.3, "train_img_s": 150.2})
     assert len(row) == len(table.header()) and "50.00%" in row
+
+
+def test_epoch_table_shows_an_untested_epoch_as_dashes():
+    table = EpochTable()
+    row = table.row({"epoch": 3, "lr": 0.1, "train_loss": 1.2, "train_acc": 0.5, "test_loss": None, "test_acc": None,
+                     "epoch_s": 12.3, "train_img_s": 150.2})
+    assert len(row) == len(table.header()) and row.split()[4:6] == ["-", "-"]
+
+
+@pytest.mark.parametrize(("every", "tested"), [(1, [1, 2, 3, 4, 5]), (2, [2, 4, 5]), (0, [5]), (7, [5])])
+def test_test_every_tests_every_nth_epoch_and_always_the_last(every, tested):
+    assert [ep for ep in range(1, 6) if is_test_epoch(ep, 5, every)] == tested
+
+
+def test_skipping_test_passes_leaves_training_alone(synthetic, tmp_path):
+    overrides = {"schedule.epochs": 3, "run.deterministic": True, "data.test_flip": True}
+    every = train(tiny_config(synthetic, tmp_path, **overrides, **{"run.name": "every"}), log=lambda _: None)
+    lines = []
+    last = train(tiny_config(synthetic, tmp_path, **overrides, **{"run.name": "last", "run.test_every": 0}),
+                 log=lines.append)
+    assert any("tested after the last epoch only" in line for line in lines)
+    assert [m["train_loss"] for m in last.metrics] == [m["train_loss"] for m in every.metrics]
+    assert [m["test_acc"] for m in last.metrics][:2] == [None, None] and last.metrics[0]["test_s"] == 0.0
+    assert last.metrics[0]["epoch_s"] == last.metrics[0]["train_s"]
+    assert last.metrics[-1]["test_acc"] == every.metrics[-1]["test_acc"]
+    for name, tensor in every.model.state_dict().items():
+        assert torch.equal(tensor, last.model.state_dict()[name]), name
+    results = json.loads((last.run_dir / "results.json").read_text())
+    assert results["best_test_acc"] == results["final_test_acc"] == every.metrics[-1]["test_acc"]
+    assert results["time_to_test_acc"]["0.90"]["epoch"] in (None, 3)  # only epoch 3 can be the first
+    assert (last.run_dir / "curves.png").exists() and (last.run_dir / "best.pt").exists()
+    assert [m["test_acc"] for m in load_history(last.run_dir)[1]][:2] == [None, None]  # compare reads it
 
 
 def test_cli_errors_are_one_line_with_exit_2(capsys, tmp_path):
@@ -196,6 +229,8 @@ def test_time_to_a_test_accuracy():
     metrics = [{"epoch": e, "test_acc": a, "epoch_s": 10.0} for e, a in [(1, 0.8), (2, 0.91), (3, 0.9)]]
     assert time_to(metrics, 0.91) == (2, 20.0) and time_to(metrics, 0.8, 5.0) == (1, 15.0)
     assert time_to(metrics, 0.95) == (None, None)
+    untested = [{"epoch": 1, "test_acc": None, "epoch_s": 10.0}, *metrics[1:]]  # run.test_every skipped epoch 1
+    assert time_to(untested, 0.8) == (2, 20.0)
 
 
 def test_results_record_the_time_to_each_accuracy_mark(tiny_run):
