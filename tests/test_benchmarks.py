@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import conv_layers, physics, step_throughput, test_pass
+from benchmarks import bn_relu, conv_layers, physics, step_throughput, test_pass
 from benchmarks import run as bench
 from benchmarks.data_paths import AugmentedCifar
 from benchmarks.step_throughput import default_variant, measure, parse_variant
@@ -100,6 +100,46 @@ def test_the_conv_benchmark_runs_and_records_json(tmp_path, monkeypatch, capsys)
     assert {"grad_weight_im2col", "grad_weight_shift"} == {k for k in record["layers"][0]["seconds"] if "_" in k
                                                            and k.startswith("grad_weight_")}
     assert "grad_weight_shift" in capsys.readouterr().out
+
+
+def test_the_bn_relu_blocks_are_the_networks_batch_norms_with_their_pools():
+    shapes = bn_relu.block_shapes()
+    assert len(shapes) == 8 and shapes[0] == ("prep.1", 64, 32, False)
+    assert [(c, side) for _, c, side, pool in shapes if pool] == [(128, 32), (256, 16), (512, 8)]  # conv, pool, BN
+    assert shapes[-1] == ("layer3.res.conv2.1", 512, 4, False)
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_a_bn_relu_block_computes_pool_then_train_mode_batch_norm_then_relu(pool):
+    x = torch.randn(4, 6, 8, 8)
+    block = bn_relu.make_block(6, pool)
+    pooled = torch.nn.functional.max_pool2d(x, 2) if pool else x
+    expected = torch.relu(torch.nn.functional.batch_norm(pooled, None, None, training=True, eps=1e-5))
+    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+    assert not block[-2].weight.requires_grad and block[-2].bias.requires_grad
+
+
+def test_the_bn_relu_benchmark_runs_and_records_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bn_relu, "block_shapes", lambda: [("a", 4, 8, True), ("b", 8, 4, False)])
+    out = tmp_path / "bn.json"
+    bn_relu.main(["--batch-size", "2", "--dtype", "fp32", "--repeats", "1", "--ways", "eager", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert [r["bn"] for r in record["rows"]] == ["a", "b"] and record["settings"]["dtype"] == "float32"
+    assert all(r["eager_ms"] > 0 for r in record["rows"]) and "| total |" in capsys.readouterr().out
+
+
+def test_the_bn_relu_benchmark_refuses_an_unknown_way(capsys):
+    with pytest.raises(SystemExit) as err:
+        bn_relu.main(["--ways", "eager,fused"])
+    assert err.value.code == 2 and "--ways" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_compiled_bn_relu_block_matches_eager(monkeypatch):
+    rows = bn_relu.measure(2, torch.float32, 1, bn_relu.WAYS, shapes=[("a", 4, 8, True)])
+    assert rows[0]["eager_ms"] > 0 and rows[0]["compiled_ms"] > 0
+    x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)
+    torch.testing.assert_close(torch.compile(bn_relu.make_block(4, True))(x), bn_relu.make_block(4, True)(x))
 
 
 def test_per_sample_baseline_normalises_and_augments():
