@@ -70,15 +70,15 @@ class EpochTable:
                ("test_loss", "{:>9.4f}"), ("test_acc", "{:>8.2%}"), ("epoch_s", "{:>7.1f}"),
                ("train_img_s", "{:>11.0f}")]
 
+    WIDTHS = [len(fmt.format(0.0 if "d" not in fmt else 0)) for _, fmt in COLUMNS]  # each column's formatted width
+
     def header(self) -> str:
-        widths = [len(fmt.format(0.0 if "d" not in fmt else 0)) for _, fmt in self.COLUMNS]
-        return "  ".join(name.rjust(w) for (name, _), w in zip(self.COLUMNS, widths, strict=True))
+        return "  ".join(name.rjust(w) for (name, _), w in zip(self.COLUMNS, self.WIDTHS, strict=True))
 
     def row(self, metrics: dict) -> str:
         """One epoch's row; a value the epoch did not measure (no test pass, run.test_every) shows as "-"."""
-        widths = [len(fmt.format(0.0 if "d" not in fmt else 0)) for _, fmt in self.COLUMNS]
         return "  ".join("-".rjust(w) if metrics[name] is None else fmt.format(metrics[name])
-                         for (name, fmt), w in zip(self.COLUMNS, widths, strict=True))
+                         for (name, fmt), w in zip(self.COLUMNS, self.WIDTHS, strict=True))
 
 
 def train(cfg: Config, log: Callable[[str], None] = print, resume: str | Path | None = None,
