@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from benchmarks.conv_layers import best_time
 from fastcifar import allocator
 from fastcifar.config import ModelConfig
 from fastcifar.custom_resnet import CustomResNet
@@ -55,15 +55,12 @@ def make_block(channels: int, pool: bool) -> nn.Module:
 
 
 def time_block(block: nn.Module, x: torch.Tensor, grad: torch.Tensor, repeats: int) -> float:
-    """Fastest forward + backward of `repeats` (after 2 untimed calls, which also compile), in seconds."""
-    for _ in range(2):
+    """Fastest forward + backward of `repeats` (after 2 untimed calls, the first of which compiles), in seconds."""
+    def step() -> None:
         block(x).backward(grad)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        block(x).backward(grad)
-        best = min(best, time.perf_counter() - start)
-    return best
+
+    step()
+    return best_time(step, repeats)  # one more untimed call, then the timed ones
 
 
 def measure(batch_size: int, dtype: torch.dtype, repeats: int, ways: tuple[str, ...],

@@ -184,7 +184,7 @@ class RunConfig:
     progress: str = opt("auto", "progress bar: auto (on a terminal only), on or off", one_of("auto", "on", "off"))
     sync_bn: bool = opt(False, "with torchrun on GPUs: BatchNorm statistics over the global batch")
     dist_timeout_s: float = opt(300.0, "how long ranks wait for each other, seconds", above(0))
-    # A test pass costs ~10% of a CPU epoch with flip TTA (~30% with translation TTA): a time-to-accuracy run
+    # A test pass costs ~10% of a CPU epoch with flip TTA (~27% with translation TTA): a time-to-accuracy run
     # that only needs the final number can skip the others. Training is the same either way.
     test_every: int = opt(1, "test pass after every N-th epoch and after the last (0 = after the last only); the "
                           "epochs in between log no test numbers", at_least(0, " (0 = the last epoch only)"))

@@ -281,7 +281,7 @@ class Checkpointer:
         self.session, self.scheduler, self.metrics = session, scheduler, metrics
         self.compile_seconds, self.setup_seconds = compile_seconds, setup_seconds
         self.path = session.run_dir / CHECKPOINT
-        self.best = max((m["test_acc"] for m in metrics if m["test_acc"] is not None), default=-1.0)
+        self.best = max((m["test_acc"] for m in reporting.tested_epochs(metrics)), default=-1.0)
 
     def save(self, epochs_done: int, progress: EpochProgress | None) -> None:
         """Every rank calls this (its RNG states and epoch sums are gathered); rank 0 writes the file."""

@@ -266,7 +266,7 @@ def _finish(session: Session, metrics: list[dict], compile_seconds: float, setup
 
 
 def _summarise(metrics: list[dict], compile_seconds: float, parameters: int, setup_seconds: float = 0.0) -> dict:
-    tested = [m for m in metrics if m["test_acc"] is not None]  # the last epoch always is (is_test_epoch)
+    tested = reporting.tested_epochs(metrics)  # the last epoch always is (is_test_epoch)
     total = sum(m["epoch_s"] for m in metrics)
     train_s = sum(m["train_s"] for m in metrics)
     images = sum(m["train_img_s"] * m["train_s"] for m in metrics)

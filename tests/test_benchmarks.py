@@ -135,7 +135,7 @@ def test_the_bn_relu_benchmark_refuses_an_unknown_way(capsys):
 
 
 @pytest.mark.slow
-def test_the_compiled_bn_relu_block_matches_eager(monkeypatch):
+def test_the_compiled_bn_relu_block_matches_eager():
     rows = bn_relu.measure(2, torch.float32, 1, bn_relu.WAYS, shapes=[("a", 4, 8, True)])
     assert rows[0]["eager_ms"] > 0 and rows[0]["compiled_ms"] > 0
     x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)
