@@ -126,6 +126,7 @@ def run(args: argparse.Namespace) -> dict:
     if "e2e" in sections:
         record["e2e"] = []
         e2e_steps = args.e2e_steps if args.e2e_steps is not None else 0 if device.type == "cuda" else 20
+        record["settings"]["e2e_steps"] = e2e_steps  # the count that ran, not the flag's None (= the default)
         ways = [lambda: end_to_end.usual_way(arrays, args.batch_size, args.workers, e2e_steps or 10**9, device,
                                              widths)]
         ways += [lambda k=kind: end_to_end.fastcifar_default(data_dir, args.batch_size, e2e_steps, device, widths, k)
@@ -190,7 +191,8 @@ def print_row(row: dict, keys: tuple[str, ...]) -> None:
 
 def markdown(record: dict) -> str:
     m, s = record["machine"], record["settings"]
-    lines = [f"Measured {m['started']} on {m['device_name']} ({m['device']}, {m['torch_threads']} torch threads), "
+    name = f"{m['device_name']} [{m['cpu_kind']}]" if m["device"] == "cpu" and m.get("cpu_kind") else m["device_name"]
+    lines = [f"Measured {m['started']} on {name} ({m['device']}, {m['torch_threads']} torch threads), "
              f"torch {m['torch']}, ffcv {m['ffcv']}, commit `{(m['git_commit'] or 'unknown')[:10]}`; "
              f"batch {s['batch_size']}, {s['repeats']} repeat(s) (median shown).", "",
              f"Command: `{record['command']}`", ""]
@@ -217,7 +219,9 @@ def markdown(record: dict) -> str:
                          f"{r['timed_steps']} | {vs} |")
         lines.append("")
     if "e2e" in record:
-        lines += [f"**Epoch end to end** ({s['e2e_steps']} timed training steps with data loading, then the whole "
+        steps = s["e2e_steps"]
+        timed = f"{steps} timed training steps" if steps else "one whole training epoch"
+        lines += [f"**Epoch end to end** ({timed} with data loading, then the whole "
                   f"test pass; epoch projected to all steps)", "",
                   "| way | train s | data wait s | augment s | test pass s | projected epoch s | "
                   "data + aug + test share |", "|---|---:|---:|---:|---:|---:|---:|"]

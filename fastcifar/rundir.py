@@ -265,6 +265,22 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_kind(cpuinfo: str | None = None) -> str:
+    """Which of the CPU kinds that train differently this is, from the instruction sets the kernel reports: AMX
+    (bf16 matrix units), AVX512-BF16 without AMX (bf16 dot products in the vector units), or neither (PyTorch's
+    bf16 kernels are slow there, so fp32 trains). Two CPUs that both call themselves "AMD EPYC" differ this way."""
+    try:
+        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
+    except OSError:
+        text = ""
+    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+    if "amx_bf16" in flags:
+        return "amx_bf16"
+    if "avx512_bf16" in flags:
+        return "avx512_bf16, no amx"
+    return f"{torch.backends.cpu.get_cpu_capability().lower()}, no bf16 instructions" if flags else "unknown"
+
+
 def device_name(device: torch.device) -> str:
     """The GPU's name on CUDA, else the CPU's model name."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
@@ -280,6 +296,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "numpy": _version("numpy"),
         "platform": platform.platform(),
         "cpu": _cpu_name(),
+        "cpu_kind": cpu_kind(),  # amx_bf16 / avx512_bf16 / neither: what decides the CPU's training precision
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "allocator": allocator.describe(),  # tcmalloc where installed (fastcifar/allocator.py): speed only

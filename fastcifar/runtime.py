@@ -67,8 +67,8 @@ def resolve_compile(setting: str, device: torch.device) -> bool:
 
 def resolve_conv_grad(setting: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the 4x4 convolutions take the im2col filter gradient (fastcifar/conv.py). auto: on a CPU in bf16,
-    the one setting where it was measured (3.7x oneDNN's there; BENCHMARKS.md); fp32 CPUs and GPUs keep their
-    libraries' own until a measurement says otherwise."""
+    where the step gained 1.21x (AMX Xeon) and 1.05x (AVX512-BF16 EPYC; BENCHMARKS.md). In fp32 oneDNN's own
+    gradient was faster at every size (same EPYC), and GPUs keep their library's until measured there."""
     return setting == "im2col" or (setting == "auto" and device.type == "cpu" and dtype == torch.bfloat16)
 
 

@@ -188,7 +188,19 @@ def test_runner_runs_every_section_and_records_them(synthetic, tmp_path, capsys)
     assert record["machine"]["torch"] == torch.__version__ and "git_commit" in record["machine"]
     text = markdown.read_text()
     assert "| c. fastcifar" in text and "**Physics**" in text and "| op | share |" in text
+    assert record["settings"]["e2e_steps"] == 2 and "(2 timed training steps" in text
     assert text.endswith("hand-written notes\n")
+
+
+@pytest.mark.parametrize("steps, says", [(20, "(20 timed training steps"), (0, "(one whole training epoch")])
+def test_markdown_names_the_end_to_end_steps_that_ran(steps, says):
+    machine = {"started": "t", "device_name": "cpu", "device": "cpu", "torch_threads": 2, "torch": "x", "ffcv": "y",
+               "git_commit": None}
+    row = {"name": "way", "train_s": 1.0, "data_s": 0.0, "augment_s": 0.0, "test_s": 1.0, "epoch_s": 2.0,
+           "overhead": 0.5}
+    text = bench.markdown({"machine": machine, "settings": {"batch_size": 512, "repeats": 1, "e2e_steps": steps},
+                           "command": "c", "e2e": [row]})
+    assert says in text and "None" not in text
 
 
 def test_unknown_section_is_a_one_line_error(tmp_path, capsys):

@@ -125,3 +125,14 @@ def test_resume_refuses_to_move_the_run(tmp_path, capsys):
     assert main(["--resume", str(tmp_path), "--name", "other"]) == 2
     err = capsys.readouterr().err
     assert "continues" in err and "in place" in err and "--run.name" in err
+
+
+@pytest.mark.parametrize("flags, kind", [("fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile", "amx_bf16"),
+                                         ("fpu avx2 avx512f avx512_bf16", "avx512_bf16, no amx")])
+def test_cpu_kind_tells_the_bf16_hardware_apart(flags, kind):
+    assert rundir.cpu_kind(f"model name\t: AMD EPYC\nflags\t\t: {flags}\n") == kind
+
+
+def test_cpu_kind_without_bf16_names_the_vector_unit_and_without_flags_says_unknown():
+    assert rundir.cpu_kind("flags\t: fpu avx2 fma\n").endswith(", no bf16 instructions")
+    assert rundir.cpu_kind("") == "unknown"
