@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import math
@@ -255,25 +256,29 @@ def _git_commit() -> str | None:
     return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
-def _cpu_name() -> str:
+@functools.cache
+def _cpuinfo() -> str:
+    """/proc/cpuinfo, read once per process ("" where there is none): the CPU's name and its kind come from it."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return ""
+
+
+def _cpuinfo_field(text: str, key: str) -> str | None:
+    """The value of the first `key : value` line of a /proc/cpuinfo text."""
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith(key)), None)
+
+
+def _cpu_name() -> str:
+    return _cpuinfo_field(_cpuinfo(), "model name") or platform.processor() or platform.machine()
 
 
 def cpu_kind(cpuinfo: str | None = None) -> str:
     """Which of the CPU kinds that train differently this is, from the instruction sets the kernel reports: AMX
     (bf16 matrix units), AVX512-BF16 without AMX (bf16 dot products in the vector units), or neither (PyTorch's
     bf16 kernels are slow there, so fp32 trains). Two CPUs that both call themselves "AMD EPYC" differ this way."""
-    try:
-        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
-    except OSError:
-        text = ""
-    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+    flags = set((_cpuinfo_field(_cpuinfo() if cpuinfo is None else cpuinfo, "flags") or "").split())
     if "amx_bf16" in flags:
         return "amx_bf16"
     if "avx512_bf16" in flags:
