@@ -311,6 +311,8 @@ def finish_report(run_dir: Path) -> bool:
     missing = [name for name in reporting.FILES if not (run_dir / name).exists()]
     if not missing:
         return False  # load_training_state says "finished run; nothing to resume"
+    # The lock keeps a second --resume out and removes the temporary file of the writer that the kill stopped.
+    rundir.lock_run_dir(run_dir)
     for path in reporting.write_report(run_dir):
         print(f"wrote {path}")
     print(f"{run_dir} had finished; its report ({', '.join(missing)}) was missing and is written now")

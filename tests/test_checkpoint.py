@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastcifar import reporting
 from fastcifar.checkpoint import load_training_state, resume_config, rng_states, set_rng_states
 from fastcifar.config import Config, ConfigError
 from fastcifar.errors import FastCifarError
@@ -276,10 +277,13 @@ def test_kill_9_at_random_moments_then_resume_ends_bit_identical(tiny_run, synth
             proc.kill()
             kills += 1
         proc.wait(timeout=60)
-    if not (run_dir / "results.json").exists():
-        proc = subprocess.run(resume if (run_dir / "checkpoint.pt").exists() else fresh, capture_output=True,
-                              text=True, timeout=600)
+    # What a user does next: --resume, which trains on, or finishes a report that a kill after results.json cut
+    # short; a complete run answers "nothing to resume" (exit 1).
+    if not all((run_dir / name).exists() for name in ("results.json", *reporting.FILES)):
+        started = (run_dir / "checkpoint.pt").exists() or (run_dir / "results.json").exists()
+        proc = subprocess.run(resume if started else fresh, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr
     assert kills >= 1
     _same_run(tiny_run.run_dir, run_dir)
+    assert all((run_dir / name).is_file() for name in reporting.FILES)
     assert not list(run_dir.glob(".*.tmp"))

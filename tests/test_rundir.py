@@ -114,8 +114,10 @@ def test_resume_finishes_a_report_that_a_kill_left_missing(tiny_run, tmp_path, c
     shutil.copytree(tiny_run.run_dir, run_dir)
     (run_dir / "curves.png").unlink()
     (run_dir / "summary.md").unlink()
+    (run_dir / ".curves.png.4242.0badf00d.tmp").write_bytes(b"half a png")  # the killed writer's
     assert main(["--resume", str(run_dir)]) == 0
     assert (run_dir / "curves.png").is_file() and (run_dir / "summary.md").is_file()
+    assert not list(run_dir.glob(".*.tmp"))
     assert "was missing and is written now" in capsys.readouterr().out
     assert main(["--resume", str(run_dir)]) == 1  # complete now: nothing to resume
     assert "finished run; nothing to resume" in capsys.readouterr().err
