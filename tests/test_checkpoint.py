@@ -266,12 +266,15 @@ def test_kill_9_at_random_moments_then_resume_ends_bit_identical(tiny_run, synth
     fresh = [sys.executable, "-m", "fastcifar.train", *tiny_cli_args(synthetic, tmp_path, **{"run.name": "killed"}),
              "--overwrite"]
     resume = [sys.executable, "-m", "fastcifar.train", "--resume", str(run_dir)]
+    def next_command() -> list[str]:  # --resume once the run has written anything to continue from
+        started = (run_dir / "checkpoint.pt").exists() or (run_dir / "results.json").exists()
+        return resume if started else fresh
+
     kills = 0
     for _ in range(8):
         if (run_dir / "results.json").exists() or kills == 4:
             break
-        proc = subprocess.Popen(resume if (run_dir / "checkpoint.pt").exists() else fresh,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(next_command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(3.0, 15.0))
         if proc.poll() is None:
             proc.kill()
@@ -280,8 +283,7 @@ def test_kill_9_at_random_moments_then_resume_ends_bit_identical(tiny_run, synth
     # What a user does next: --resume, which trains on, or finishes a report that a kill after results.json cut
     # short; a complete run answers "nothing to resume" (exit 1).
     if not all((run_dir / name).exists() for name in ("results.json", *reporting.FILES)):
-        started = (run_dir / "checkpoint.pt").exists() or (run_dir / "results.json").exists()
-        proc = subprocess.run(resume if started else fresh, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(next_command(), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr
     assert kills >= 1
     _same_run(tiny_run.run_dir, run_dir)
