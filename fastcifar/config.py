@@ -106,6 +106,8 @@ class ModelConfig:
     whiten_frozen: bool = opt(False, "keep the whitened prep conv fixed in training (needs whiten_init)")
     bn_weight_frozen: bool = opt(False, "BatchNorm scales fixed at 1, only the biases trained (Page, airbench)")
     dirac_init: bool = opt(False, "partial-identity init of every conv after prep (first c_in outputs = identity)")
+    ghost_batch: int = opt(0, "ghost batch norm: in training, each group of this many images is normalised by its "
+                           "own statistics (Page: 32 of 512); 0 = the whole batch", at_least(0, " (0 = whole batch)"))
 
 
 @dataclass(frozen=True)
@@ -276,6 +278,8 @@ RELATIONS = [
     lambda c: "" if c.lr_finder.start_lr < c.lr_finder.end_lr else "need lr_finder.start_lr < lr_finder.end_lr",
     lambda c: "" if c.model.whiten_init or not c.model.whiten_frozen
     else "model.whiten_frozen needs model.whiten_init true (it freezes the whitened prep conv)",
+    lambda c: "" if not (c.model.ghost_batch and c.run.sync_bn)
+    else "model.ghost_batch and run.sync_bn exclude each other (one splits the batch's statistics, one joins them)",
 ]
 
 

@@ -18,22 +18,57 @@ from torch import nn
 from fastcifar.config import ModelConfig
 
 
-def conv_bn(c_in: int, c_out: int, pool: bool = False, bn_momentum: float = 0.1) -> nn.Sequential:
+class GhostBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics come from groups of `ghost_batch` images (ghost batch norm, Hoffer
+    et al. 2017; Page used groups of 32 in a batch of 512): each group is normalised by its own mean and
+    variance, which adds noise to the statistics, a regulariser at large batches. The running statistics move
+    once per batch, by the mean of the groups' statistics; evaluation is plain BatchNorm2d, and the parameters,
+    buffers and state_dict are BatchNorm2d's."""
+
+    def __init__(self, num_features: int, ghost_batch: int, momentum: float = 0.1) -> None:
+        super().__init__(num_features, momentum=momentum)
+        self.ghost_batch = ghost_batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or x.shape[0] <= self.ghost_batch:
+            return super().forward(x)
+        groups = x.split(self.ghost_batch)  # views: each group of a channels_last batch is channels_last too
+        # Every group updates its own copy of the running statistics from the same start. The update is linear
+        # in the batch statistics, so the mean of the copies is one update by the mean of the groups' statistics.
+        means = self.running_mean.repeat(len(groups), 1)
+        variances = self.running_var.repeat(len(groups), 1)
+        out = torch.cat([nn.functional.batch_norm(g, means[i], variances[i], self.weight, self.bias, True,
+                                                  self.momentum, self.eps) for i, g in enumerate(groups)])
+        with torch.no_grad():
+            self.running_mean.copy_(means.mean(0))
+            self.running_var.copy_(variances.mean(0))
+            self.num_batches_tracked.add_(1)
+        return out
+
+
+def batch_norm(channels: int, bn_momentum: float = 0.1, ghost_batch: int = 0) -> nn.BatchNorm2d:
+    """BatchNorm2d, or its ghost variant when `ghost_batch` > 0."""
+    if ghost_batch:
+        return GhostBatchNorm2d(channels, ghost_batch, momentum=bn_momentum)
+    return nn.BatchNorm2d(channels, momentum=bn_momentum)
+
+
+def conv_bn(c_in: int, c_out: int, pool: bool = False, bn_momentum: float = 0.1, ghost_batch: int = 0) -> nn.Sequential:
     """Conv3x3 (stride 1, pad 1, no bias) [-> MaxPool2d(2)] -> BatchNorm -> ReLU."""
     layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False)]
     if pool:
         layers.append(nn.MaxPool2d(2))
-    layers += [nn.BatchNorm2d(c_out, momentum=bn_momentum), nn.ReLU(inplace=True)]
+    layers += [batch_norm(c_out, bn_momentum, ghost_batch), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
 class ResBlock(nn.Module):
     """Two conv-bn-relu units; the caller adds the skip connection."""
 
-    def __init__(self, channels: int, bn_momentum: float = 0.1) -> None:
+    def __init__(self, channels: int, bn_momentum: float = 0.1, ghost_batch: int = 0) -> None:
         super().__init__()
-        self.conv1 = conv_bn(channels, channels, bn_momentum=bn_momentum)
-        self.conv2 = conv_bn(channels, channels, bn_momentum=bn_momentum)
+        self.conv1 = conv_bn(channels, channels, bn_momentum=bn_momentum, ghost_batch=ghost_batch)
+        self.conv2 = conv_bn(channels, channels, bn_momentum=bn_momentum, ghost_batch=ghost_batch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv2(self.conv1(x))
@@ -42,10 +77,10 @@ class ResBlock(nn.Module):
 class Residual(nn.Module):
     """X = conv_bn_pool(x); returns X + ResBlock(X)."""
 
-    def __init__(self, c_in: int, c_out: int, bn_momentum: float = 0.1) -> None:
+    def __init__(self, c_in: int, c_out: int, bn_momentum: float = 0.1, ghost_batch: int = 0) -> None:
         super().__init__()
-        self.conv = conv_bn(c_in, c_out, pool=True, bn_momentum=bn_momentum)
-        self.res = ResBlock(c_out, bn_momentum)
+        self.conv = conv_bn(c_in, c_out, pool=True, bn_momentum=bn_momentum, ghost_batch=ghost_batch)
+        self.res = ResBlock(c_out, bn_momentum, ghost_batch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(x)
@@ -57,11 +92,11 @@ class CustomResNet(nn.Module):
         super().__init__()
         cfg = config or ModelConfig()
         w0, w1, w2, w3 = cfg.widths
-        m = cfg.bn_momentum
-        self.prep = conv_bn(3, w0, bn_momentum=m)
-        self.layer1 = Residual(w0, w1, m)
-        self.layer2 = conv_bn(w1, w2, pool=True, bn_momentum=m)
-        self.layer3 = Residual(w2, w3, m)
+        m, g = cfg.bn_momentum, cfg.ghost_batch
+        self.prep = conv_bn(3, w0, bn_momentum=m, ghost_batch=g)
+        self.layer1 = Residual(w0, w1, m, g)
+        self.layer2 = conv_bn(w1, w2, pool=True, bn_momentum=m, ghost_batch=g)
+        self.layer3 = Residual(w2, w3, m, g)
         self.pool = nn.MaxPool2d(4)
         self.fc = nn.Linear(w3, cfg.num_classes, bias=False)
         self.logit_scale = cfg.logit_scale

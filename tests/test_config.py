@@ -52,10 +52,17 @@ def test_override_parses_strings_to_field_types(key, text, expected):
     ("run.name", "x" * 300, "run.name must be a plain directory name of at most 200 characters"),
     ("model.num_classes", 5, "model.num_classes must be 10"),
     ("data.loader", "dali", "data.loader must be auto, ffcv or resident"),
+    ("model.ghost_batch", -1, "model.ghost_batch must be >= 0"),
 ])
 def test_invalid_values_are_rejected_with_the_field_named(key, value, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(".", r"\.")):
         Config().override({key: value})
+
+
+def test_ghost_batch_norm_and_sync_bn_are_refused_together():
+    assert Config().override({"model.ghost_batch": 32}).model.ghost_batch == 32
+    with pytest.raises(ConfigError, match="model.ghost_batch and run.sync_bn exclude each other"):
+        Config().override({"model.ghost_batch": 32, "run.sync_bn": True})
 
 
 def test_dict_round_trip_and_unknown_keys():

@@ -4,6 +4,7 @@ import torch
 from fastcifar.config import ModelConfig
 from fastcifar.custom_resnet import (
     CustomResNet,
+    GhostBatchNorm2d,
     count_parameters,
     dirac_init,
     freeze_prep_conv,
@@ -130,3 +131,65 @@ def test_frozen_bn_scales_and_prep_conv_keep_the_parameter_count_but_get_no_grad
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     assert model.prep[0].weight.grad is None and model.prep[1].weight.grad is None
     assert model.prep[1].bias.grad is not None and model.layer1.conv[0].weight.grad is not None
+
+
+def reference_ghost_bn(x: torch.Tensor, group: int, running: torch.nn.BatchNorm2d) -> torch.Tensor:
+    """What ghost batch norm means, written out: every group normalised by its own mean and (biased) variance;
+    the running statistics moved once, towards the groups' mean mean and mean unbiased variance."""
+    outs, means, variances = [], [], []
+    for g in x.split(group):
+        mean, var = g.mean(dim=(0, 2, 3)), g.var(dim=(0, 2, 3), unbiased=False)
+        outs.append((g - mean[:, None, None]) / (var[:, None, None] + running.eps).sqrt()
+                    * running.weight[:, None, None] + running.bias[:, None, None])
+        means.append(mean)
+        variances.append(g.var(dim=(0, 2, 3), unbiased=True))
+    m = running.momentum
+    with torch.no_grad():
+        running.running_mean.mul_(1 - m).add_(m * torch.stack(means).mean(0))
+        running.running_var.mul_(1 - m).add_(m * torch.stack(variances).mean(0))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("n, group", [(64, 16), (50, 16), (24, 8)])  # 50: a last group of 2, as an epoch's last batch
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_ghost_bn_normalises_each_group_by_its_own_statistics(n, group, channels_last):
+    torch.manual_seed(0)
+    x = torch.randn(n, 6, 5, 5) * 3 + torch.arange(n, dtype=torch.float)[:, None, None, None] / 4
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ghost = GhostBatchNorm2d(6, group, momentum=0.3)
+    with torch.no_grad():
+        ghost.weight.uniform_(0.5, 1.5)
+        ghost.bias.uniform_(-1, 1)
+    expected_bn = torch.nn.BatchNorm2d(6, momentum=0.3)
+    expected_bn.load_state_dict(ghost.state_dict())
+    out = ghost(x)
+    torch.testing.assert_close(out, reference_ghost_bn(x, group, expected_bn), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ghost.running_mean, expected_bn.running_mean)
+    torch.testing.assert_close(ghost.running_var, expected_bn.running_var)
+    assert int(ghost.num_batches_tracked) == 1
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    # Groups differ, so this is not plain BatchNorm: the batch as a whole is normalised differently.
+    assert not torch.allclose(out, torch.nn.BatchNorm2d(6).train()(x), atol=1e-3)
+
+
+def test_ghost_bn_gets_gradients_and_evaluates_as_plain_batch_norm():
+    torch.manual_seed(0)
+    ghost, plain = GhostBatchNorm2d(4, 8), torch.nn.BatchNorm2d(4)
+    x = torch.randn(32, 4, 3, 3, requires_grad=True)
+    ghost(x).square().sum().backward()
+    assert x.grad is not None and ghost.weight.grad is not None and ghost.bias.grad is not None
+    plain.load_state_dict(ghost.state_dict())
+    ghost.eval(), plain.eval()
+    torch.testing.assert_close(ghost(x), plain(x))
+    whole = GhostBatchNorm2d(4, 32).train()  # a group as large as the batch: plain BatchNorm in training too
+    torch.testing.assert_close(whole(x), torch.nn.BatchNorm2d(4).train()(x))
+
+
+def test_ghost_batch_reaches_every_batch_norm_and_keeps_the_parameter_count_and_state_dict():
+    ghost, plain = CustomResNet(ModelConfig(ghost_batch=32)), CustomResNet()
+    norms = [m for m in ghost.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 8 and all(isinstance(m, GhostBatchNorm2d) and m.ghost_batch == 32 for m in norms)
+    assert count_parameters(ghost) == 6_573_120
+    assert ghost.state_dict().keys() == plain.state_dict().keys()
+    assert not any(isinstance(m, GhostBatchNorm2d) for m in plain.modules())

@@ -189,7 +189,7 @@ def one_epoch_run(synthetic, tmp_path_factory):
 # Each lever alone, against a run without it (the baseline: one_epoch_run, or the given overrides).
 _ALONE = ["optim.ema_decay", "data.flip_mode", "data.test_flip", "optim.bn_lr_scale", "optim.bn_weight_decay",
           "model.whiten_init", "model.bn_momentum", "model.bn_weight_frozen", "model.dirac_init",
-          "optim.lookahead_every", "data.test_translate", "optim.optimizer"]
+          "optim.lookahead_every", "data.test_translate", "optim.optimizer", "model.ghost_batch"]
 _WITH_BASE = [({"model.whiten_init": True, "model.whiten_frozen": True}, {"model.whiten_init": True}),
               ({"optim.bn_lr_scale": 4.0, "optim.bn_wd_scale": 0.5}, {"optim.bn_lr_scale": 4.0}),
               ({"optim.optimizer": "muon", "optim.muon_lr": 0.1}, {"optim.optimizer": "muon"})]
