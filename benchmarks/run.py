@@ -52,11 +52,11 @@ def default_variants(device: torch.device) -> list[str]:
 def _variants(text: str, device: torch.device) -> list[str]:
     variants = text.split(",") if text else default_variants(device)
     for variant in variants:
-        if variant != "default":
-            try:
+        try:
+            if step_throughput.default_overrides(variant) is None:
                 step_throughput.parse_variant(variant)
-            except ValueError as err:
-                raise FastCifarError(str(err)) from None
+        except ValueError as err:
+            raise FastCifarError(str(err)) from None
     return variants
 
 
@@ -155,7 +155,7 @@ def physics_record(device: torch.device, batch_size: int, widths: tuple[int, ...
         peaks["bf16"] = physics.matmul_peak(torch.bfloat16, device, n=256, seconds=1.0)
     out = {"flops": flops, "matmul_peak_flops": peaks,
            "default_op_shares": step_throughput.op_shares(batch_size, device, widths)}
-    default = next((s for s in steps if s["variant"].startswith("default")), None)
+    default = next((s for s in steps if s["variant"].startswith("default (")), None)
     if default:
         achieved = flops["train_step"] / default["step_s"]
         precision = default["variant"].split("(")[1].split("-")[0]
@@ -172,7 +172,7 @@ def ratios(record: dict) -> dict:
     if {"ffcv", "ours"} <= data.keys():
         out["data_ours_vs_ffcv"] = data["ours"] / data["ffcv"]
     steps = {r["variant"]: r["images_per_s"] for r in record.get("step", [])}
-    default = next((v for k, v in steps.items() if k.startswith("default")), None)
+    default = next((v for k, v in steps.items() if k.startswith("default (")), None)
     if default and "fp32" in steps:
         out["step_default_vs_fp32_nchw"] = default / steps["fp32"]
     if len(record.get("e2e", [])) >= 2:

@@ -6,10 +6,11 @@ A variant is a precision (fp32 | bf16 | fp16) followed by flags: `cl` (channels_
 convolutions' filter gradient as one matmul, fastcifar/conv.py) and `compile` (torch.compile, optionally
 `compile:MODE`, e.g. `fp32-cl-compile:max-autotune`); `default` is the training step itself
 (fastcifar.loop.train_step with the default preset's augmentation, loss and optimizer, in what fastcifar
-picks on the device: run.precision/compile/conv_grad auto, channels_last). Each variant gets a fresh model
-and SGD, runs `--warmup` untimed steps (compilation happens there and is reported as warm-up time), then
-`--steps` timed steps on a fixed random batch: forward + cross-entropy + backward + SGD step, no data
-loading. On CUDA the timed steps are measured with CUDA events.
+picks on the device: run.precision/compile/conv_grad auto, channels_last), and `default@KEY=VALUE[@...]` is
+that step with config options changed (`default@model.ghost_batch=32`: a lever's cost, side by side).
+Each variant gets a fresh model and SGD, runs `--warmup` untimed steps (compilation happens there and is
+reported as warm-up time), then `--steps` timed steps on a fixed random batch: forward + cross-entropy +
+backward + SGD step, no data loading. On CUDA the timed steps are measured with CUDA events.
 """
 
 from __future__ import annotations
@@ -38,6 +39,20 @@ def default_variant(device: torch.device) -> str:
     dtype = resolve_precision("auto", device)
     im2col = "-im2col" if resolve_conv_grad("auto", device, dtype) else ""
     return f"{NAMES[dtype]}-cl{im2col}" + ("-compile" if resolve_compile("auto", device) else "")
+
+
+def default_overrides(variant: str) -> dict[str, str] | None:
+    """"default@model.ghost_batch=32" -> {"model.ghost_batch": "32"}; {} for "default"; None for other variants.
+    The keys and values are checked by the config (unknown keys and bad values raise ConfigError)."""
+    head, *options = variant.split("@")
+    if head != "default":
+        return None
+    pairs = [option.partition("=") for option in options]
+    if any(not key or not sep for key, sep, _ in pairs):
+        raise ValueError(f"cannot read step variant {variant!r} (e.g. default@model.ghost_batch=32)")
+    overrides = {key: value for key, _, value in pairs}
+    Config.from_preset(DEFAULT_PRESET, overrides)
+    return overrides
 
 
 def parse_variant(variant: str) -> tuple[str, bool, bool, str | None, bool]:
@@ -79,7 +94,8 @@ def _timer(device: torch.device) -> tuple:
 def measure(variant: str, batch_size: int, warmup: int, steps: int, device: torch.device,
             widths: tuple[int, int, int, int] = ModelConfig.widths) -> StepResult:
     """Warm-up seconds and timed images/s of one variant."""
-    resolved = default_variant(device) if variant == "default" else variant
+    overrides = default_overrides(variant)
+    resolved = default_variant(device) if overrides is not None else variant
     precision, channels_last, compiled, mode, im2col = parse_variant(resolved)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     amp = Amp(device, DTYPES[precision])
@@ -87,8 +103,8 @@ def measure(variant: str, batch_size: int, warmup: int, steps: int, device: torc
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
     torch.manual_seed(0)
-    if variant == "default":
-        step = _training_step(batch_size, device, widths, amp, compiled)
+    if overrides is not None:
+        step = _training_step(batch_size, device, widths, amp, compiled, overrides)
     else:
         model = CustomResNet(ModelConfig(widths=widths))
         apply_conv_grad(model, "im2col" if im2col else "onednn", device, amp.dtype)
@@ -117,16 +133,16 @@ def measure(variant: str, batch_size: int, warmup: int, steps: int, device: torc
     for _ in range(steps):
         step()
     seconds = stop()
-    name = f"default ({resolved})" if variant == "default" else variant
+    name = f"{variant} ({resolved})" if overrides is not None else variant
     return StepResult(name, warm, steps * batch_size / seconds, seconds / steps)
 
 
 def _training_step(batch_size: int, device: torch.device, widths: tuple[int, int, int, int], amp: Amp,
-                   compiled: bool) -> Callable[[], None]:
+                   compiled: bool, overrides: dict[str, str] | None = None) -> Callable[[], None]:
     """The step training runs, as the default preset builds it: a uint8 batch through the fused augmentation,
     the model (compiled when `compiled`), label-smoothed cross-entropy and the preset's optimizer, via
-    fastcifar.loop.train_step: so that this row and a training run agree."""
-    cfg = Config.from_preset(DEFAULT_PRESET, {"model.widths": ",".join(map(str, widths))})
+    fastcifar.loop.train_step: so that this row and a training run agree. `overrides`: config options changed."""
+    cfg = Config.from_preset(DEFAULT_PRESET, {"model.widths": ",".join(map(str, widths)), **(overrides or {})})
     model = CustomResNet(cfg.model)
     apply_conv_grad(model, cfg.run.conv_grad, device, amp.dtype)
     model = model.to(device=device, memory_format=torch.channels_last)

@@ -10,9 +10,11 @@ import torch
 from benchmarks import bn_relu, conv_layers, physics, step_throughput, test_pass
 from benchmarks import run as bench
 from benchmarks.data_paths import AugmentedCifar
-from benchmarks.step_throughput import default_variant, measure, parse_variant
+from benchmarks.step_throughput import default_overrides, default_variant, measure, parse_variant
 from fastcifar.augment import CIFAR10_MEAN, CIFAR10_STD
+from fastcifar.config import ConfigError
 from fastcifar.conv import conv3x3_backward
+from fastcifar.errors import FastCifarError
 from fastcifar.runtime import cpu_has_fast_bf16
 
 
@@ -29,6 +31,26 @@ def test_step_throughput_measures_a_positive_rate(variant):
     assert r.warmup_s > 0 and r.images_per_s > 0 and r.step_s > 0
     # the default names what it resolved to on this CPU: fp32-cl, or bf16-cl where oneDNN has bf16 kernels (AMX)
     assert r.variant == (f"default ({default_variant(torch.device('cpu'))})" if variant == "default" else variant)
+
+
+def test_a_default_variant_with_config_options_runs_the_changed_step():
+    r = measure("default@model.ghost_batch=2", batch_size=4, warmup=1, steps=1, device=torch.device("cpu"),
+                widths=(4, 8, 8, 16))
+    assert r.images_per_s > 0 and r.variant == f"default@model.ghost_batch=2 ({default_variant(torch.device('cpu'))})"
+    assert default_overrides("default@model.ghost_batch=32@optim.ema_decay=0.9") == {
+        "model.ghost_batch": "32", "optim.ema_decay": "0.9"}
+    assert default_overrides("default") == {} and default_overrides("bf16-cl") is None
+
+
+@pytest.mark.parametrize(("text", "error", "fragment"), [
+    ("default@model.ghost", ValueError, "cannot read step variant"),
+    ("default@model.colour=1", ConfigError, "unknown option 'model.colour'"),
+    ("default@model.ghost_batch=-1", ConfigError, "model.ghost_batch must be >= 0")])
+def test_bad_default_options_are_refused(text, error, fragment):
+    with pytest.raises(error, match=fragment):
+        default_overrides(text)
+    with pytest.raises(FastCifarError, match=fragment):
+        bench._variants(text, torch.device("cpu"))
 
 
 def test_the_profile_of_the_default_step_splits_its_time_into_shares():
