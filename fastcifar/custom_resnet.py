@@ -12,6 +12,9 @@ is followed by BN, which has its own shift). `python -m fastcifar.custom_resnet`
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -53,22 +56,25 @@ def batch_norm(channels: int, bn_momentum: float = 0.1, ghost_batch: int = 0) ->
     return nn.BatchNorm2d(channels, momentum=bn_momentum)
 
 
-def conv_bn(c_in: int, c_out: int, pool: bool = False, bn_momentum: float = 0.1, ghost_batch: int = 0) -> nn.Sequential:
-    """Conv3x3 (stride 1, pad 1, no bias) [-> MaxPool2d(2)] -> BatchNorm -> ReLU."""
+Norm = Callable[[int], nn.BatchNorm2d]  # channels -> the BatchNorm after a conv (`batch_norm`, set by the config)
+
+
+def conv_bn(c_in: int, c_out: int, norm: Norm = nn.BatchNorm2d, pool: bool = False) -> nn.Sequential:
+    """Conv3x3 (stride 1, pad 1, no bias) [-> MaxPool2d(2)] -> norm(c_out) -> ReLU."""
     layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False)]
     if pool:
         layers.append(nn.MaxPool2d(2))
-    layers += [batch_norm(c_out, bn_momentum, ghost_batch), nn.ReLU(inplace=True)]
+    layers += [norm(c_out), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
 class ResBlock(nn.Module):
     """Two conv-bn-relu units; the caller adds the skip connection."""
 
-    def __init__(self, channels: int, bn_momentum: float = 0.1, ghost_batch: int = 0) -> None:
+    def __init__(self, channels: int, norm: Norm = nn.BatchNorm2d) -> None:
         super().__init__()
-        self.conv1 = conv_bn(channels, channels, bn_momentum=bn_momentum, ghost_batch=ghost_batch)
-        self.conv2 = conv_bn(channels, channels, bn_momentum=bn_momentum, ghost_batch=ghost_batch)
+        self.conv1 = conv_bn(channels, channels, norm)
+        self.conv2 = conv_bn(channels, channels, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv2(self.conv1(x))
@@ -77,10 +83,10 @@ class ResBlock(nn.Module):
 class Residual(nn.Module):
     """X = conv_bn_pool(x); returns X + ResBlock(X)."""
 
-    def __init__(self, c_in: int, c_out: int, bn_momentum: float = 0.1, ghost_batch: int = 0) -> None:
+    def __init__(self, c_in: int, c_out: int, norm: Norm = nn.BatchNorm2d) -> None:
         super().__init__()
-        self.conv = conv_bn(c_in, c_out, pool=True, bn_momentum=bn_momentum, ghost_batch=ghost_batch)
-        self.res = ResBlock(c_out, bn_momentum, ghost_batch)
+        self.conv = conv_bn(c_in, c_out, norm, pool=True)
+        self.res = ResBlock(c_out, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(x)
@@ -92,11 +98,11 @@ class CustomResNet(nn.Module):
         super().__init__()
         cfg = config or ModelConfig()
         w0, w1, w2, w3 = cfg.widths
-        m, g = cfg.bn_momentum, cfg.ghost_batch
-        self.prep = conv_bn(3, w0, bn_momentum=m, ghost_batch=g)
-        self.layer1 = Residual(w0, w1, m, g)
-        self.layer2 = conv_bn(w1, w2, pool=True, bn_momentum=m, ghost_batch=g)
-        self.layer3 = Residual(w2, w3, m, g)
+        norm = partial(batch_norm, bn_momentum=cfg.bn_momentum, ghost_batch=cfg.ghost_batch)
+        self.prep = conv_bn(3, w0, norm)
+        self.layer1 = Residual(w0, w1, norm)
+        self.layer2 = conv_bn(w1, w2, norm, pool=True)
+        self.layer3 = Residual(w2, w3, norm)
         self.pool = nn.MaxPool2d(4)
         self.fc = nn.Linear(w3, cfg.num_classes, bias=False)
         self.logit_scale = cfg.logit_scale
