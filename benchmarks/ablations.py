@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.run import update_markdown
-from fastcifar.config import Config
+from fastcifar.config import PRESETS, Config
 from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.evaluation import evaluate_checkpoint, read_tta_accuracy, report_dict
 from fastcifar.multiseed import RERUN_HINT, parse_seeds, run_seeds, summarise
@@ -50,11 +50,18 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "no-label-smoothing": ("label smoothing 0.2 -> 0", {"optim.label_smoothing": 0.0}),
     "zeros-pad": ("crop padding reflect -> zeros", {"data.pad_mode": "zeros"}),
     "ema": ("+ weight EMA, decay 0.95 per step", {"optim.ema_decay": 0.95}),
-    "alternate-flip": ("+ alternating flips", {"data.flip_mode": "alternate"}),
-    "whiten-init": ("+ whitening init of the prep conv", {"model.whiten_init": True}),
-    "bn-lr-4x": ("+ 4x LR for BatchNorm weights/biases", {"optim.bn_lr_scale": 4.0}),
-    "bn-no-wd": ("+ no weight decay on BatchNorm", {"optim.bn_weight_decay": False}),
+    # fast's levers since 2026-12-04 (candidate B and alternating flips), each switched back off.
+    "random-flip": ("alternating flips -> random flips", {"data.flip_mode": "random"}),
+    "no-whiten": ("no whitening init of the prep conv", {"model.whiten_init": False, "model.whiten_frozen": False}),
+    "whiten-trained": ("whitened prep conv trained, not frozen", {"model.whiten_frozen": False}),
+    "bn-scales-trained": ("BatchNorm scales trained, not frozen at 1", {"model.bn_weight_frozen": False}),
+    "bn-lr-1x": ("BatchNorm LR x64 -> x1, weight decay / 64 -> x1",
+                 {"optim.bn_lr_scale": 1.0, "optim.bn_wd_scale": 1.0}),
+    "bn-no-wd": ("no weight decay on BatchNorm", {"optim.bn_weight_decay": False}),
     "bn-momentum-0.3": ("+ BN running-stat momentum 0.1 -> 0.3", {"model.bn_momentum": 0.3}),
+    "before-b": ("fast before 2026-12-04: none of the five above", {
+        "data.flip_mode": "random", "model.whiten_init": False, "model.whiten_frozen": False,
+        "model.bn_weight_frozen": False, "optim.bn_lr_scale": 1.0, "optim.bn_wd_scale": 1.0}),
     # Scales of fast's own numbers: is it at a sweet spot at this budget?
     "lr-x0.5": ("LR schedule x0.5 (peak 0.4 -> 0.2)", {"schedule.max_lr": 0.2, "schedule.min_lr": 0.002}),
     "lr-x2": ("LR schedule x2 (peak 0.4 -> 0.8)", {"schedule.max_lr": 0.8, "schedule.min_lr": 0.008}),
@@ -142,16 +149,25 @@ def markdown(rows: list[dict], where: str) -> str:
     return "\n".join(lines)
 
 
+def fast_recipe() -> dict:
+    """What the fast preset sets: its fields that differ from Config()'s (dotted keys). Recorded with the rows:
+    every variant is fast + a change, so rows of two different fast presets do not belong in one table."""
+    preset, default = PRESETS["fast"].to_dict(), Config().to_dict()
+    return {f"{s}.{k}": v for s, sec in preset.items() if isinstance(sec, dict)
+            for k, v in sec.items() if v != default[s][k]}
+
+
 def earlier_rows(out_dir: Path, base: dict, where: str) -> list[dict]:
     """The rows OUT_DIR/ablations.json already holds; an error, before anything trains, if they were measured at
-    another budget or on another machine or precision (their paired differences would mix)."""
+    another budget, on another machine or precision, or on another fast preset (their paired differences would
+    mix)."""
     path = out_dir / "ablations.json"
     if not path.exists():
         return []
     earlier = json.loads(path.read_text())
-    theirs = (earlier.get("budget"), earlier.get("machine"))
-    if theirs != (base, where):
-        raise FastCifarError(f"{path} holds rows measured at another budget or machine "
+    theirs = (earlier.get("budget"), earlier.get("machine"), earlier.get("fast"))
+    if theirs != (base, where, fast_recipe()):
+        raise FastCifarError(f"{path} holds rows measured at another budget, machine or fast preset "
                              f"({theirs[1] or 'machine not recorded'}; "
                              f"this run: {where}); give another --out-dir to start a table of its own")
     # (files written before rows carried their command have one command for all rows)
@@ -215,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = parse_seeds(args.seeds)
         base = budget(args)
         configs = {name: variant_config(name, base) for name in names}  # every config checked before training
-        record = {"budget": base, "machine": machine(next(iter(configs.values())))}
+        record = {"budget": base, "machine": machine(next(iter(configs.values()))), "fast": fast_recipe()}
         earlier = earlier_rows(out_dir, base, record["machine"])
         command = shlex.join(["python", "-m", "benchmarks.ablations", *argv])
         rows = []

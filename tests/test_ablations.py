@@ -63,14 +63,27 @@ def test_rows_of_another_budget_or_machine_are_refused_before_training(tmp_path,
     argv = ["--variants", "fast", "--out-dir", str(tmp_path), "--markdown", "", "--data-dir", str(tmp_path / "none")]
     base = ablations.budget(ablations.build_parser().parse_args(argv))
     here = ablations.machine(ablations.variant_config("fast", base))
-    for record in ({"budget": base, "machine": "Another CPU (cpu), bfloat16"},
-                   {"budget": base | {"schedule.epochs": 9}, "machine": here},
+    fast = ablations.fast_recipe()
+    for record in ({"budget": base, "machine": "Another CPU (cpu), bfloat16", "fast": fast},
+                   {"budget": base | {"schedule.epochs": 9}, "machine": here, "fast": fast},
+                   {"budget": base, "machine": here, "fast": fast | {"data.flip_mode": "random"}},  # another fast
+                   {"budget": base, "machine": here},  # a record from before rows named their fast preset
                    {"budget": base, "rows": []}):  # a record from before rows named their machine
         (tmp_path / "ablations.json").write_text(json.dumps(record | {"rows": []}))
         assert ablations.main(argv) == 1
         err = capsys.readouterr().err
-        assert "another budget or machine" in err and "--out-dir" in err and err.count("\n") == 1
+        assert "another budget, machine or fast preset" in err and "--out-dir" in err and err.count("\n") == 1
         assert json.loads((tmp_path / "ablations.json").read_text()) == record | {"rows": []}  # left as it was
+
+
+def test_fast_recipe_names_what_the_preset_changes():
+    recipe = ablations.fast_recipe()
+    assert recipe["data.flip_mode"] == "alternate" and recipe["model.whiten_frozen"] is True
+    assert recipe["optim.bn_lr_scale"] == 64.0 and "data.batch_size" not in recipe  # the spec's 512 in both
+    # before-b undoes exactly the candidate-B levers and alternating flips
+    undone = ablations.VARIANTS["before-b"][1]
+    assert set(undone) <= set(recipe) and all(Config().to_dict()[k.split(".")[0]][k.split(".")[1]] == v
+                                              for k, v in undone.items())
 
 
 def test_tta_cache_of_older_runs_is_read_without_evaluating(tmp_path):

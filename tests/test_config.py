@@ -20,6 +20,20 @@ def test_presets_are_valid(name):
     assert Config.from_preset(name).preset == name
 
 
+def test_fast10_is_fast_in_ten_epochs_with_the_peak_at_the_same_fraction():
+    fast, fast10 = PRESETS["fast"].to_dict(), PRESETS["fast10"].to_dict()
+    differing = {(s, k) for s, sec in fast.items() if isinstance(sec, dict) for k in sec if sec[k] != fast10[s][k]}
+    assert differing == {("schedule", "epochs"), ("schedule", "peak_epoch")}
+    assert fast10["schedule"]["epochs"] == 10
+    assert fast10["schedule"]["peak_epoch"] / 10 == pytest.approx(fast["schedule"]["peak_epoch"] / 24, abs=1e-3)
+
+
+def test_fast_carries_the_levers_measured_at_full_length():
+    cfg = PRESETS["fast"]  # candidate B + alternating flips (BENCHMARKS.md, Time to accuracy)
+    assert (cfg.model.whiten_init, cfg.model.whiten_frozen, cfg.model.bn_weight_frozen) == (True, True, True)
+    assert (cfg.optim.bn_lr_scale, cfg.optim.bn_wd_scale, cfg.data.flip_mode) == (64.0, 1 / 64, "alternate")
+
+
 @pytest.mark.parametrize(("key", "text", "expected"), [
     ("schedule.epochs", "30", 30),
     ("schedule.max_lr", "0.1", 0.1),
