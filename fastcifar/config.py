@@ -345,6 +345,8 @@ PRESETS: dict[str, Config] = {
     "fast": FAST,
     # `fast` in 10 epochs: the same cycle shape, its peak at 5/24 of the run (epoch 2.08), as measured.
     "fast10": dataclasses.replace(FAST.override({"schedule.epochs": 10, "schedule.peak_epoch": 2.08}), preset="fast10"),
+    # `fast` in 16 epochs (peak at epoch 3.33, the same 5/24): the shortest run measured to reach 91% (2 seeds).
+    "fast16": dataclasses.replace(FAST.override({"schedule.epochs": 16, "schedule.peak_epoch": 3.33}), preset="fast16"),
     # A seconds-long end-to-end check of the whole pipeline (narrow network, small subsets).
     "smoke": Config(
         data=DataConfig(train_subset=1024, test_subset=512, batch_size=128, test_batch_size=256),

@@ -20,12 +20,13 @@ def test_presets_are_valid(name):
     assert Config.from_preset(name).preset == name
 
 
-def test_fast10_is_fast_in_ten_epochs_with_the_peak_at_the_same_fraction():
-    fast, fast10 = PRESETS["fast"].to_dict(), PRESETS["fast10"].to_dict()
-    differing = {(s, k) for s, sec in fast.items() if isinstance(sec, dict) for k in sec if sec[k] != fast10[s][k]}
+@pytest.mark.parametrize("name, epochs", [("fast10", 10), ("fast16", 16)])
+def test_short_fast_presets_are_fast_with_the_peak_at_the_same_fraction(name, epochs):
+    fast, short = PRESETS["fast"].to_dict(), PRESETS[name].to_dict()
+    differing = {(s, k) for s, sec in fast.items() if isinstance(sec, dict) for k in sec if sec[k] != short[s][k]}
     assert differing == {("schedule", "epochs"), ("schedule", "peak_epoch")}
-    assert fast10["schedule"]["epochs"] == 10
-    assert fast10["schedule"]["peak_epoch"] / 10 == pytest.approx(fast["schedule"]["peak_epoch"] / 24, abs=1e-3)
+    assert short["schedule"]["epochs"] == epochs
+    assert short["schedule"]["peak_epoch"] / epochs == pytest.approx(fast["schedule"]["peak_epoch"] / 24, abs=1e-3)
 
 
 def test_fast_carries_the_levers_measured_at_full_length():
