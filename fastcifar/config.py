@@ -348,13 +348,9 @@ PRESETS: dict[str, Config] = {
     # `fast` in 16 epochs (peak at epoch 3.33, the same 5/24): the shortest run measured to reach 91% (2 seeds).
     "fast16": dataclasses.replace(FAST.override({"schedule.epochs": 16, "schedule.peak_epoch": 3.33}), preset="fast16"),
     # A seconds-long end-to-end check of the whole pipeline (narrow network, small subsets).
-    "smoke": Config(
-        data=DataConfig(train_subset=1024, test_subset=512, batch_size=128, test_batch_size=256),
-        model=ModelConfig(widths=(8, 16, 32, 64)),
-        schedule=ScheduleConfig(epochs=2, peak_epoch=1.0),
-        run=RunConfig(compile="off"),
-        preset="smoke",
-    ),
+    "smoke": Config(data=DataConfig(train_subset=1024, test_subset=512, batch_size=128, test_batch_size=256),
+                    model=ModelConfig(widths=(8, 16, 32, 64)), schedule=ScheduleConfig(epochs=2, peak_epoch=1.0),
+                    run=RunConfig(compile="off"), preset="smoke"),
 }
 
 # What the command-line tools start from when no --preset is given: `fast` beat `reference` at 24 epochs on the
