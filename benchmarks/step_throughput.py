@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from fastcifar.augment import BatchAugment
-from fastcifar.config import DEFAULT_PRESET, Config, ModelConfig
+from fastcifar.config import DEFAULT_PRESET, Config, ModelConfig, RunConfig
 from fastcifar.conv import apply_conv_grad
 from fastcifar.custom_resnet import CustomResNet
 from fastcifar.loop import train_step
@@ -34,11 +34,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAMES = {v: k for k, v in DTYPES.items()}
 
 
-def default_variant(device: torch.device) -> str:
-    """fastcifar's own choice on `device`, spelled as a variant."""
-    dtype = resolve_precision("auto", device)
-    im2col = "-im2col" if resolve_conv_grad("auto", device, dtype) else ""
-    return f"{NAMES[dtype]}-cl{im2col}" + ("-compile" if resolve_compile("auto", device) else "")
+def default_variant(device: torch.device, run: RunConfig | None = None) -> str:
+    """What the training step runs on `device` with the run settings `run` (default: the default preset's),
+    spelled as a variant: precision, channels_last, im2col filter gradients, compile and its mode."""
+    run = run or Config.from_preset(DEFAULT_PRESET).run
+    dtype = resolve_precision(run.precision, device)
+    im2col = "-im2col" if resolve_conv_grad(run.conv_grad, device, dtype) else ""
+    compiled = resolve_compile(run.compile, device)
+    mode = f":{run.compile_mode}" if compiled and run.compile_mode != "default" else ""
+    return f"{NAMES[dtype]}-cl{im2col}" + (f"-compile{mode}" if compiled else "")
 
 
 def default_overrides(variant: str) -> dict[str, str] | None:
@@ -95,7 +99,10 @@ def measure(variant: str, batch_size: int, warmup: int, steps: int, device: torc
             widths: tuple[int, int, int, int] = ModelConfig.widths) -> StepResult:
     """Warm-up seconds and timed images/s of one variant."""
     overrides = default_overrides(variant)
-    resolved = default_variant(device) if overrides is not None else variant
+    # a default variant with options names what those options resolve to (`default@run.conv_grad=onednn` runs
+    # bf16-cl on a bf16 CPU), and its precision and compile come from them
+    resolved = (default_variant(device, Config.from_preset(DEFAULT_PRESET, overrides).run)
+                if overrides is not None else variant)
     precision, channels_last, compiled, mode, im2col = parse_variant(resolved)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     amp = Amp(device, DTYPES[precision])

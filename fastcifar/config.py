@@ -173,9 +173,9 @@ class RunConfig:
     compile: str = opt("auto", "torch.compile: auto (on for CUDA, off for CPU), on or off", one_of("auto", "on", "off"))
     compile_mode: str = opt("default", "torch.compile mode", one_of(*COMPILE_MODES))
     conv_grad: str = opt("auto", "filter gradient of the 3x3 convolutions at 4x4: im2col (one matmul, 3.7x "
-                         "oneDNN's on an AMX Xeon in bf16; fastcifar/conv.py), onednn, or auto (im2col on a CPU "
-                         "training in bf16, where it won on both bf16 CPU kinds; in fp32 oneDNN's "
-                         "was faster)", one_of("auto", "im2col", "onednn"))
+                         "oneDNN's on an AMX Xeon in bf16; fastcifar/conv.py), onednn, or auto (im2col on an AMX "
+                         "CPU training in bf16, where it won; without AMX and in fp32 oneDNN's was "
+                         "faster)", one_of("auto", "im2col", "onednn"))
     seed: int = opt(0, "random seed (weights, data order, augmentation)", within(0, 2**32 - 1))
     deterministic: bool = opt(False, "torch.use_deterministic_algorithms (slower on CUDA)")
     threads: int = opt(0, "torch intra-op threads on a CPU (0 = all cores)", at_least(0, " (0 = all cores)"))

@@ -12,10 +12,10 @@ from benchmarks import run as bench
 from benchmarks.data_paths import AugmentedCifar
 from benchmarks.step_throughput import default_overrides, default_variant, measure, parse_variant
 from fastcifar.augment import CIFAR10_MEAN, CIFAR10_STD
-from fastcifar.config import ConfigError
+from fastcifar.config import DEFAULT_PRESET, Config, ConfigError
 from fastcifar.conv import conv3x3_backward
 from fastcifar.errors import FastCifarError
-from fastcifar.runtime import cpu_has_fast_bf16
+from fastcifar.runtime import cpu_has_amx, cpu_has_fast_bf16
 
 
 def test_the_cpu_matmul_peak_is_the_fastest_call(monkeypatch):
@@ -23,6 +23,30 @@ def test_the_cpu_matmul_peak_is_the_fastest_call(monkeypatch):
     ticks = iter([0.0, 0.0, 3.0, 3.0, 4.0, 4.0, 6.0, 100.0])
     monkeypatch.setattr(physics.time, "perf_counter", lambda: next(ticks))
     assert physics.matmul_peak(torch.float32, torch.device("cpu"), n=8, seconds=5.0) == 2 * 8**3 / 1.0
+
+
+@pytest.mark.parametrize(("side", "share"), [(1, 8 / 9), (2, 1 - 16 / 36), (4, 1 - 100 / 144), (32, 1 - 94**2 / 9216)])
+def test_the_padding_share_counts_the_taps_that_fall_outside_the_image(side, share):
+    assert physics.padding_share(side) == pytest.approx(share)
+    # the same by brute force: each output position's 3x3 window, taps over the image counted
+    inside = sum(0 <= i + di < side and 0 <= j + dj < side
+                 for i in range(side) for j in range(side) for di in (-1, 0, 1) for dj in (-1, 0, 1))
+    assert physics.padding_share(side) == pytest.approx(1 - inside / (9 * side * side))
+
+
+def test_the_step_flops_split_into_convolutions_and_their_padding():
+    flops = physics.training_step_flops(batch_size=512)
+    linear = 3 * 2 * 512 * 512 * 10  # the head: forward, input gradient, filter gradient
+    assert flops["conv_train_step"] + linear == pytest.approx(flops["train_step"])  # the counter agrees
+    shares = {32: physics.padding_share(32), 16: physics.padding_share(16), 8: physics.padding_share(8),
+              4: physics.padding_share(4)}
+    # per pass: prep and layer1's conv at 32x32, layer1's two and layer2's at 16x16, layer3's at 8x8, its two at 4x4
+    g = 2 * 512 * 9 * 32 * 32  # FLOPs per (input, output) channel pair per pass at 32x32
+    expected = (2 * 3 * 64 * g * shares[32] + 3 * 64 * 128 * g * shares[32] + 3 * 2 * 128 * 128 * g / 4 * shares[16]
+                + 3 * 128 * 256 * g / 4 * shares[16] + 3 * 256 * 512 * g / 16 * shares[8]
+                + 3 * 2 * 512 * 512 * g / 64 * shares[4])
+    assert flops["train_step_padding"] == pytest.approx(expected)
+    assert 0.13 < flops["train_step_padding"] / flops["train_step"] < 0.14
 
 
 @pytest.mark.parametrize("variant", ["fp32", "fp32-cl", "fp32-cl-im2col", "default"])
@@ -75,8 +99,20 @@ def test_bad_variant_names_are_refused(text):
 
 
 def test_default_variant_on_a_cpu_is_channels_last_eager_in_the_auto_precision():
-    expected = "bf16-cl-im2col" if cpu_has_fast_bf16() else "fp32-cl"
+    im2col = "-im2col" if cpu_has_amx() else ""
+    expected = f"bf16-cl{im2col}" if cpu_has_fast_bf16() else "fp32-cl"
     assert default_variant(torch.device("cpu")) == expected
+
+
+def test_a_default_variant_is_named_for_what_its_options_resolve_to():
+    cpu = torch.device("cpu")
+    run = Config.from_preset(DEFAULT_PRESET, {"run.conv_grad": "im2col", "run.precision": "fp32"}).run
+    assert default_variant(cpu, run) == "fp32-cl-im2col"
+    run = Config.from_preset(DEFAULT_PRESET, {"run.compile": "on", "run.compile_mode": "max-autotune"}).run
+    assert default_variant(cpu, run).endswith("-compile:max-autotune")
+    r = measure("default@run.conv_grad=im2col@run.precision=fp32", batch_size=2, warmup=1, steps=1, device=cpu,
+                widths=(4, 8, 8, 16))
+    assert r.variant == "default@run.conv_grad=im2col@run.precision=fp32 (fp32-cl-im2col)"
 
 
 @pytest.mark.parametrize(("fast_bf16", "compiled"), [(True, "bf16-cl"), (False, "fp32-cl")])
@@ -202,7 +238,12 @@ def test_runner_runs_every_section_and_records_them(synthetic, tmp_path, capsys)
     assert len(record["e2e"]) == 3 and all(0 < r["overhead"] < 1 for r in record["e2e"])  # usual, ffcv, resident
     assert [r["name"].endswith(f"{kind} loader)") for r, kind in zip(record["e2e"][1:], ("ffcv", "resident"),
                                                                       strict=True)] == [True, True]
-    assert record["physics"]["flops"]["train_step"] > 2 * record["physics"]["flops"]["forward"]
+    physics_record = record["physics"]
+    assert physics_record["flops"]["train_step"] > 2 * physics_record["flops"]["forward"]
+    # the share of the peak is given twice: over the counted FLOPs, and over those that are not zero padding
+    assert physics_record["default_useful_fraction_of_peak"] == pytest.approx(
+        physics_record["default_fraction_of_peak"] * (1 - physics_record["flops"]["train_step_padding"]
+                                                       / physics_record["flops"]["train_step"]))
     shares = record["physics"]["default_op_shares"]
     assert sum(r["share"] for r in shares) == pytest.approx(1.0) and any("conv" in r["op"] for r in shares)
     assert {"data_ours_vs_torch", "data_ours_vs_ffcv", "step_default_vs_fp32_nchw", "epoch_ours_vs_usual"} <= \
@@ -210,6 +251,7 @@ def test_runner_runs_every_section_and_records_them(synthetic, tmp_path, capsys)
     assert record["machine"]["torch"] == torch.__version__ and "git_commit" in record["machine"]
     text = markdown.read_text()
     assert "| c. fastcifar" in text and "**Physics**" in text and "| op | share |" in text
+    assert "products over real pixels" in text
     assert record["settings"]["e2e_steps"] == 2 and "(2 timed training steps" in text
     assert text.endswith("hand-written notes\n")
 
