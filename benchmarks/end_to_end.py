@@ -19,13 +19,14 @@ import torch
 from torch import nn
 
 from benchmarks.data_paths import torch_loader
-from fastcifar.augment import AugmentSettings, BatchAugment
-from fastcifar.config import ModelConfig
+from fastcifar.augment import BatchAugment
+from fastcifar.config import DEFAULT_PRESET, Config, ModelConfig
 from fastcifar.conv import apply_conv_grad
-from fastcifar.custom_resnet import CustomResNet
+from fastcifar.custom_resnet import CustomResNet, freeze_prep_conv
 from fastcifar.data import open_split
 from fastcifar.loop import batch_shapes, test_pass, train_step, warm_up
 from fastcifar.runtime import Amp, compile_model, resolve_compile, resolve_precision
+from fastcifar.session import augment_settings, make_optimizer
 
 
 @dataclass
@@ -113,23 +114,30 @@ def usual_way(arrays: dict[str, tuple[np.ndarray, np.ndarray]], batch_size: int,
 
 def fastcifar_default(data_dir: Path, batch_size: int, steps: int, device: torch.device,
                       widths: tuple[int, int, int, int], kind: str = "ffcv") -> EndToEndResult:
-    amp = Amp(device, resolve_precision("auto", device))
-    compiled = resolve_compile("auto", device)
+    """An epoch of the default preset as `python -m fastcifar.train` runs it: its precision, compile and filter
+    gradient choices, frozen layers, augmentation, label-smoothed loss, optimizer groups and its test pass
+    (flip TTA in `fast`: two views of every test image)."""
+    cfg = Config.from_preset(DEFAULT_PRESET, {"model.widths": ",".join(map(str, widths))})
+    amp = Amp(device, resolve_precision(cfg.run.precision, device))
+    compiled = resolve_compile(cfg.run.compile, device)
     torch.manual_seed(0)
-    model = CustomResNet(ModelConfig(widths=widths))
-    im2col = apply_conv_grad(model, "auto", device, amp.dtype)
+    model = CustomResNet(cfg.model)  # random weights: the whitening init changes values, not the time
+    if cfg.model.whiten_frozen:
+        freeze_prep_conv(model)
+    im2col = apply_conv_grad(model, cfg.run.conv_grad, device, amp.dtype)
     model = model.to(device=device, memory_format=torch.channels_last)
-    forward = compile_model(model) if compiled else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    loss_fn = nn.CrossEntropyLoss()
+    forward = compile_model(model, cfg.run.compile_mode) if compiled else model
+    optimizer = make_optimizer(model, cfg, device)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     # num_workers 0: fastcifar's auto; steps 0: the whole epoch (the default on a GPU, where steps are ms)
+    test_batch = cfg.data.test_batch_size
     train = open_split(data_dir, "train", batch_size, device, train=True, kind=kind)
-    test = open_split(data_dir, "test", 1000, device, train=False, kind=kind)
+    test = open_split(data_dir, "test", test_batch, device, train=False, kind=kind)
     steps = min(steps or len(train), len(train))
-    augment = _TimedAugment(BatchAugment(AugmentSettings(), device, 0, amp.dtype))
+    augment = _TimedAugment(BatchAugment(augment_settings(cfg.data), device, 0, amp.dtype))
     if compiled:
         warm_up(forward, optimizer, loss_fn, amp, batch_shapes(train.images, batch_size),
-                batch_shapes(test.images, 1000), torch.channels_last)
+                batch_shapes(test.images, test_batch), torch.channels_last)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
         train_step(forward, images, labels, augment, optimizer, loss_fn, amp)
@@ -142,7 +150,10 @@ def fastcifar_default(data_dir: Path, batch_size: int, steps: int, device: torch
     augment.seconds = 0.0
     with train.epoch() as batches:
         train_s, data_s = _train_steps(batches, steps, step, device)
-    test_stats = test_pass(forward, test, normalize=augment.inner.normalize, loss_fn=loss_fn, amp=amp)
+    test_stats = test_pass(forward, test, normalize=augment.inner.normalize, loss_fn=loss_fn, amp=amp,
+                           flip=cfg.data.test_flip, translate=cfg.data.test_translate)
+    views = (2 if cfg.data.test_flip else 1) * (3 if cfg.data.test_translate else 1)  # inference.tta_logits
     name = (f"fastcifar default ({str(amp.dtype).removeprefix('torch.')}, channels_last, compile={compiled}, "
-            f"{'im2col filter grads at 4x4, ' if im2col else ''}{kind} loader)")
+            f"{'im2col filter grads at 4x4, ' if im2col else ''}{views} test view{'s' if views > 1 else ''}, "
+            f"{kind} loader)")
     return EndToEndResult(name, steps, train_s, data_s, augment.seconds, test_stats.seconds, len(train))

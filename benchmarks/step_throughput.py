@@ -25,7 +25,7 @@ import torch
 from fastcifar.augment import BatchAugment
 from fastcifar.config import DEFAULT_PRESET, Config, ModelConfig, RunConfig
 from fastcifar.conv import apply_conv_grad
-from fastcifar.custom_resnet import CustomResNet
+from fastcifar.custom_resnet import CustomResNet, freeze_prep_conv
 from fastcifar.loop import train_step
 from fastcifar.runtime import Amp, compile_model, resolve_compile, resolve_conv_grad, resolve_precision
 from fastcifar.session import augment_settings, make_optimizer
@@ -151,6 +151,8 @@ def _training_step(batch_size: int, device: torch.device, widths: tuple[int, int
     fastcifar.loop.train_step: so that this row and a training run agree. `overrides`: config options changed."""
     cfg = Config.from_preset(DEFAULT_PRESET, {"model.widths": ",".join(map(str, widths)), **(overrides or {})})
     model = CustomResNet(cfg.model)
+    if cfg.model.whiten_frozen:  # as training does: no filter gradient for the fixed whitening layer
+        freeze_prep_conv(model)
     apply_conv_grad(model, cfg.run.conv_grad, device, amp.dtype)
     model = model.to(device=device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg, device)
