@@ -274,11 +274,30 @@ def test_unknown_section_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_folding_batch_norm_into_its_convs_keeps_the_outputs():
-    model = test_pass.random_model(widths=(4, 8, 8, 16))
+    model = test_pass.random_model(widths=(4, 8, 8, 16))  # positive BN scales: every BN folds
     folded, pairs = test_pass.fold_batch_norm(model)
-    assert pairs == 5  # prep and the four residual convs; the pooled layers' BN follows the max-pool
-    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()) == 3
+    assert pairs == 8  # prep, the four residual convs, and the three pooled layers (their scales are positive)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()) == 0
     x = torch.randn(6, 3, 32, 32).to(memory_format=torch.channels_last)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
     assert test_pass.images_per_s(folded, x, torch.inference_mode, repeats=1) > 0
+
+
+def test_a_pooled_layer_with_a_negative_bn_scale_is_not_folded():
+    model = test_pass.random_model(widths=(4, 8, 8, 16))
+    with torch.no_grad():
+        model.layer2[2].weight[0] = -1.0  # layer2: conv -> max-pool -> BN -> ReLU; max(-x) is not -max(x)
+    folded, pairs = test_pass.fold_batch_norm(model)
+    assert pairs == 7 and isinstance(folded.layer2[2], torch.nn.BatchNorm2d)
+    x = torch.randn(6, 3, 32, 32).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_the_test_pass_benchmark_runs_in_the_chosen_precision(monkeypatch, capsys):
+    original = test_pass.random_model
+    monkeypatch.setattr(test_pass, "random_model", lambda: original((4, 8, 8, 16)))  # a tiny network
+    test_pass.main(["--batch-size", "4", "--rounds", "1", "--dtype", "bf16"])
+    out = capsys.readouterr().out
+    assert "bfloat16 | 8 BNs folded" in out and out.count("images/s") == 4
