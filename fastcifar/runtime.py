@@ -67,15 +67,15 @@ def resolve_compile(setting: str, device: torch.device) -> bool:
 
 def cpu_has_amx() -> bool:
     """Intel AMX (bf16 matrix tiles, `amx_bf16`), as PyTorch's CPU probe reports it."""
-    capabilities = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.5
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # absent from older torch: then no AMX is assumed
     return bool(capabilities is not None and capabilities().get("amx_bf16", False))
 
 
 def resolve_conv_grad(setting: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the 4x4 convolutions take the im2col filter gradient (fastcifar/conv.py). auto: on a CPU with AMX
     training in bf16, where the step gained 1.21x (AMX Xeon; BENCHMARKS.md). On the AVX512-BF16 EPYC without AMX
-    oneDNN's own gradient was 1.01x faster in the step (6 interleaved pairs, 2026-12-05); in fp32 it was faster at
-    every size; GPUs keep their library's until measured there."""
+    oneDNN's own gradient was ~1.3% faster in the step (7 of 7 interleaved pairs, 2026-12-05); in fp32 it was faster
+    at every size; GPUs keep their library's until measured there."""
     return setting == "im2col" or (setting == "auto" and device.type == "cpu" and dtype == torch.bfloat16
                                    and cpu_has_amx())
 
