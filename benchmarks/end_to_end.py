@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from benchmarks.data_paths import torch_loader
+from benchmarks.step_throughput import training_model
 from fastcifar.augment import BatchAugment
 from fastcifar.config import DEFAULT_PRESET, Config, ModelConfig
-from fastcifar.conv import apply_conv_grad
-from fastcifar.custom_resnet import CustomResNet, freeze_prep_conv
+from fastcifar.custom_resnet import CustomResNet
 from fastcifar.data import open_split
 from fastcifar.loop import batch_shapes, test_pass, train_step, warm_up
 from fastcifar.runtime import Amp, compile_model, resolve_compile, resolve_precision
@@ -121,11 +121,7 @@ def fastcifar_default(data_dir: Path, batch_size: int, steps: int, device: torch
     amp = Amp(device, resolve_precision(cfg.run.precision, device))
     compiled = resolve_compile(cfg.run.compile, device)
     torch.manual_seed(0)
-    model = CustomResNet(cfg.model)  # random weights: the whitening init changes values, not the time
-    if cfg.model.whiten_frozen:
-        freeze_prep_conv(model)
-    im2col = apply_conv_grad(model, cfg.run.conv_grad, device, amp.dtype)
-    model = model.to(device=device, memory_format=torch.channels_last)
+    model, im2col = training_model(cfg, device, amp.dtype)
     forward = compile_model(model, cfg.run.compile_mode) if compiled else model
     optimizer = make_optimizer(model, cfg, device)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)

@@ -43,11 +43,12 @@ on a CPU run of a batch of 2, scaled linearly to `batch_size`.
         model(x).sum().backward()
     # every convolution's three passes (forward, filter gradient, input gradient) have the same products, except
     # the first one's input gradient, which is not computed (the images need none)
-    padding = sum(flops * share * (2 if i == 0 else 3) for i, (flops, share) in enumerate(convs))
+    step = [(flops * (2 if i == 0 else 3), share) for i, (flops, share) in enumerate(convs)]
     scale = batch_size / 2
     return {"batch_size": batch_size, "forward": forward.get_total_flops() * scale,
-            "train_step": total.get_total_flops() * scale, "train_step_padding": padding * scale,
-            "conv_train_step": sum(flops * (2 if i == 0 else 3) for i, (flops, _) in enumerate(convs)) * scale}
+            "train_step": total.get_total_flops() * scale,
+            "train_step_padding": sum(flops * share for flops, share in step) * scale,
+            "conv_train_step": sum(flops for flops, _ in step) * scale}
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 4096, seconds: float = 2.0,

@@ -144,17 +144,24 @@ def measure(variant: str, batch_size: int, warmup: int, steps: int, device: torc
     return StepResult(name, warm, steps * batch_size / seconds, seconds / steps)
 
 
+def training_model(cfg: Config, device: torch.device, dtype: torch.dtype) -> tuple[CustomResNet, bool]:
+    """The network as training builds it from `cfg` (fastcifar.session), with random weights (the whitening init
+    changes values, not the time): the whitening layer frozen where the config says so (no filter gradient), the
+    run.conv_grad choice for `dtype`, channels_last on `device`. Returns the model and whether im2col is on."""
+    model = CustomResNet(cfg.model)
+    if cfg.model.whiten_frozen:
+        freeze_prep_conv(model)
+    im2col = apply_conv_grad(model, cfg.run.conv_grad, device, dtype)
+    return model.to(device=device, memory_format=torch.channels_last), im2col
+
+
 def _training_step(batch_size: int, device: torch.device, widths: tuple[int, int, int, int], amp: Amp,
                    compiled: bool, overrides: dict[str, str] | None = None) -> Callable[[], None]:
     """The step training runs, as the default preset builds it: a uint8 batch through the fused augmentation,
     the model (compiled when `compiled`), label-smoothed cross-entropy and the preset's optimizer, via
     fastcifar.loop.train_step: so that this row and a training run agree. `overrides`: config options changed."""
     cfg = Config.from_preset(DEFAULT_PRESET, {"model.widths": ",".join(map(str, widths)), **(overrides or {})})
-    model = CustomResNet(cfg.model)
-    if cfg.model.whiten_frozen:  # as training does: no filter gradient for the fixed whitening layer
-        freeze_prep_conv(model)
-    apply_conv_grad(model, cfg.run.conv_grad, device, amp.dtype)
-    model = model.to(device=device, memory_format=torch.channels_last)
+    model, _ = training_model(cfg, device, amp.dtype)
     optimizer = make_optimizer(model, cfg, device)
     forward = compile_model(model, cfg.run.compile_mode) if compiled else model
     augment = BatchAugment(augment_settings(cfg.data), device, 0, amp.dtype)
