@@ -1,14 +1,25 @@
-"""The physical picture: FLOPs of one training step of the model, and the machine's matmul peak."""
+"""The physical picture: FLOPs of one training step of the model, and the machine's matmul peak.
+
+    python -m benchmarks.physics [--dtype auto|bf16|fp32] [--shapes 1024x1024x1024,...]
+
+prints the rate of CPU matmuls of several shapes, each also as a 1x1 channels_last convolution (oneDNN's
+convolution path with its own weight layout): how far the n=4096 "peak" is from the best GEMM the CPU runs. With
+`ONEDNN_VERBOSE=1` oneDNN names the kernel and the layouts of each call.
+"""
 
 from __future__ import annotations
 
+import argparse
 import time
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastcifar.config import ModelConfig
 from fastcifar.custom_resnet import CustomResNet
+from fastcifar.runtime import resolve_precision
 
 
 def padding_share(side: int, kernel: int = 3, padding: int = 1) -> float:
@@ -80,3 +91,61 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 4096, seconds
         a @ b
         calls.append(time.perf_counter() - begin)
     return 2 * n**3 / min(calls)
+
+
+# (m, k, n) of [m, k] @ [k, n]: square ones, and the 4x4 layers' convolution as one GEMM ([N*16, 9*512] @ [9*512, 512])
+GEMM_SHAPES = ((1024, 1024, 1024), (2048, 2048, 2048), (4096, 4096, 4096), (8192, 4608, 512), (8192, 512, 4608),
+               (512, 8192, 4608))
+
+
+def fastest_rate(fn: Callable[[], object], flops: float, calls: int = 5) -> float:
+    """FLOP/s of the fastest of `calls` calls of `fn` (after one untimed)."""
+    fn()
+    best = float("inf")
+    for _ in range(calls):
+        begin = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - begin)
+    return flops / best
+
+
+def gemm_rates(dtype: torch.dtype, shapes: tuple[tuple[int, int, int], ...] = GEMM_SHAPES,
+               calls: int = 5) -> list[dict]:
+    """For each (m, k, n): the rate of `a @ b` on the CPU, and of the same product as a 1x1 convolution of a
+    channels_last [1, k, m, 1] input with n filters."""
+    rows = []
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+        x = a.t().reshape(1, k, m, 1).contiguous(memory_format=torch.channels_last)
+        w = b.t().reshape(n, k, 1, 1).contiguous(memory_format=torch.channels_last)
+        flops = 2 * m * k * n
+        rows.append({"m": m, "k": k, "n": n, "matmul": fastest_rate(partial(torch.matmul, a, b), flops, calls),
+                     "conv1x1": fastest_rate(partial(torch.nn.functional.conv2d, x, w), flops, calls)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.physics", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="auto: what training picks on this CPU")
+    parser.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in GEMM_SHAPES),
+                        help="comma-separated MxKxN")
+    parser.add_argument("--calls", type=int, default=5, help="timed calls per shape; the fastest is kept")
+    args = parser.parse_args(argv)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype) or resolve_precision("auto",
+                                                                                               torch.device("cpu"))
+    try:
+        shapes = tuple(tuple(int(v) for v in text.split("x")) for text in args.shapes.split(","))
+        if any(len(s) != 3 or min(s) < 1 for s in shapes):
+            raise ValueError
+    except ValueError:
+        parser.error(f"--shapes {args.shapes!r}: expected MxKxN,... with positive sizes")
+    print(f"cpu, {torch.get_num_threads()} threads, {str(dtype).removeprefix('torch.')}; GFLOP/s, fastest of "
+          f"{args.calls} calls")
+    for r in gemm_rates(dtype, shapes, args.calls):
+        print(f"{r['m']:>6} x {r['k']:>5} x {r['n']:>5}   matmul {r['matmul'] / 1e9:7.1f}   "
+              f"1x1 conv {r['conv1x1'] / 1e9:7.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

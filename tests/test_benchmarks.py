@@ -34,6 +34,28 @@ def test_the_padding_share_counts_the_taps_that_fall_outside_the_image(side, sha
     assert physics.padding_share(side) == pytest.approx(1 - inside / (9 * side * side))
 
 
+def test_the_gemm_rates_time_each_shape_as_a_matmul_and_a_1x1_convolution(capsys):
+    rows = physics.gemm_rates(torch.float32, ((8, 4, 6), (5, 3, 2)), calls=1)
+    assert [(r["m"], r["k"], r["n"]) for r in rows] == [(8, 4, 6), (5, 3, 2)]
+    assert all(r["matmul"] > 0 and r["conv1x1"] > 0 for r in rows)
+    physics.main(["--dtype", "fp32", "--shapes", "8x4x6", "--calls", "1"])
+    assert "8 x     4 x     6   matmul" in capsys.readouterr().out
+
+
+def test_the_1x1_convolution_computes_the_same_product():
+    a, b = torch.randn(5, 3), torch.randn(3, 2)
+    x = a.t().reshape(1, 3, 5, 1).contiguous(memory_format=torch.channels_last)
+    w = b.t().reshape(2, 3, 1, 1).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(torch.nn.functional.conv2d(x, w).reshape(2, 5).t(), a @ b)
+
+
+@pytest.mark.parametrize("shapes", ["8x4", "8x0x2", "axbxc"])
+def test_bad_gemm_shapes_are_refused(shapes, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        physics.main(["--shapes", shapes])
+    assert exit_info.value.code == 2 and "expected MxKxN" in capsys.readouterr().err
+
+
 def test_the_step_flops_split_into_convolutions_and_their_padding():
     flops = physics.training_step_flops(batch_size=512)
     linear = 3 * 2 * 512 * 512 * 10  # the head: forward, input gradient, filter gradient
