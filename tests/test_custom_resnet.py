@@ -193,3 +193,15 @@ def test_ghost_batch_reaches_every_batch_norm_and_keeps_the_parameter_count_and_
     assert count_parameters(ghost) == 6_573_120
     assert ghost.state_dict().keys() == plain.state_dict().keys()
     assert not any(isinstance(m, GhostBatchNorm2d) for m in plain.modules())
+
+
+def test_under_bf16_autocast_batch_norm_sees_and_returns_bf16_activations():
+    # the training step's precision on a bf16 CPU: autocast casts the weights, never the activations around BN
+    model = CustomResNet(ModelConfig(widths=(4, 8, 8, 16))).to(memory_format=torch.channels_last)
+    seen = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype, m.weight.dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)).sum().backward()
+    assert len(seen) == 8 and set(seen) == {(torch.bfloat16, torch.bfloat16, torch.float32)}
