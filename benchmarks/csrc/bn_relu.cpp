@@ -2,8 +2,8 @@
 // each (benchmarks/fused_bn_relu.py builds this file on first use and explains why it exists).
 //
 // The activation is viewed as rows x channels: [N*H*W, C], C contiguous (a channels_last tensor is exactly that).
-// The vector lanes are 16 neighbouring channels of one row; the rows are split between torch's threads
-// (at::parallel_for). Values are stored as fp32 or bf16 and computed in fp32.
+// Every loop's inner dimension is the channel, so that the compiler vectorises it; the rows are split between
+// torch's threads (at::parallel_for). Values are stored as fp32 or bf16 and computed in fp32.
 //
 // Sums over rows: each thread adds 64 rows at a time in fp32 into per-channel partial sums, then moves them into
 // fp64 totals, so no fp32 sum ever holds more than 64 terms. The forward statistics are sums of (x - k) and
@@ -27,8 +27,7 @@ constexpr int64_t kFlushRows = 64;
 constexpr int64_t kBatchRows = 16;  // rows per pass over a channel group in the sums (4, 8, 16: 16 was fastest)
 
 // 16 fp32 lanes as a GCC vector type: one AVX-512 register, or two AVX2 ones (the compiler splits it), so the same
-// code is explicit vector code on both. Intrinsics only where AVX-512 has one instruction for a bf16 conversion.
-// Channels are taken 16 at a time; the rest one by one.
+// code is explicit vector code on both without intrinsics. Channels are taken 16 at a time; the rest one by one.
 constexpr int64_t kLanes = 16;
 typedef float vf __attribute__((vector_size(64)));
 typedef uint32_t vu32 __attribute__((vector_size(64)));
@@ -89,7 +88,7 @@ inline void vstore(uint16_t* p, vf v) {
   std::memcpy(p, &h, sizeof(h));
 }
 #endif
-inline vf vmax0(vf v) { return v > 0.f ? v : vf{}; }
+inline vf vmax0(vf v) { return v > 0.f ? v : vf{} ; }
 
 // The rows [0, rows) cut into at most `parts` contiguous blocks, one per task.
 struct Blocks {
