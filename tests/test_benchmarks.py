@@ -214,16 +214,14 @@ def test_the_bn_relu_benchmark_runs_and_records_json(tmp_path, monkeypatch, caps
 
 def test_the_bn_relu_benchmark_refuses_an_unknown_way(capsys):
     with pytest.raises(SystemExit) as err:
-        bn_relu.main(["--ways", "eager,fast"])
+        bn_relu.main(["--ways", "eager,fused"])
     assert err.value.code == 2 and "--ways" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_the_compiled_bn_relu_block_matches_eager():
     rows = bn_relu.measure(2, torch.float32, 1, bn_relu.WAYS, shapes=[("a", 4, 8, True)])
-    assert rows[0]["eager_ms"] > 0 and rows[0]["compiled_ms"] > 0 and rows[0]["fused_ms"] > 0
-    table = bn_relu.markdown(rows, bn_relu.WAYS)
-    assert "| eager / compiled | eager / fused |" in table
+    assert rows[0]["eager_ms"] > 0 and rows[0]["compiled_ms"] > 0
     x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)
     torch.testing.assert_close(torch.compile(bn_relu.make_block(4, True))(x), bn_relu.make_block(4, True)(x))
 
