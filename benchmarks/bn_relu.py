@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.conv_layers import best_time
+from benchmarks.physics import best_time
 from fastcifar import allocator
 from fastcifar.config import ModelConfig
 from fastcifar.custom_resnet import CustomResNet

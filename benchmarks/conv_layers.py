@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.physics import matmul_peak
+from benchmarks.physics import best_time, matmul_peak
 from fastcifar import allocator
 from fastcifar.config import ModelConfig
 from fastcifar.conv import conv3x3_backward, weight_grad_im2col
@@ -69,17 +68,6 @@ def weight_grad_shift(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 FORMULATIONS = {"im2col": weight_grad_im2col, "unfold": weight_grad_unfold, "shift": weight_grad_shift}
-
-
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    """Seconds of the fastest of `repeats` calls, after one untimed call."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - begin)
-    return best
 
 
 def time_layer(c_in: int, c_out: int, side: int, batch_size: int, dtype: torch.dtype, repeats: int,

@@ -98,15 +98,20 @@ GEMM_SHAPES = ((1024, 1024, 1024), (2048, 2048, 2048), (4096, 4096, 4096), (8192
                (512, 8192, 4608))
 
 
-def fastest_rate(fn: Callable[[], object], flops: float, calls: int = 5) -> float:
-    """FLOP/s of the fastest of `calls` calls of `fn` (after one untimed)."""
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Seconds of the fastest of `repeats` calls, after one untimed call (the benchmarks' one timing loop)."""
     fn()
     best = float("inf")
-    for _ in range(calls):
+    for _ in range(repeats):
         begin = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - begin)
-    return flops / best
+    return best
+
+
+def fastest_rate(fn: Callable[[], object], flops: float, calls: int = 5) -> float:
+    """FLOP/s of the fastest of `calls` calls of `fn` (after one untimed)."""
+    return flops / best_time(fn, calls)
 
 
 def gemm_rates(dtype: torch.dtype, shapes: tuple[tuple[int, int, int], ...] = GEMM_SHAPES,

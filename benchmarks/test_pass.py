@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from benchmarks.physics import best_time
 from fastcifar import allocator
 from fastcifar.config import ModelConfig
 from fastcifar.custom_resnet import CustomResNet
@@ -71,12 +72,7 @@ def images_per_s(model: nn.Module, x: torch.Tensor, mode: Callable[[], contextli
     """The best of `repeats` timed forward passes of the batch `x` (after one untimed), in images/s, under
     autocast to `dtype` (none for fp32)."""
     with mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-        model(x)
-        best = float("inf")
-        for _ in range(repeats):
-            begin = time.perf_counter()
-            model(x)
-            best = min(best, time.perf_counter() - begin)
+        best = best_time(lambda: model(x), repeats)
     return x.shape[0] / best
 
 
