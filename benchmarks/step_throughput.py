@@ -202,7 +202,7 @@ def op_shares(batch_size: int, device: torch.device, widths: tuple[int, int, int
     events.sort(key=lambda e: -e[1])
     shown = events[:top] + [e for e in events[top:] if e[0] in COPY_OPS]
     rows = [{"op": name, "share": t / total, "ms_per_step": t / 1000 / steps} for name, t in shown]
-    rest = sum(t for e in events if e not in shown for t in [e[1]])
+    rest = sum(t for name, t in events[top:] if name not in COPY_OPS)  # what `shown` left out
     if rest:
         rows.append({"op": "other", "share": rest / total, "ms_per_step": rest / 1000 / steps})
     return rows
