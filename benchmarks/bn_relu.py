@@ -1,13 +1,14 @@
-"""The elementwise work between the convolutions, eager against torch.compile: every (max-pool +) BatchNorm + ReLU
-of the spec's network, forward and backward in training mode, timed on its own.
+"""The elementwise work between the convolutions, eager against torch.compile and a hand-written fused kernel:
+every (max-pool +) BatchNorm + ReLU of the spec's network, forward and backward in training mode, timed on its own.
 
     python -m benchmarks.bn_relu [--batch-size 512] [--dtype auto|bf16|fp32] [--threads 0] [--repeats 5]
-                                 [--ways eager,compiled] [--out FILE]
+                                 [--ways eager,compiled,fused] [--out FILE]
 
 Why it exists: a compiled region that fuses BN + ReLU (+ pool), forward and backward, is the obvious way to cut
 the ~20-30% of a CPU step that these memory-bound ops take (issue 20), and torch.compile of the whole step was
 slower than eager on the AMX Xeon. This times that region alone, so the answer does not depend on what Inductor
-does with the convolutions. Each block runs as the network runs it: channels_last, the training precision, the
+does with the convolutions. `fused` is benchmarks.fused_bn_relu's C++ kernel (BN + ReLU as one op; the pool stays
+ATen's). Each block runs as the network runs it: channels_last, the training precision, the
 BatchNorm scales frozen (as the `fast` candidates train them; their biases still get gradients), ReLU in place.
 """
 
@@ -20,13 +21,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmarks.fused_bn_relu import fuse_bn_relu
 from benchmarks.physics import best_time
 from fastcifar import allocator
 from fastcifar.config import ModelConfig
 from fastcifar.custom_resnet import CustomResNet
 from fastcifar.runtime import cpu_has_fast_bf16
 
-WAYS = ("eager", "compiled")
+WAYS = ("eager", "compiled", "fused")
 
 
 def block_shapes(widths: tuple[int, int, int, int] = ModelConfig.widths) -> list[tuple[str, int, int, bool]]:
@@ -77,21 +79,24 @@ def measure(batch_size: int, dtype: torch.dtype, repeats: int, ways: tuple[str, 
             block = make_block(channels, pool)
             if way == "compiled":
                 block = torch.compile(block)
+            elif way == "fused":
+                fuse_bn_relu(block)
             row[f"{way}_ms"] = 1e3 * time_block(block, x.requires_grad_(), grad, repeats)
         rows.append(row)
     return rows
 
 
 def markdown(rows: list[dict], ways: tuple[str, ...]) -> str:
-    lines = ["| BatchNorm | block | " + " | ".join(ways) + (" | eager / compiled |" if len(ways) == 2 else " |"),
-             "|---|---|" + "---:|" * (len(ways) + (len(ways) == 2))]
+    """The table: each way's milliseconds, then eager's time over each other way's (above 1: faster than eager)."""
+    others = [w for w in ways if w != "eager"] if "eager" in ways else []
+    lines = ["| BatchNorm | block | " + " | ".join([*ways, *(f"eager / {w}" for w in others)]) + " |",
+             "|---|---|" + "---:|" * (len(ways) + len(others))]
     total = {"bn": "total", "channels": "", "side": "", "pool": False,
              **{f"{w}_ms": sum(r[f"{w}_ms"] for r in rows) for w in ways}}
     for r in [*rows, total]:
         shape = f"{'pool + ' if r['pool'] else ''}BN + ReLU, {r['channels']} @ {r['side']}" if r["channels"] else ""
         cells = [f"{r[f'{w}_ms']:.1f} ms" for w in ways]
-        if len(ways) == 2:
-            cells.append(f"{r['eager_ms'] / r['compiled_ms']:.2f}x")
+        cells += [f"{r['eager_ms'] / r[f'{w}_ms']:.2f}x" for w in others]
         lines.append(f"| {r['bn']} | {shape} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

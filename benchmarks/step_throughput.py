@@ -3,8 +3,9 @@
     python benchmarks/step_throughput.py [--variants fp32,fp32-cl,default] [--batch-size 512] [--steps 4]
 
 A variant is a precision (fp32 | bf16 | fp16) followed by flags: `cl` (channels_last), `im2col` (the 4x4
-convolutions' filter gradient as one matmul, fastcifar/conv.py) and `compile` (torch.compile, optionally
-`compile:MODE`, e.g. `fp32-cl-compile:max-autotune`); `default` is the training step itself
+convolutions' filter gradient as one matmul, fastcifar/conv.py), `fusedbn` (every BatchNorm + ReLU as the
+hand-written CPU kernel of benchmarks/fused_bn_relu.py, which training does not use) and `compile`
+(torch.compile, optionally `compile:MODE`, e.g. `fp32-cl-compile:max-autotune`); `default` is the training step itself
 (fastcifar.loop.train_step with the default preset's augmentation, loss and optimizer, in what fastcifar
 picks on the device: run.precision/compile/conv_grad auto, channels_last), and `default@KEY=VALUE[@...]` is
 that step with config options changed (`default@model.ghost_batch=32`: a lever's cost, side by side).
@@ -19,9 +20,11 @@ import argparse
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
+from benchmarks.fused_bn_relu import fuse_bn_relu
 from fastcifar.augment import BatchAugment
 from fastcifar.config import DEFAULT_PRESET, Config, ModelConfig, RunConfig
 from fastcifar.conv import apply_conv_grad
@@ -59,15 +62,24 @@ def default_overrides(variant: str) -> dict[str, str] | None:
     return overrides
 
 
-def parse_variant(variant: str) -> tuple[str, bool, bool, str | None, bool]:
-    """"fp32-cl-compile:max-autotune" -> ("fp32", channels_last, compiled, compile mode or None, im2col)."""
+class Variant(NamedTuple):
+    precision: str  # a DTYPES key
+    channels_last: bool
+    compiled: bool
+    mode: str | None  # torch.compile's mode, None for its default
+    im2col: bool
+    fused_bn: bool
+
+
+def parse_variant(variant: str) -> Variant:
+    """"fp32-cl-compile:max-autotune" -> Variant("fp32", channels_last, compiled, "max-autotune", ...)."""
     head, _, mode = variant.partition(":")  # the mode itself may contain dashes
     precision, *flags = head.split("-")
-    unknown = set(flags) - {"cl", "compile", "im2col"}
+    unknown = set(flags) - {"cl", "compile", "im2col", "fusedbn"}
     if precision not in DTYPES or unknown or (mode and "compile" not in flags):
         raise ValueError(f"cannot read step variant {variant!r} (e.g. fp32, bf16-cl, bf16-cl-im2col, "
-                         "fp32-cl-compile:max-autotune)")
-    return precision, "cl" in flags, "compile" in flags, mode or None, "im2col" in flags
+                         "bf16-cl-fusedbn, fp32-cl-compile:max-autotune)")
+    return Variant(precision, "cl" in flags, "compile" in flags, mode or None, "im2col" in flags, "fusedbn" in flags)
 
 
 @dataclass
@@ -103,7 +115,7 @@ def measure(variant: str, batch_size: int, warmup: int, steps: int, device: torc
     # bf16-cl on a bf16 CPU), and its precision and compile come from them
     resolved = (default_variant(device, Config.from_preset(DEFAULT_PRESET, overrides).run)
                 if overrides is not None else variant)
-    precision, channels_last, compiled, mode, im2col = parse_variant(resolved)
+    precision, channels_last, compiled, mode, im2col, fused_bn = parse_variant(resolved)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     amp = Amp(device, DTYPES[precision])
     if device.type == "cuda":  # as training sets them
@@ -115,6 +127,8 @@ def measure(variant: str, batch_size: int, warmup: int, steps: int, device: torc
     else:
         model = CustomResNet(ModelConfig(widths=widths))
         apply_conv_grad(model, "im2col" if im2col else "onednn", device, amp.dtype)
+        if fused_bn:
+            fuse_bn_relu(model)
         model = model.to(device=device, memory_format=memory_format)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
         forward = compile_model(model, mode or "default") if compiled else model

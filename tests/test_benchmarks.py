@@ -16,6 +16,7 @@ from fastcifar.config import DEFAULT_PRESET, Config, ConfigError
 from fastcifar.conv import conv3x3_backward
 from fastcifar.errors import FastCifarError
 from fastcifar.runtime import cpu_has_amx, cpu_has_fast_bf16
+from tests.conftest import needs_build_tools
 
 
 def test_the_cpu_matmul_peak_is_the_fastest_call(monkeypatch):
@@ -71,7 +72,8 @@ def test_the_step_flops_split_into_convolutions_and_their_padding():
     assert 0.13 < flops["train_step_padding"] / flops["train_step"] < 0.14
 
 
-@pytest.mark.parametrize("variant", ["fp32", "fp32-cl", "fp32-cl-im2col", "default"])
+@pytest.mark.parametrize("variant", ["fp32", "fp32-cl", "fp32-cl-im2col",
+                                     pytest.param("fp32-cl-fusedbn", marks=needs_build_tools), "default"])
 def test_step_throughput_measures_a_positive_rate(variant):
     r = measure(variant, batch_size=2, warmup=1, steps=1, device=torch.device("cpu"), widths=(4, 8, 8, 16))
     assert r.warmup_s > 0 and r.images_per_s > 0 and r.step_s > 0
@@ -110,10 +112,11 @@ def test_the_profile_of_the_default_step_splits_its_time_into_shares():
 
 
 @pytest.mark.parametrize(("text", "parsed"), [
-    ("fp32", ("fp32", False, False, None, False)), ("bf16-cl", ("bf16", True, False, None, False)),
-    ("bf16-cl-im2col", ("bf16", True, False, None, True)),
-    ("fp32-cl-compile", ("fp32", True, True, None, False)),
-    ("fp32-cl-compile:max-autotune", ("fp32", True, True, "max-autotune", False))])
+    ("fp32", ("fp32", False, False, None, False, False)), ("bf16-cl", ("bf16", True, False, None, False, False)),
+    ("bf16-cl-im2col", ("bf16", True, False, None, True, False)),
+    ("bf16-cl-fusedbn", ("bf16", True, False, None, False, True)),
+    ("fp32-cl-compile", ("fp32", True, True, None, False, False)),
+    ("fp32-cl-compile:max-autotune", ("fp32", True, True, "max-autotune", False, False))])
 def test_variant_names_parse(text, parsed):
     assert parse_variant(text) == parsed
 
@@ -214,14 +217,17 @@ def test_the_bn_relu_benchmark_runs_and_records_json(tmp_path, monkeypatch, caps
 
 def test_the_bn_relu_benchmark_refuses_an_unknown_way(capsys):
     with pytest.raises(SystemExit) as err:
-        bn_relu.main(["--ways", "eager,fused"])
+        bn_relu.main(["--ways", "eager,fast"])
     assert err.value.code == 2 and "--ways" in capsys.readouterr().err
 
 
 @pytest.mark.slow
+@needs_build_tools
 def test_the_compiled_bn_relu_block_matches_eager():
     rows = bn_relu.measure(2, torch.float32, 1, bn_relu.WAYS, shapes=[("a", 4, 8, True)])
-    assert rows[0]["eager_ms"] > 0 and rows[0]["compiled_ms"] > 0
+    assert rows[0]["eager_ms"] > 0 and rows[0]["compiled_ms"] > 0 and rows[0]["fused_ms"] > 0
+    table = bn_relu.markdown(rows, bn_relu.WAYS)
+    assert "| eager / compiled | eager / fused |" in table
     x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)
     torch.testing.assert_close(torch.compile(bn_relu.make_block(4, True))(x), bn_relu.make_block(4, True)(x))
 
