@@ -54,7 +54,7 @@ def _variants(text: str, device: torch.device) -> list[str]:
     for variant in variants:
         try:
             if step_throughput.default_overrides(variant) is None:
-                step_throughput.parse_variant(variant)
+                step_throughput.check_variant(variant, device)
         except ValueError as err:
             raise FastCifarError(str(err)) from None
     return variants

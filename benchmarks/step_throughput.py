@@ -82,6 +82,15 @@ def parse_variant(variant: str) -> Variant:
     return Variant(precision, "cl" in flags, "compile" in flags, mode or None, "im2col" in flags, "fusedbn" in flags)
 
 
+def check_variant(variant: str, device: torch.device) -> Variant:
+    """parse_variant, refusing what `device` cannot run (the fused BatchNorm + ReLU kernel is CPU code: elsewhere
+    the module falls back to eager, so the row would be mislabelled)."""
+    parsed = parse_variant(variant)
+    if parsed.fused_bn and device.type != "cpu":
+        raise ValueError(f"step variant {variant!r}: fusedbn is a CPU kernel, not for {device.type}")
+    return parsed
+
+
 @dataclass
 class StepResult:
     variant: str
@@ -115,7 +124,7 @@ def measure(variant: str, batch_size: int, warmup: int, steps: int, device: torc
     # bf16-cl on a bf16 CPU), and its precision and compile come from them
     resolved = (default_variant(device, Config.from_preset(DEFAULT_PRESET, overrides).run)
                 if overrides is not None else variant)
-    precision, channels_last, compiled, mode, im2col, fused_bn = parse_variant(resolved)
+    precision, channels_last, compiled, mode, im2col, fused_bn = check_variant(resolved, device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     amp = Amp(device, DTYPES[precision])
     if device.type == "cuda":  # as training sets them

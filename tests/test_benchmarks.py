@@ -127,6 +127,13 @@ def test_bad_variant_names_are_refused(text):
         parse_variant(text)
 
 
+def test_the_fused_bn_variant_is_refused_off_the_cpu():
+    assert step_throughput.check_variant("bf16-cl-fusedbn", torch.device("cpu")).fused_bn
+    with pytest.raises(ValueError, match="fusedbn is a CPU kernel"):
+        step_throughput.check_variant("bf16-cl-fusedbn", torch.device("cuda"))
+    assert not step_throughput.check_variant("bf16-cl", torch.device("cuda")).fused_bn
+
+
 def test_default_variant_on_a_cpu_is_channels_last_eager_in_the_auto_precision():
     im2col = "-im2col" if cpu_has_amx() else ""
     expected = f"bf16-cl{im2col}" if cpu_has_fast_bf16() else "fp32-cl"
