@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastcifar import conv, runtime
@@ -20,7 +19,7 @@ from fastcifar.conv import (
 from fastcifar.custom_resnet import CustomResNet
 from fastcifar.runtime import resolve_conv_grad
 from fastcifar.training import train
-from tests.conftest import tiny_config
+from tests.conftest import sgd_losses, tiny_config
 
 
 @pytest.mark.parametrize(("c_in", "c_out", "side"), [(3, 5, 6), (8, 4, 4), (16, 16, 2), (4, 8, 1)])
@@ -115,25 +114,12 @@ def test_auto_takes_the_im2col_gradient_only_where_it_was_measured_faster(settin
     assert (type(model[0]) is Im2colGradConv2d) is expected
 
 
-def _losses(dtype: torch.dtype, im2col: bool, steps: int = 6) -> list[float]:
+def _losses(dtype: torch.dtype, im2col: bool) -> list[float]:
     torch.manual_seed(0)
     model = CustomResNet(ModelConfig(widths=(8, 16, 16, 32), logit_scale=0.125))
     if im2col:
         use_im2col_filter_grad(model)
-    model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(32, 3, 32, 32, generator=generator).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (32,), generator=generator)
-    losses = []
-    for _ in range(steps):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            loss = F.cross_entropy(model(x), y, label_smoothing=0.2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+    return sgd_losses(model, dtype, batch=32)
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])

@@ -14,7 +14,7 @@ from benchmarks import fused_bn_relu as bn_relu
 from fastcifar.config import ModelConfig
 from fastcifar.custom_resnet import CustomResNet, GhostBatchNorm2d
 from fastcifar.errors import FastCifarError
-from tests.conftest import needs_build_tools
+from tests.conftest import needs_build_tools, sgd_losses
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
@@ -129,26 +129,13 @@ def test_fusing_the_network_keeps_its_parameters_and_state_dict_and_its_training
     ref.load_state_dict(fused.state_dict())  # checkpoints load either way
 
 
-def _losses(dtype: torch.dtype, fused: bool, steps: int = 6) -> tuple[list[float], list[float]]:
+def _losses(dtype: torch.dtype, fused: bool) -> tuple[list[float], list[float]]:
     """Six SGD steps' losses of the narrow network, and (unfused only) the kink margins of every step."""
     model = _narrow_network(seed=3, logit_scale=0.125)
     margins = [] if fused else _record_kink_margin(model)
     if fused:
         bn_relu.fuse_bn_relu(model)
-    model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(8, 3, 32, 32, generator=generator).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (8,), generator=generator)
-    losses = []
-    for _ in range(steps):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            loss = nn.functional.cross_entropy(model(x), y, label_smoothing=0.2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses, margins
+    return sgd_losses(model, dtype, batch=8), margins
 
 
 @needs_build_tools
@@ -174,31 +161,30 @@ def test_ghost_batch_norm_and_a_batch_norm_without_a_relu_are_left_alone():
     assert type(model[2]) is nn.BatchNorm2d and type(model[1]) is nn.ReLU
 
 
-def test_a_build_failure_becomes_one_clear_error(monkeypatch):
+@pytest.fixture
+def unbuilt(monkeypatch: pytest.MonkeyPatch):
+    """load_extension as on a machine that has not built the kernel (its cache cleared before and after), with the
+    extension loader's `load` to be replaced by the test."""
     from torch.utils import cpp_extension
 
+    bn_relu.load_extension.cache_clear()
+    yield cpp_extension
+    bn_relu.load_extension.cache_clear()
+
+
+def test_a_build_failure_becomes_one_clear_error(monkeypatch, unbuilt):
     def fail(**_: object) -> None:
         raise RuntimeError("Error building extension 'x'\nninja: build stopped: subcommand failed.")
 
-    monkeypatch.setattr(cpp_extension, "load", fail)
+    monkeypatch.setattr(unbuilt, "load", fail)
     monkeypatch.setattr(bn_relu, "missing_tools", list)
-    bn_relu.load_extension.cache_clear()
-    try:
-        with pytest.raises(FastCifarError, match=r"ninja: build stopped.*install a C\+\+ compiler"):
-            bn_relu.load_extension()
-    finally:
-        bn_relu.load_extension.cache_clear()
+    with pytest.raises(FastCifarError, match=r"ninja: build stopped.*install a C\+\+ compiler"):
+        bn_relu.load_extension()
 
 
-def test_missing_build_tools_are_named_before_a_build_is_tried(monkeypatch):
-    from torch.utils import cpp_extension
-
+def test_missing_build_tools_are_named_before_a_build_is_tried(monkeypatch, unbuilt):
     monkeypatch.setattr(bn_relu.shutil, "which", lambda tool: None if tool == "ninja" else f"/usr/bin/{tool}")
     assert bn_relu.missing_tools() == ["ninja"]
-    monkeypatch.setattr(cpp_extension, "load", lambda **_: pytest.fail("a build was tried"))
-    bn_relu.load_extension.cache_clear()
-    try:
-        with pytest.raises(FastCifarError, match=r"kernel: ninja not found; install a C\+\+ compiler and ninja"):
-            bn_relu.load_extension()
-    finally:
-        bn_relu.load_extension.cache_clear()
+    monkeypatch.setattr(unbuilt, "load", lambda **_: pytest.fail("a build was tried"))
+    with pytest.raises(FastCifarError, match=r"kernel: ninja not found; install a C\+\+ compiler and ninja"):
+        bn_relu.load_extension()
