@@ -2,7 +2,7 @@
 // each (benchmarks/fused_bn_relu.py builds this file on first use and explains why it exists).
 //
 // The activation is viewed as rows x channels: [N*H*W, C], C contiguous (a channels_last tensor is exactly that).
-// The vector lanes are 16 neighbouring channels of one row; the rows are split between torch's threads
+// The vector lanes are 16 (AVX-512) or 8 (AVX2) neighbouring channels of one row; the rows are split between torch's threads
 // (at::parallel_for). Values are stored as fp32 or bf16 and computed in fp32.
 //
 // Sums over rows: each thread adds 64 rows at a time in fp32 into per-channel partial sums, then moves them into
@@ -26,13 +26,18 @@ namespace {
 constexpr int64_t kFlushRows = 64;
 constexpr int64_t kBatchRows = 16;  // rows per pass over a channel group in the sums (4, 8, 16: 16 was fastest)
 
-// 16 fp32 lanes as a GCC vector type: one AVX-512 register, or two AVX2 ones (the compiler splits it), so the same
-// code is explicit vector code on both. Intrinsics only where AVX-512 has one instruction for a bf16 conversion.
-// Channels are taken 16 at a time; the rest one by one.
+// One register of fp32 lanes as a GCC vector type: 16 with AVX-512, 8 with AVX2, so the same code is explicit
+// vector code on both. (16 lanes split over two AVX2 registers ran at half eager's speed: GCC spilled them and
+// built the ReLU's compare-and-select element by element.) Intrinsics only where AVX-512 has one instruction for a
+// bf16 conversion. Channels are taken kLanes at a time; the rest one by one.
+#ifdef __AVX512F__
 constexpr int64_t kLanes = 16;
-typedef float vf __attribute__((vector_size(64)));
-typedef uint32_t vu32 __attribute__((vector_size(64)));
-typedef uint16_t vu16 __attribute__((vector_size(32)));
+#else
+constexpr int64_t kLanes = 8;
+#endif
+typedef float vf __attribute__((vector_size(kLanes * 4)));
+typedef uint32_t vu32 __attribute__((vector_size(kLanes * 4)));
+typedef uint16_t vu16 __attribute__((vector_size(kLanes * 2)));
 
 inline float load(const float* p, int64_t i) { return p[i]; }
 inline float load(const uint16_t* p, int64_t i) {  // bf16 is the high half of an fp32
@@ -103,9 +108,9 @@ struct Blocks {
   int64_t end(int64_t p, int64_t rows) const { return std::min(rows, (p + 1) * step); }
 };
 
-// Per-channel sums over rows [r0, r1) of two functions of (row, channel): `vec(r, c, u, w)` for a block of 16
+// Per-channel sums over rows [r0, r1) of two functions of (row, channel): `vec(r, c, u, w)` for a block of kLanes
 // channels, `one(r, c, u, w)` for a single one. The rows are read kBatchRows at a time: for each group of 4 blocks
-// (64 channels) the partial sums come from a small array (L1) into registers, take those rows, and go back. Every
+// (4 * kLanes channels) the partial sums come from a small array (L1) into registers, take those rows, and go back. Every
 // 64 rows the fp32 partial sums move into s1, s2 (fp64).
 template <int64_t NB, typename V>
 inline void add_rows(int64_t r, int64_t n, int64_t c, vf* a, vf* q, V& vec) {
@@ -156,7 +161,7 @@ void sum_rows(int64_t r0, int64_t r1, int64_t C, double* s1, double* s2, V vec, 
   }
 }
 
-// out[r, c] = f(r, c) for every row: `vec` for blocks of 16 channels, `one` for the rest.
+// out[r, c] = f(r, c) for every row: `vec` for blocks of kLanes channels, `one` for the rest.
 template <typename T, typename V, typename S>
 void map_rows(T* __restrict out, int64_t rows, int64_t C, V vec, S one) {
   at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
