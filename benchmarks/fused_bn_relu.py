@@ -12,7 +12,7 @@ fuses them, but its CPU code for the statistics was 5x slower than eager's kerne
 (benchmarks/csrc/bn_relu.cpp) does: forward, the statistics, then normalise + ReLU; backward, the masked sums,
 then the input gradient, with the ReLU's mask recomputed from the input. Only the input is saved for backward.
 
-It is compiled on first use by PyTorch's C++ extension loader (a C++ compiler and ninja; ~25 s, cached under
+It is compiled on first use by PyTorch's C++ extension loader (a C++ compiler and ninja; ~20 s, cached under
 TORCH_EXTENSIONS_DIR). The module swap keeps BatchNorm2d's parameters, buffers and state dict.
 `tests/test_fused_bn_relu.py` compares outputs, gradients and running statistics with BatchNorm2d + ReLU.
 """

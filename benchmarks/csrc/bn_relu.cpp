@@ -2,16 +2,18 @@
 // each (benchmarks/fused_bn_relu.py builds this file on first use and explains why it exists).
 //
 // The activation is viewed as rows x channels: [N*H*W, C], C contiguous (a channels_last tensor is exactly that).
-// The vector lanes are 16 (AVX-512) or 8 (AVX2) neighbouring channels of one row; the rows are split between torch's threads
-// (at::parallel_for). Values are stored as fp32 or bf16 and computed in fp32.
+// The vector lanes are 16 (AVX-512) or 8 (AVX2) neighbouring channels of one row; the rows are split between
+// torch's threads (at::parallel_for). Values are stored as fp32 or bf16 and computed in fp32.
 //
 // Sums over rows: each thread adds 64 rows at a time in fp32 into per-channel partial sums, then moves them into
 // fp64 totals, so no fp32 sum ever holds more than 64 terms. The forward statistics are sums of (x - k) and
 // (x - k)^2 with k the thread's first row (a per-channel shift against cancellation); the exact mean and variance
 // follow in fp64.
 
-#include <torch/extension.h>
+// ATen and torch's pybind11 casters rather than <torch/extension.h>, which alone took 23 s of the ~30 s build.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <cmath>
 #include <cstdint>
@@ -61,7 +63,8 @@ inline vf vload(const float* p) {
 }
 #ifdef __AVX512BW__
 inline vf vload(const uint16_t* p) {  // widen 16 bf16 to 16 fp32 in two instructions
-  const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
   vf v;
   std::memcpy(&v, &w, sizeof(v));
   return v;
@@ -109,9 +112,9 @@ struct Blocks {
 };
 
 // Per-channel sums over rows [r0, r1) of two functions of (row, channel): `vec(r, c, u, w)` for a block of kLanes
-// channels, `one(r, c, u, w)` for a single one. The rows are read kBatchRows at a time: for each group of 4 blocks
-// (4 * kLanes channels) the partial sums come from a small array (L1) into registers, take those rows, and go back. Every
-// 64 rows the fp32 partial sums move into s1, s2 (fp64).
+// channels, `one(r, c, u, w)` for a single one. The rows are read kBatchRows at a time: for each group of 4
+// blocks (4 * kLanes channels) the partial sums come from a small array (L1) into registers, take those rows, and go
+// back. Every 64 rows the fp32 partial sums move into s1, s2 (fp64).
 template <int64_t NB, typename V>
 inline void add_rows(int64_t r, int64_t n, int64_t c, vf* a, vf* q, V& vec) {
   vf ra[NB], rq[NB];
@@ -272,43 +275,43 @@ void grad_input(const T* __restrict dy, const T* __restrict x, T* __restrict dx,
       });
 }
 
-void check(const torch::Tensor& t, const char* name) {
+void check(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
   TORCH_CHECK(t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast), name,
               " must be a 4-d channels_last tensor");
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name, " must be fp32 or bf16");
 }
 
-torch::Tensor as_float(const torch::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 // The per-channel affine map of the forward: y = x * scale + shift (scale = weight * invstd).
-std::vector<torch::Tensor> affine(const torch::Tensor& mean, const torch::Tensor& invstd, const torch::Tensor& weight,
-                                  const torch::Tensor& bias) {
-  torch::Tensor scale = as_float(weight) * invstd;
-  torch::Tensor shift = as_float(bias) - mean * scale;
+std::vector<at::Tensor> affine(const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
+                                  const at::Tensor& bias) {
+  at::Tensor scale = as_float(weight) * invstd;
+  at::Tensor shift = as_float(bias) - mean * scale;
   return {scale.contiguous(), shift.contiguous()};
 }
 
 }  // namespace
 
 // Returns (out, mean, invstd, unbiased variance); mean and invstd are what backward takes.
-std::vector<torch::Tensor> forward(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                    double eps) {
   check(x, "input");
   const int64_t C = x.size(1), rows = x.numel() / C;
   TORCH_CHECK(rows > 1, "batch norm needs more than one value per channel");
   std::vector<double> mean(C), var(C);
-  torch::Tensor out = torch::empty_like(x, at::MemoryFormat::ChannelsLast);
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::ChannelsLast);
   if (x.scalar_type() == at::kFloat) {
     stats(x.data_ptr<float>(), rows, C, mean, var);
   } else {
     stats(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), rows, C, mean, var);
   }
-  auto f64 = torch::TensorOptions().dtype(at::kDouble);
-  torch::Tensor mean_t = torch::from_blob(mean.data(), {C}, f64).to(at::kFloat);
-  torch::Tensor var_t = torch::from_blob(var.data(), {C}, f64);
-  torch::Tensor invstd = (var_t + eps).rsqrt().to(at::kFloat);
-  torch::Tensor unbiased = (var_t * (static_cast<double>(rows) / (rows - 1))).to(at::kFloat);
+  auto f64 = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor mean_t = at::from_blob(mean.data(), {C}, f64).to(at::kFloat);
+  at::Tensor var_t = at::from_blob(var.data(), {C}, f64);
+  at::Tensor invstd = (var_t + eps).rsqrt().to(at::kFloat);
+  at::Tensor unbiased = (var_t * (static_cast<double>(rows) / (rows - 1))).to(at::kFloat);
   auto ab = affine(mean_t, invstd, weight, bias);
   const float* scale = ab[0].data_ptr<float>();
   const float* shift = ab[1].data_ptr<float>();
@@ -322,16 +325,16 @@ std::vector<torch::Tensor> forward(const torch::Tensor& x, const torch::Tensor& 
 }
 
 // Returns (grad_input, grad_weight, grad_bias) of out = relu(batch_norm(x)) in training mode.
-std::vector<torch::Tensor> backward(const torch::Tensor& grad_out, const torch::Tensor& x, const torch::Tensor& mean,
-                                   const torch::Tensor& invstd, const torch::Tensor& weight,
-                                   const torch::Tensor& bias) {
+std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
+                                   const at::Tensor& invstd, const at::Tensor& weight,
+                                   const at::Tensor& bias) {
   check(x, "input");
-  torch::Tensor dy = grad_out.to(x.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor dy = grad_out.to(x.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t C = x.size(1), rows = x.numel() / C;
   auto ab = affine(mean, invstd, weight, bias);
   const float* scale = ab[0].data_ptr<float>();
   const float* shift = ab[1].data_ptr<float>();
-  torch::Tensor mean_c = mean.contiguous();
+  at::Tensor mean_c = mean.contiguous();
   std::vector<double> sum_g(C, 0.0), sum_gx(C, 0.0);
   const bool f32 = x.scalar_type() == at::kFloat;
   if (f32) {
@@ -342,14 +345,14 @@ std::vector<torch::Tensor> backward(const torch::Tensor& grad_out, const torch::
               reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), rows, C, scale, shift,
               mean_c.data_ptr<float>(), sum_g, sum_gx);
   }
-  auto f64 = torch::TensorOptions().dtype(at::kDouble);
-  torch::Tensor grad_bias = torch::from_blob(sum_g.data(), {C}, f64).clone();
-  torch::Tensor grad_weight = torch::from_blob(sum_gx.data(), {C}, f64) * invstd.to(at::kDouble);
+  auto f64 = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor grad_bias = at::from_blob(sum_g.data(), {C}, f64).clone();
+  at::Tensor grad_weight = at::from_blob(sum_gx.data(), {C}, f64) * invstd.to(at::kDouble);
   // dx = weight * invstd * (g - mean(g) - xhat * mean(g * xhat))
-  torch::Tensor k1 = (as_float(weight) * invstd).contiguous();
-  torch::Tensor c0 = (k1.to(at::kDouble) * grad_bias / rows).to(at::kFloat).contiguous();
-  torch::Tensor c1 = (k1.to(at::kDouble) * invstd.to(at::kDouble) * grad_weight / rows).to(at::kFloat).contiguous();
-  torch::Tensor dx = torch::empty_like(x, at::MemoryFormat::ChannelsLast);
+  at::Tensor k1 = (as_float(weight) * invstd).contiguous();
+  at::Tensor c0 = (k1.to(at::kDouble) * grad_bias / rows).to(at::kFloat).contiguous();
+  at::Tensor c1 = (k1.to(at::kDouble) * invstd.to(at::kDouble) * grad_weight / rows).to(at::kFloat).contiguous();
+  at::Tensor dx = at::empty_like(x, at::MemoryFormat::ChannelsLast);
   if (f32) {
     grad_input(dy.data_ptr<float>(), x.data_ptr<float>(), dx.data_ptr<float>(), rows, C, scale, shift,
                mean_c.data_ptr<float>(), k1.data_ptr<float>(), c0.data_ptr<float>(), c1.data_ptr<float>());
