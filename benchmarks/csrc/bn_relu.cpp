@@ -10,7 +10,7 @@
 // (x - k)^2 with k the thread's first row (a per-channel shift against cancellation); the exact mean and variance
 // follow in fp64.
 
-// ATen and torch's pybind11 casters rather than <torch/extension.h>, which alone took 23 s of the ~30 s build.
+// ATen and torch's pybind11 casters rather than <torch/extension.h>, which alone took 23 s of a ~25 s build.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/utils/pybind.h>
@@ -286,7 +286,7 @@ at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous();
 
 // The per-channel affine map of the forward: y = x * scale + shift (scale = weight * invstd).
 std::vector<at::Tensor> affine(const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
-                                  const at::Tensor& bias) {
+                               const at::Tensor& bias) {
   at::Tensor scale = as_float(weight) * invstd;
   at::Tensor shift = as_float(bias) - mean * scale;
   return {scale.contiguous(), shift.contiguous()};
@@ -296,7 +296,7 @@ std::vector<at::Tensor> affine(const at::Tensor& mean, const at::Tensor& invstd,
 
 // Returns (out, mean, invstd, unbiased variance); mean and invstd are what backward takes.
 std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                                   double eps) {
+                                double eps) {
   check(x, "input");
   const int64_t C = x.size(1), rows = x.numel() / C;
   TORCH_CHECK(rows > 1, "batch norm needs more than one value per channel");
@@ -326,8 +326,7 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight, c
 
 // Returns (grad_input, grad_weight, grad_bias) of out = relu(batch_norm(x)) in training mode.
 std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
-                                   const at::Tensor& invstd, const at::Tensor& weight,
-                                   const at::Tensor& bias) {
+                                 const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias) {
   check(x, "input");
   at::Tensor dy = grad_out.to(x.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t C = x.size(1), rows = x.numel() / C;
