@@ -69,7 +69,7 @@ def load_extension() -> object:
     name, flags = build_flags()
     try:
         return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags, verbose=False)
-    except (RuntimeError, OSError, ImportError) as error:  # no compiler, no ninja, headers missing
+    except (RuntimeError, OSError, ImportError) as error:  # a failed compile or link, headers missing
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         raise FastCifarError(f"cannot build the fused BatchNorm + ReLU kernel ({reason}); install a C++ compiler "
                              f"and ninja") from error

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from benchmarks import fused_bn_relu as bn_relu
-from fastcifar.config import ModelConfig
-from fastcifar.custom_resnet import CustomResNet, GhostBatchNorm2d
+from benchmarks.relu_kink import narrow_network, record_kink_margin
+from fastcifar.custom_resnet import GhostBatchNorm2d
 from fastcifar.errors import FastCifarError
 from tests.conftest import needs_build_tools, sgd_losses
 
@@ -82,39 +82,22 @@ def test_a_plain_nchw_input_is_accepted_and_eval_mode_is_batch_norm_then_relu():
 
 # Whole-network comparisons cross a ReLU kink: where a pre-activation lies within rounding (~1e-6) of zero, two fp32
 # implementations may put it on different sides, and that one element's gradient then differs by its whole size.
-# Measured on this test's network with ordinary biases: eager BatchNorm2d + ReLU's own fp32 gradients differ from
-# fp64's by up to 11% of their scale on 1 thread (2 elements of ~2e5 on the other side of the kink) and by 1e-5 on 2;
-# the fused kernel's differ by 4e-6 on both. So the network tests set every BatchNorm's bias to +/-2.5 by channel
-# (half the ReLUs mostly pass, half mostly block), which keeps pre-activations away from zero, and check that margin
-# in the unfused run before comparing: below it the comparison would be ill-posed, not failed.
+# `python -m benchmarks.relu_kink` measures it on this test's network with ordinary biases: on 1 thread eager
+# BatchNorm2d + ReLU's own fp32 gradients are 11% of their scale from fp64's (2 of 368,640 ReLU decisions flipped),
+# the fused kernel's 4e-6. So the network tests set every BatchNorm's bias to +/-2.5 by channel, which keeps
+# pre-activations away from zero, and check that margin in the unfused run before comparing: below it the comparison
+# would be ill-posed, not failed.
 KINK_MARGIN = 5e-6
-
-
-def _narrow_network(seed: int, **overrides: object) -> CustomResNet:
-    torch.manual_seed(seed)
-    model = CustomResNet(ModelConfig(widths=(8, 16, 16, 32), **overrides))
-    with torch.no_grad():
-        for bn in [m for m in model.modules() if type(m) is nn.BatchNorm2d]:
-            bn.bias.copy_(torch.tensor([2.5, -2.5]).repeat(bn.num_features // 2))
-    return model
-
-
-def _record_kink_margin(model: nn.Module) -> list[float]:
-    """The smallest |pre-activation| of each BatchNorm2d call of an unfused `model`, appended as it runs."""
-    margins: list[float] = []
-    for bn in [m for m in model.modules() if type(m) is nn.BatchNorm2d]:
-        bn.register_forward_hook(lambda _m, _i, out: margins.append(out.detach().abs().min().item()))
-    return margins
 
 
 @needs_build_tools
 def test_fusing_the_network_keeps_its_parameters_and_state_dict_and_its_training_outputs():
-    ref = _narrow_network(seed=2).to(memory_format=torch.channels_last)
+    ref = narrow_network(seed=2, bias_offset=2.5).to(memory_format=torch.channels_last)
     fused = copy.deepcopy(ref)
     assert bn_relu.fuse_bn_relu(fused) == 8
     assert not any(type(m) is nn.ReLU for m in fused.modules())
     assert list(fused.state_dict()) == list(ref.state_dict())
-    margins = _record_kink_margin(ref)
+    margins = record_kink_margin(ref)
     x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     out_ref, out_fused = ref(x), fused(x)
     assert min(margins) > KINK_MARGIN, f"a pre-activation within {min(margins):.1e} of the ReLU's kink"
@@ -131,8 +114,8 @@ def test_fusing_the_network_keeps_its_parameters_and_state_dict_and_its_training
 
 def _losses(dtype: torch.dtype, fused: bool) -> tuple[list[float], list[float]]:
     """Six SGD steps' losses of the narrow network, and (unfused only) the kink margins of every step."""
-    model = _narrow_network(seed=3, logit_scale=0.125)
-    margins = [] if fused else _record_kink_margin(model)
+    model = narrow_network(seed=3, bias_offset=2.5, logit_scale=0.125)
+    margins = [] if fused else record_kink_margin(model)
     if fused:
         bn_relu.fuse_bn_relu(model)
     return sgd_losses(model, dtype, batch=8), margins
@@ -141,10 +124,10 @@ def _losses(dtype: torch.dtype, fused: bool) -> tuple[list[float], list[float]]:
 @needs_build_tools
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_first_training_steps_lose_the_same_as_unfused(dtype):
-    """Same numerics: 6 SGD steps, fused against unfused. In fp32 the losses agree to rounding (~2e-7 measured) at
-    every step. In bf16 every BatchNorm output is rounded to 8 bits, and the two round differently, so they drift
-    apart as the steps go: measured up to 5e-4 over the first three losses and 7e-3 by the sixth, where unfused bf16
-    against fp32 differs by up to 1.1e-2 (bf16's own noise). The bounds are 5e-3 and 2e-2."""
+    """Same numerics: 6 SGD steps, fused against unfused. In fp32, with the pre-activations off the kink, the losses
+    agree to rounding at every step. In bf16 every BatchNorm output is rounded to 8 bits, and the two round
+    differently, so they drift apart as the steps go: the bounds, 5e-3 over the first three losses and 2e-2 over
+    six, are bf16's own noise, the size of the gap between unfused bf16 and fp32 losses."""
     (plain, margins), (fused, _) = _losses(dtype, fused=False), _losses(dtype, fused=True)
     assert plain[-1] < plain[0]  # the steps do learn: the comparison is of a moving loss
     if dtype == torch.float32:
