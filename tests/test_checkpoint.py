@@ -228,14 +228,16 @@ def test_a_real_divergence_is_caught(synthetic, tmp_path):
 
 
 def test_sigterm_to_a_training_process_then_resume_matches_an_uninterrupted_run(synthetic, tmp_path):
-    overrides = {"schedule.epochs": 12, "run.name": "killed", "run.threads": 1}  # same threads: same rounding
+    # same threads: same rounding; SIGTERM comes after the first of 4 epochs, and the other three (~2 s here) leave
+    # it time to land mid-run (the exit status below fails the test where it does not)
+    overrides = {"schedule.epochs": 4, "run.name": "killed", "run.threads": 1}
     args = tiny_cli_args(synthetic, tmp_path, **overrides)
     code, _, err = sigterm_after_first_epoch([sys.executable, "-m", "fastcifar.train", *args],
                                              tmp_path / "killed" / "metrics.jsonl")
     assert code == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM" in err and "--resume" in err and "terminate called" not in err
     assert main(["--resume", str(tmp_path / "killed"), "--run.progress", "off"]) == 0
-    full = train(tiny_config(synthetic, tmp_path, **{"schedule.epochs": 12, "run.name": "full", "run.threads": 1}),
+    full = train(tiny_config(synthetic, tmp_path, **{"schedule.epochs": 4, "run.name": "full", "run.threads": 1}),
                  **QUIET)
     _same_run(full.run_dir, tmp_path / "killed")
 
