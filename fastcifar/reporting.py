@@ -97,18 +97,28 @@ def plot_schedule(cfg: Config, steps_per_epoch: int) -> Figure:
 
 
 def plot_misclassified(preds: Predictions, classes: tuple[str, ...] = CLASSES, count: int = 24) -> Figure:
+    """The first `count` misclassified test images, each under its true and predicted class.
+
+    One axes shows them all as a mosaic: an axes per image made this the slowest part of every run's report
+    (~0.7 s of ~1.2 s on a 2-core CPU), and the suite writes ~60 reports."""
     count = min(count, len(preds.wrong_index))
     cols = 6
     rows = max(1, -(-count // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.9, rows * 2.2))
-    for ax in np.ravel(axes):
-        ax.axis("off")
-    for ax, image, index in zip(np.ravel(axes), preds.wrong_images[:count], preds.wrong_index[:count], strict=False):
+    size, gap, title = 32, 6, 12  # pixels: an image, the space beside it, its two title lines
+    width, height = size + gap, size + gap + title
+    mosaic = np.full((rows * height, cols * width, 3), 255, dtype=np.uint8)
+    inch = 0.045  # per mosaic pixel: an image 1.4 in wide, as before
+    fig = plt.figure(figsize=(cols * width * inch, rows * height * inch + 0.4))
+    ax = fig.add_axes((0.0, 0.0, 1.0, rows * height * inch / (rows * height * inch + 0.4)))
+    for k, (image, index) in enumerate(zip(preds.wrong_images[:count], preds.wrong_index[:count], strict=False)):
+        top, left = (k // cols) * height + title + gap // 2, (k % cols) * width + gap // 2
+        mosaic[top:top + size, left:left + size] = image
         p = preds.probs[index]
-        ax.imshow(image, interpolation="nearest")
-        ax.set_title(f"true {classes[preds.labels[index]]}\npred {classes[p.argmax()]} {p.max():.0%}", fontsize=8)
+        ax.text(left + size / 2 - 0.5, top - 1.5, f"true {classes[preds.labels[index]]}\npred {classes[p.argmax()]} "
+                f"{p.max():.0%}", ha="center", va="bottom", fontsize=8)
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.axis("off")
     fig.suptitle(f"Misclassified test images ({count} of {int((preds.predicted != preds.labels).sum())})")
-    fig.tight_layout()
     return fig
 
 
