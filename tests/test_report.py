@@ -67,15 +67,12 @@ def test_misclassified_mosaic_shows_each_image_under_its_classes(run_dir, count)
     mosaic = np.asarray(ax.images[0].get_array())
     titles = [t.get_text() for t in ax.texts]
     assert len(titles) == min(count, 24)
-    shown = 0
     for image, index, title in zip(preds.wrong_images, preds.wrong_index, titles, strict=False):
         # every image appears whole in the mosaic, under its own true and predicted class names
         spots = np.argwhere((mosaic[:-31, :-31] == image[0, 0]).all(axis=-1))
         assert any((mosaic[r:r + 32, c:c + 32] == image).all() for r, c in spots)
         label, predicted = preds.labels[index], preds.probs[index].argmax()
         assert title == f"true {report.CLASSES[label]}\npred {report.CLASSES[predicted]} 82%"
-        shown += 1
-    assert shown == min(count, 24)
     assert [t.get_text() for t in fig.texts] == [f"Misclassified test images ({min(count, 24)} of 30)"]
 
 
