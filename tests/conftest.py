@@ -25,7 +25,6 @@ _SHARED_ARCHIVE = REPO.parent / "shared" / "data" / "cifar-10-python.tar.gz"
 needs_build_tools = pytest.mark.skipif(bool(missing_tools()), reason="needs a C++ compiler and ninja")
 
 
-
 def sgd_losses(model: torch.nn.Module, dtype: torch.dtype, batch: int, steps: int = 6) -> list[float]:
     """The losses of `steps` SGD steps (Nesterov, lr 0.2, label smoothing 0.2, bf16 autocast when `dtype` is bf16)
     of `model` on one fixed random channels_last batch: for comparing two ways of computing a step."""
@@ -43,6 +42,7 @@ def sgd_losses(model: torch.nn.Module, dtype: torch.dtype, batch: int, steps: in
         optimizer.step()
         losses.append(loss.item())
     return losses
+
 
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict:
