@@ -75,18 +75,45 @@ def alternating_mirror(images: torch.Tensor, epoch: int) -> torch.Tensor:
     return parity.bool() ^ bool(epoch % 2)
 
 
-def cutout(images: torch.Tensor, size: int, generator: torch.Generator, fill: torch.Tensor) -> torch.Tensor:
-    """Fill one size x size square per image with `fill` ([C] values). The square's centre is uniform
-    over the image and the square is clipped at the border (so it may cover fewer pixels)."""
+def cutout_squares(n: int, h: int, w: int, size: int, generator: torch.Generator, device: torch.device,
+                   place: str = "centre", max_holes: int = 1, p: float = 1.0) -> torch.Tensor:
+    """Which pixels the cutout covers: a bool [N, H, W] mask of up to `max_holes` size x size squares per image.
+
+    place "centre": each square's centre is uniform over the image and the square is clipped at the border
+    (DeVries & Taylor's cutout). place "inside": each square lies wholly inside the image, its top-left corner
+    uniform over the positions that allow it (Albumentations' CoarseDropout, which the seed's code used).
+    With max_holes > 1 each image gets a uniform 1..max_holes squares (they may overlap), and with p < 1 an image
+    gets none with probability 1 - p (also CoarseDropout's). The default draws (one centred square, always)
+    are the same numbers, in the same order, as before these options existed, so earlier runs reproduce.
+    """
+    holes = (torch.randint(1, max_holes + 1, (n, 1), generator=generator, device=device)
+             if max_holes > 1 else None)
+    applied = torch.rand(n, 1, generator=generator, device=device) < p if p < 1 else None
+    if place == "inside":
+        low, high_y, high_x = 0, h - size + 1, w - size + 1
+    else:
+        low, high_y, high_x = -(size // 2), h - size // 2, w - size // 2
+    mask = torch.zeros(n, h, w, dtype=torch.bool, device=device)
+    for k in range(max_holes):
+        top = torch.randint(0, high_y - low, (n, 1), generator=generator, device=device) + low
+        left = torch.randint(0, high_x - low, (n, 1), generator=generator, device=device) + low
+        ry, rx = torch.arange(h, device=device) - top, torch.arange(w, device=device) - left  # [N, H], [N, W]
+        square = ((ry >= 0) & (ry < size))[:, :, None] & ((rx >= 0) & (rx < size))[:, None, :]
+        if holes is not None:
+            square &= (holes > k)[:, :, None]
+        if applied is not None:
+            square &= applied[:, :, None]
+        mask |= square
+    return mask
+
+
+def cutout(images: torch.Tensor, size: int, generator: torch.Generator, fill: torch.Tensor,
+           place: str = "centre", max_holes: int = 1, p: float = 1.0) -> torch.Tensor:
+    """Fill the squares of `cutout_squares` (see there for `place`, `max_holes` and `p`) with `fill` ([C])."""
     if size == 0:
         return images
     n, c, h, w = images.shape
-    dev = images.device
-    centre_y = torch.randint(0, h, (n, 1), generator=generator, device=dev)
-    centre_x = torch.randint(0, w, (n, 1), generator=generator, device=dev)
-    rows = torch.arange(h, device=dev) - (centre_y - size // 2)  # [N, H]: row offset inside the square
-    cols = torch.arange(w, device=dev) - (centre_x - size // 2)
-    inside = ((rows >= 0) & (rows < size))[:, :, None] & ((cols >= 0) & (cols < size))[:, None, :]
+    inside = cutout_squares(n, h, w, size, generator, images.device, place, max_holes, p)
     return torch.where(inside[:, None], fill.view(1, c, 1, 1).to(images.dtype), images)
 
 
@@ -100,9 +127,11 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype
 
 def crop_flip_cutout(images: torch.Tensor, padding: int, pad_mode: str, flip: bool, cutout_size: int,
                      generator: torch.Generator, fill: torch.Tensor,
-                     mirror: torch.Tensor | None = None) -> torch.Tensor:
+                     mirror: torch.Tensor | None = None, cutout_place: str = "centre", cutout_max_holes: int = 1,
+                     cutout_p: float = 1.0) -> torch.Tensor:
     """random_crop -> random_flip -> cutout in one gather (same draws, same result as calling them in turn).
-    `mirror` (bool [N]), when given, says which images to flip instead of a random draw.
+    `mirror` (bool [N]), when given, says which images to flip instead of a random draw. The cutout_* arguments
+    are `cutout_squares`'.
 
     Works for uint8 RGB batches: each pixel's 3 bytes plus one spare byte are read as one int32, so the
     gather moves whole pixels (one index per pixel instead of one per channel value)."""
@@ -130,10 +159,7 @@ def crop_flip_cutout(images: torch.Tensor, padding: int, pad_mode: str, flip: bo
     if rows_in is not None:
         source.clamp_(max=pad_pixel)
     if cutout_size:
-        cy = torch.randint(0, h, (n, 1), generator=generator, device=dev) - cutout_size // 2
-        cx = torch.randint(0, w, (n, 1), generator=generator, device=dev) - cutout_size // 2
-        ry, rx = torch.arange(h, device=dev) - cy, torch.arange(w, device=dev) - cx
-        square = ((ry >= 0) & (ry < cutout_size))[:, :, None] & ((rx >= 0) & (rx < cutout_size))[:, None, :]
+        square = cutout_squares(n, h, w, cutout_size, generator, dev, cutout_place, cutout_max_holes, cutout_p)
         source.masked_fill_(square, fill_pixel)
     table = torch.zeros(n, h * w + 2, 4, dtype=torch.uint8, device=dev)  # RGB + a spare byte per pixel
     table[:, :pad_pixel, :3] = images.permute(0, 2, 3, 1).reshape(n, h * w, c)
@@ -149,7 +175,10 @@ class AugmentSettings:
     pad_mode: str = "zeros"
     flip: bool = True
     cutout_size: int = 8
-    flip_mode: str = "random"  # random | alternate (see alternating_mirror)
+    flip_mode: str = "random"  # random | alternate (see alternating_mirror) | always (the seed's code: p=1)
+    cutout_place: str = "centre"  # centre | inside (see cutout_squares)
+    cutout_max_holes: int = 1
+    cutout_p: float = 1.0
 
 
 class BatchAugment:
@@ -169,9 +198,13 @@ class BatchAugment:
 
     def train(self, images: torch.Tensor) -> torch.Tensor:
         s = self.settings
-        mirror = alternating_mirror(images, self.epoch) if s.flip and s.flip_mode == "alternate" else None
+        mirror = None
+        if s.flip and s.flip_mode == "alternate":
+            mirror = alternating_mirror(images, self.epoch)
+        elif s.flip and s.flip_mode == "always":
+            mirror = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
         images = crop_flip_cutout(images, s.crop_padding, s.pad_mode, s.flip, s.cutout_size, self.generator,
-                                  self.fill, mirror)
+                                  self.fill, mirror, s.cutout_place, s.cutout_max_holes, s.cutout_p)
         return self.normalize(images)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from fastcifar.augment import (
     alternating_mirror,
     crop_flip_cutout,
     cutout,
+    cutout_squares,
     normalize,
     random_crop,
     random_flip,
@@ -165,3 +166,54 @@ def test_batch_augment_alternate_mode_mirrors_consecutive_epochs():
     assert torch.equal(first, again) and torch.equal(second, first.flip(-1))
     plain = aug.normalize(x)
     assert 10 < sum(torch.equal(first[i], plain[i]) for i in range(64)) < 54
+
+
+@pytest.mark.parametrize("size", [8, 5])
+def test_inside_cutout_squares_lie_wholly_inside_at_every_position(size):
+    """The seed's CoarseDropout placement: the whole square inside, its top-left uniform over 0..32-size."""
+    mask = cutout_squares(4000, 32, 32, size, gen(), torch.device("cpu"), place="inside")
+    assert (mask.sum(dim=(1, 2)) == size * size).all()  # never clipped
+    tops = mask.any(dim=2).float().argmax(dim=1)
+    lefts = mask.any(dim=1).float().argmax(dim=1)
+    assert set(tops.tolist()) == set(range(33 - size)) == set(lefts.tolist())
+
+
+def test_cutout_holes_and_probability_follow_the_seeds_coarse_dropout():
+    """1..3 squares per image (uniform), and none at all for about 1 - p of the images."""
+    n = 6000
+    mask = cutout_squares(n, 32, 32, 8, gen(), torch.device("cpu"), place="inside", max_holes=3, p=0.8)
+    covered = mask.sum(dim=(1, 2))
+    assert abs((covered == 0).float().mean().item() - 0.2) < 0.02
+    assert covered.max() <= 3 * 64 and (covered[covered > 0] >= 64).all()
+    # with p = 0.8 and 1, 2 or 3 squares (overlaps aside), the mean cover is 0.8 * 2 * 64 = 102.4 pixels
+    assert 90 < covered.float().mean().item() < 104
+
+
+def test_default_cutout_draws_what_it_drew_before_its_options_existed():
+    """One centred square, always: the same random numbers as the pre-option code, so earlier runs reproduce."""
+    g1, g2 = gen(7), gen(7)
+    mask = cutout_squares(64, 32, 32, 8, g1, torch.device("cpu"))
+    cy = torch.randint(0, 32, (64, 1), generator=g2) - 4
+    cx = torch.randint(0, 32, (64, 1), generator=g2) - 4
+    ry, rx = torch.arange(32) - cy, torch.arange(32) - cx
+    old = ((ry >= 0) & (ry < 8))[:, :, None] & ((rx >= 0) & (rx < 8))[:, None, :]
+    assert torch.equal(mask, old)
+
+
+@pytest.mark.parametrize(("place", "holes", "p"), [("inside", 1, 1.0), ("inside", 3, 0.8), ("centre", 2, 0.5)])
+def test_fused_path_equals_the_separate_functions_with_cutout_options(place, holes, p):
+    x = batch(64)
+    fill = torch.tensor([125, 123, 114], dtype=torch.uint8)
+    g1, g2 = gen(9), gen(9)
+    expected = random_flip(random_crop(x, 4, g1, "reflect"), g1)
+    expected = cutout(expected, 8, g1, fill, place, holes, p)
+    assert torch.equal(crop_flip_cutout(x, 4, "reflect", True, 8, g2, fill, None, place, holes, p), expected)
+
+
+def test_batch_augment_always_mode_mirrors_every_image():
+    x = batch(32)
+    always = BatchAugment(AugmentSettings(crop_padding=0, cutout_size=0, flip_mode="always"), torch.device("cpu"), 0,
+                          torch.float32)
+    plain = BatchAugment(AugmentSettings(crop_padding=0, cutout_size=0, flip=False), torch.device("cpu"), 0,
+                         torch.float32)
+    assert torch.equal(always.train(x), plain.train(x).flip(-1))
