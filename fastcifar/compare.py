@@ -3,7 +3,8 @@
 Reads config.json and metrics.jsonl of each run (unfinished runs too: a resumable run can be compared while
 it is still under way), prints a markdown table (one row per epoch, one column per run; a row for flip TTA
 where a run folder holds the tta.json of `python -m fastcifar.evaluate --tta --save`) and, with --out, draws
-accuracy per epoch and against hours in training passes.
+accuracy per epoch and against hours in training passes. With --seed, the table and figure put each run's train
+and test accuracy per epoch beside the seed's log (fastcifar/seed.py), for the reproduction.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from fastcifar.cli import Parser
 from fastcifar.errors import FastCifarError, require_output_folder, run_cli
 from fastcifar.evaluation import read_tta_accuracy
 from fastcifar.reporting import comparison_markdown, load_history, plot_comparison, run_label, save_figure
+from fastcifar.seed import plot_seed_comparison, seed_comparison_markdown
 
 
-def compare(run_dirs: list[str], out: str | None = None) -> str:
-    """The markdown table of `run_dirs`; with `out`, also the figure written there."""
+def compare(run_dirs: list[str], out: str | None = None, seed: bool = False) -> str:
+    """The markdown table of `run_dirs`; with `out`, also the figure written there. `seed`: against the seed's log."""
     if out:
         require_output_folder(out, "--out")
     names = [Path(d).name for d in run_dirs]
@@ -34,13 +36,17 @@ def compare(run_dirs: list[str], out: str | None = None) -> str:
         runs[label] = metrics
         if (saved := read_tta_accuracy(Path(run_dir) / "tta.json")) is not None:
             tta[label] = saved
+    if seed:
+        if out:
+            save_figure(plot_seed_comparison(runs), Path(out))
+        return seed_comparison_markdown(runs)
     if out:
         save_figure(plot_comparison(runs), Path(out))
     return comparison_markdown(runs, tta)
 
 
 def _print_comparison(args: argparse.Namespace) -> None:
-    print(compare(args.run_dirs, args.out), end="")
+    print(compare(args.run_dirs, args.out, args.seed), end="")
     if args.out:
         print(f"wrote {args.out}")
 
@@ -49,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="python -m fastcifar.compare", description=__doc__.split("\n")[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by fastcifar.train")
     parser.add_argument("--out", metavar="PNG", help="also draw the accuracy curves into this image file")
+    parser.add_argument("--seed", action="store_true", help="train and test accuracy per epoch beside the seed's log "
+                        "(the run this project reproduces; fastcifar/seed_log.json)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     return run_cli(lambda: _print_comparison(args))
 

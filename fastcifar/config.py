@@ -162,20 +162,31 @@ class ScheduleConfig:
     lr_from: str = opt("", "a find_lr.json whose suggestion sets min_lr/max_lr (recorded here when used)")
 
 
+# The seed's LR finder (eva_pytorch_wrapper utils/misc.py lr_finder, config min_lr 0.001, max_lr 0.02, 10 epochs):
+# LR = 0.001 + 0.0019 k for k = 0..9.
+SEED_SWEEP = tuple(round(0.001 + 0.0019 * k, 6) for k in range(10))
+
+
 @dataclass(frozen=True)
 class LRFinderConfig:
-    """LR range test (python -m fastcifar.find_lr): see fastcifar/lr_finder.py for the suggestion rule."""
+    """LR range tests (python -m fastcifar.find_lr): see fastcifar/lr_finder.py for the suggestion rules."""
 
-    start_lr: float = opt(1e-4, "first LR of the range test", above(0))
-    end_lr: float = opt(10.0, "last LR of the range test", above(0))
-    steps: int = opt(100, "optimizer steps from start_lr to end_lr (fewer if the loss diverges)", at_least(2))
-    mode: str = opt("exp", "exp (geometric LR steps) or linear", one_of("exp", "linear"))
-    smoothing: float = opt(0.95, "EMA factor of the loss curve (0 = none)", within(0, 1, open_high=True))
-    diverge_factor: float = opt(4.0, "stop once the smoothed loss exceeds this multiple of the best", above(1))
+    method: str = opt("steps", "steps: Smith's range test, the LR rising every step of one run, scored by the "
+                      "smoothed loss; epochs: the seed's, one epoch per LR of `sweep` from the same untrained "
+                      "weights, scored by train accuracy", one_of("steps", "epochs"))
+    start_lr: float = opt(1e-4, "steps: first LR of the range test", above(0))
+    end_lr: float = opt(10.0, "steps: last LR of the range test", above(0))
+    steps: int = opt(100, "steps: optimizer steps from start_lr to end_lr (fewer if the loss diverges)", at_least(2))
+    mode: str = opt("exp", "steps: exp (geometric LR steps) or linear", one_of("exp", "linear"))
+    smoothing: float = opt(0.95, "steps: EMA factor of the loss curve (0 = none)", within(0, 1, open_high=True))
+    diverge_factor: float = opt(4.0, "steps: stop once the smoothed loss exceeds this multiple of the best", above(1))
     min_lr_divisor: float = opt(10.0, "suggested min_lr = suggested max_lr / this", at_least(1))
-    sweep: tuple[float, ...] = opt((), "epoch-wise sweep instead: one short training epoch per LR in this list",
-                                   Check(lambda v: all(lr > 0 for lr in v), "values must be > 0"))
-    sweep_images: int = opt(0, "images per sweep epoch (0 = the whole training set)", at_least(0))
+    sweep: tuple[float, ...] = opt(SEED_SWEEP, "epochs: the LRs, one training epoch each (default: the seed's "
+                                   "0.001 + 0.0019 k, k = 0..9)",
+                                   Check(lambda v: len(v) >= 1 and all(lr > 0 for lr in v), "values must be > 0"))
+    sweep_images: int = opt(0, "epochs: images per sweep epoch (0 = the whole training set)", at_least(0))
+    sweep_weight_decay: float = opt(-1.0, "epochs: weight decay during the sweep (-1 = optim.weight_decay; the "
+                                    "seed's finder: 0.05)", Check(lambda v: v == -1 or v >= 0, "must be -1 or >= 0"))
 
 
 @dataclass(frozen=True)
@@ -358,9 +369,10 @@ PRESETS: dict[str, Config] = {
     # plain cross-entropy, batch 512, OneCycle 0.002 -> 0.02 (epoch 3.998) -> 0.002 per step, reflect padding,
     # the 8x8 square inside the image; with the augmentation the seed's text asks for (FlipLR: p=0.5; CutOut(8, 8):
     # one square) instead of the always-flip and 1-3 squares at p=0.8 its code ran (`reference_as_ran`).
-    "reference": Config(preset="reference"),
+    # Its LR finder ran at the config's `weight_decay` 0.05 (find_lr --lr_finder.method epochs).
+    "reference": Config(lr_finder=LRFinderConfig(sweep_weight_decay=0.05), preset="reference"),
     "reference_as_ran": Config(data=DataConfig(flip_mode="always", cutout_max_holes=3, cutout_p=0.8),
-                               preset="reference_as_ran"),
+                               lr_finder=LRFinderConfig(sweep_weight_decay=0.05), preset="reference_as_ran"),
     "fast": FAST,
     # `fast` in 10 epochs: the same cycle shape, its peak at 5/24 of the run (epoch 2.08), as measured.
     "fast10": dataclasses.replace(FAST.override({"schedule.epochs": 10, "schedule.peak_epoch": 2.08}), preset="fast10"),

@@ -14,8 +14,12 @@ The LR of steepest descent is recorded too, for information. It is not the rule:
 falls in the first steps, where the loss drops from its large initial value whatever the LR (the
 network's logits start large; measured on the real data, see benchmarks/results/find_lr-real).
 
-Epoch-wise sweep (`--lr_finder.sweep 0.01,0.05,0.1,...`): for each LR, from the same initial weights,
-one training epoch (or `sweep_images` images) at that constant LR; reports train loss and accuracy per LR.
+Epoch-wise (`--lr_finder.method epochs`, the seed's finder): for each LR of `--lr_finder.sweep` (by default
+the seed's ten, 0.001 to 0.0181), one training epoch (or `sweep_images` images) at that constant LR from the
+same untrained weights, at its own weight decay (`sweep_weight_decay`; the reference presets: the seed's 0.05).
+Reports train loss and accuracy per LR. Suggestion: max_lr = the LR of the highest train accuracy (what the
+seed's plot of accuracy against LR reads), min_lr = max_lr / min_lr_divisor. Where the LRs are the seed's, the
+figure shows the seed's own output beside ours.
 
 Both restore the model and optimizer afterwards: the test never leaves trained weights behind.
 """
@@ -41,6 +45,7 @@ from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.loop import Trainer, progress_bar, progress_enabled, restore, snapshot, train_one_epoch, train_step
 from fastcifar.reporting import plot_range_test, plot_sweep, save_figure
 from fastcifar.runtime import Amp
+from fastcifar.seed import seed_log
 from fastcifar.session import Session
 
 
@@ -136,22 +141,39 @@ def sweep(model: nn.Module, loader: BatchLoader, augment: BatchAugment, optimize
     return rows
 
 
+def suggest_from_sweep(rows: list[dict], min_lr_divisor: float) -> dict:
+    """The epoch-wise suggestion: the LR whose epoch reached the highest train accuracy."""
+    best = max(rows, key=lambda row: row["train_acc"])
+    return {"max_lr": best["lr"], "min_lr": best["lr"] / min_lr_divisor, "best_train_acc": best["train_acc"],
+            "rule": f"max_lr = LR of the highest train accuracy after one epoch; min_lr = max_lr / {min_lr_divisor:g}"}
+
+
 def find_lr(cfg: Config, log: Callable[[str], None] = print) -> dict:
     """Run the range test (or the epoch-wise sweep) that `cfg.lr_finder` describes; writes JSON + PNG
     into the run directory and returns what it wrote."""
     f = cfg.lr_finder
-    if f.sweep and f.sweep_images:
+    epochs = f.method == "epochs"
+    if epochs and f.sweep_images:
         cfg = cfg.override({"data.train_subset": f.sweep_images})
+    if epochs and f.sweep_weight_decay >= 0:
+        cfg = cfg.override({"optim.weight_decay": f.sweep_weight_decay})
     session = Session.open(cfg, log)
     args = (session.forward, session.loaders.train, session.augment, session.optimizer, session.loss_fn,
             session.amp)
     out = session.run_dir
     common = {"batch_size": cfg.data.batch_size, "config": cfg.to_dict(), "env": session.env}
-    if f.sweep:
+    if epochs:
         rows = sweep(*args, f.sweep, log)
-        result = {"sweep": rows, **common}
+        suggestion = suggest_from_sweep(rows, f.min_lr_divisor)
+        seed_rows = seed_log()["lr_finder"]["rows"]
+        same_grid = [round(r["lr"], 6) for r in seed_rows] == [round(lr, 6) for lr in f.sweep]
+        result = {"sweep": rows, "suggestion": suggestion, "weight_decay": cfg.optim.weight_decay, **common}
+        if same_grid:
+            result["seed_sweep"] = seed_rows
         rundir.write_json(out / "lr_sweep.json", result)
-        save_figure(plot_sweep(rows), out / "lr_sweep.png")
+        save_figure(plot_sweep(rows, seed_rows if same_grid else None), out / "lr_sweep.png")
+        log(f"highest train accuracy {suggestion['best_train_acc']:.2%} at lr {suggestion['max_lr']:g} "
+            f"(suggested max_lr; min_lr {suggestion['min_lr']:.4g})")
         log(f"wrote {out / 'lr_sweep.json'} and {out / 'lr_sweep.png'}")
         return result
     curve = range_test(*args, f, progress=progress_enabled(cfg.run.progress))

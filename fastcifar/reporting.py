@@ -159,8 +159,9 @@ def plot_range_test(result: dict) -> Figure:
     return fig
 
 
-def plot_sweep(rows: list[dict]) -> Figure:
-    """Train loss and accuracy after one epoch at each LR of an epoch-wise sweep."""
+def plot_sweep(rows: list[dict], seed_rows: list[dict] | None = None) -> Figure:
+    """Train loss and accuracy after one epoch at each LR of an epoch-wise sweep; `seed_rows` (LR, train
+    accuracy), when given, adds the seed's own finder output on the same LRs."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     lrs = [r["lr"] for r in rows]
     ax.plot(lrs, [r["train_loss"] for r in rows], "o-", color="C0", label="train loss")
@@ -169,6 +170,9 @@ def plot_sweep(rows: list[dict]) -> Figure:
            title=f"Epoch-wise LR sweep ({rows[0]['images']:,} images per LR)")
     acc = ax.twinx()
     acc.plot(lrs, [100 * r["train_acc"] for r in rows], "s--", color="C1", label="train accuracy")
+    if seed_rows:
+        acc.plot([r["lr"] for r in seed_rows], [100 * r["train_acc"] for r in seed_rows], "^:", color="black",
+                 label="the seed's finder: train accuracy (original CIFAR-10)")
     acc.set_ylabel("train accuracy (%)")
     fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.88), fontsize=8)
     fig.tight_layout()

@@ -77,3 +77,13 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path, capsys, monkeypatch,
     assert cmp.main(args) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and not (tmp_path / "no").exists()
+
+
+def test_seed_mode_puts_the_runs_beside_the_seeds_log(tmp_path):
+    run = make_run(tmp_path / "ref", accs=(0.5, 0.6))
+    out = tmp_path / "seed.png"
+    lines = cmp.compare([str(run)], str(out), seed=True).splitlines()
+    assert lines[0].startswith("| epoch | seed LR | seed train % | seed test % | ref (reference) train % |")
+    assert lines[2] == "| 1 | 0.00200 | 40.72 | 53.93 | 50.00 | 50.00 | +9.28 | -3.93 |"
+    assert lines[-1].startswith("| 24 | 0.00289 | 97.97 | 91.21 |  |  |")
+    assert out.read_bytes()[:8] == PNG

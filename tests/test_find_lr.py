@@ -90,12 +90,29 @@ def test_find_lr_writes_json_and_png_and_train_takes_it(synthetic, tmp_path):
 
 
 def test_epoch_wise_sweep(synthetic, tmp_path):
-    cfg = tiny_config(synthetic, tmp_path, **{"run.name": "sweep", "lr_finder.sweep": "0.01,0.05",
-                                              "lr_finder.sweep_images": 256})
+    cfg = tiny_config(synthetic, tmp_path, **{"run.name": "sweep", "lr_finder.method": "epochs",
+                                              "lr_finder.sweep": "0.01,0.05", "lr_finder.sweep_images": 256})
     result = find_lr(cfg, log=lambda _: None)
     rows = result["sweep"]
+    best = max(rows, key=lambda r: r["train_acc"])
+    assert result["suggestion"]["max_lr"] == best["lr"] and result["suggestion"]["min_lr"] == best["lr"] / 10
+    assert "seed_sweep" not in result  # other LRs than the seed's: nothing to put beside them
     assert [r["lr"] for r in rows] == [0.01, 0.05] and all(r["images"] == 256 for r in rows)
     assert rows[0]["train_loss"] != rows[1]["train_loss"]  # each LR really trained at its own LR
     assert all(0 <= r["train_acc"] <= 1 and np.isfinite(r["train_loss"]) for r in rows)
     assert (tmp_path / "sweep" / "lr_sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert Config.from_dict(json.loads((tmp_path / "sweep" / "config.json").read_text())).data.train_subset == 256
+
+
+def test_the_seeds_sweep_runs_at_its_own_weight_decay_beside_the_seeds_output(synthetic, tmp_path):
+    """The reference preset's epoch-wise finder: the seed's ten LRs at the seed finder's weight decay (0.05, not
+    the training's 0.005), with the seed's own output recorded beside ours."""
+    cfg = Config.from_preset("reference")
+    assert cfg.optim.weight_decay == 0.005 and cfg.lr_finder.sweep_weight_decay == 0.05
+    assert cfg.lr_finder.sweep == pytest.approx([0.001 + 0.0019 * k for k in range(10)])
+    cfg = tiny_config(synthetic, tmp_path, **{"run.name": "seed_sweep", "lr_finder.method": "epochs",
+                                              "lr_finder.sweep_weight_decay": 0.05, "lr_finder.sweep_images": 128})
+    result = find_lr(cfg, log=lambda _: None)
+    assert result["weight_decay"] == 0.05 and result["config"]["optim"]["weight_decay"] == 0.05
+    assert [r["lr"] for r in result["seed_sweep"]] == [r["lr"] for r in result["sweep"]]
+    assert len(result["sweep"]) == 10
