@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.run import update_markdown
-from fastcifar.config import PRESETS, Config
+from fastcifar.config import Config
 from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.evaluation import evaluate_checkpoint, read_tta_accuracy, report_dict
 from fastcifar.multiseed import RERUN_HINT, parse_seeds, run_seeds, summarise
@@ -45,7 +45,7 @@ def markers(out_dir: str) -> tuple[str, str]:
 # name -> (what it changes, overrides on the fast preset)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "fast": ("the fast preset itself", {}),
-    "reference": ("the reference preset (range-test LRs 0.0015-0.0149, no levers)", {"preset": "reference"}),
+    "reference": ("the reference preset (the seed's recipe: LR 0.002-0.02, no levers)", {"preset": "reference"}),
     "no-nesterov": ("plain momentum", {"optim.nesterov": False}),
     "no-label-smoothing": ("label smoothing 0.2 -> 0", {"optim.label_smoothing": 0.0}),
     "zeros-pad": ("crop padding reflect -> zeros", {"data.pad_mode": "zeros"}),
@@ -150,9 +150,11 @@ def markdown(rows: list[dict], where: str) -> str:
 
 
 def fast_recipe() -> dict:
-    """What the fast preset sets: its fields that differ from Config()'s (dotted keys). Recorded with the rows:
-    every variant is fast + a change, so rows of two different fast presets do not belong in one table."""
-    preset, default = PRESETS["fast"].to_dict(), Config().to_dict()
+    """What the fast preset sets on top of the seed's recipe: its fields that differ from the reference preset's
+    (dotted keys). Recorded with the rows: every variant is fast + a change, so rows of two different fast presets
+    do not belong in one table. (Tables written before 2026-12-06 recorded the differences from the old reference,
+    so a new invocation gives them an OUT_DIR of its own.)"""
+    preset, default = Config.from_preset("fast").to_dict(), Config.from_preset("reference").to_dict()
     return {f"{s}.{k}": v for s, sec in preset.items() if isinstance(sec, dict)
             for k, v in sec.items() if v != default[s][k]}
 

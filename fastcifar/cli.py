@@ -30,7 +30,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"starting recipe: {', '.join(PRESETS)} (default: {DEFAULT_PRESET})")
     parser.add_argument("--config", metavar="JSON", help="start from a saved config.json (e.g. of a run)")
     short = {dest: flag for flag, dest in SHORT_FLAGS.items()}
-    defaults = PRESETS[DEFAULT_PRESET]
+    defaults = Config()  # the default preset's values
     helps = {f"{s}.{f.name}": f.metadata.get("help", "") for s, c in SECTIONS.items() for f in dataclasses.fields(c)}
     for key in all_keys():
         section, name = key.split(".")

@@ -6,6 +6,10 @@ Every field can be set from the command line as a dotted flag, ``--<section>.<fi
 (``--epochs``, ``--batch-size``, ``--max-lr``...; see ``SHORT_FLAGS``). Named presets are starting
 points that flags then override. Library code receives the typed sections it needs, never an
 argparse namespace.
+
+The defaults here are the default recipe (`fast`), so `Config()` is what the command line trains without
+`--preset`; the other presets (fastcifar/presets.py) are named sets of overrides on it. Each default's comment or
+help says where it comes from.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fastcifar.errors import FastCifarError
+from fastcifar.presets import DEFAULT_PRESET, PRESETS
 
 
 class ConfigError(FastCifarError, ValueError):
@@ -80,22 +85,23 @@ class DataConfig:
     train_subset: int = opt(0, "train on the first N images only (0 = all 50,000)", at_least(0, " (0 = all)"))
     test_subset: int = opt(0, "test on the first N images only (0 = all 10,000)", at_least(0, " (0 = all)"))
     crop_padding: int = opt(4, "random 32x32 crop of the image padded by this many pixels", within(0, 16))
-    # The seed's code padded with Albumentations' default, cv2.BORDER_REFLECT_101: torch's (and numpy's) "reflect".
+    # Page's and the seed's (Albumentations' default, cv2.BORDER_REFLECT_101): torch's (and numpy's) "reflect".
     pad_mode: str = opt("reflect", "padding of the crop: reflect (edge pixel not repeated) or zeros",
                         one_of("zeros", "reflect"))
     flip: bool = opt(True, "random horizontal flips")
-    flip_mode: str = opt("random", "random: each image flipped with p=0.5 every epoch; alternate: flipped in every "
+    # Alternating flips (Keller Jordan's airbench): +0.49 pt at 10 epochs over random flips, 2 seeds.
+    flip_mode: str = opt("alternate", "random: each image flipped with p=0.5 every epoch; alternate: flipped in every "
                          "other epoch (a fixed per-image bit says which first); always: every image flipped (the "
                          "seed's code as it ran: HorizontalFlip(p=1))", one_of("random", "alternate", "always"))
     cutout_size: int = opt(8, "side of the cutout square (0 = no cutout)", within(0, 32))
-    cutout_place: str = opt("inside", "inside: each square wholly inside the image (Albumentations' CoarseDropout, "
+    cutout_place: str = opt("centre", "inside: each square wholly inside the image (Albumentations' CoarseDropout, "
                             "the seed's code); centre: centre uniform over the image, square clipped at the border "
                             "(DeVries & Taylor)", one_of("inside", "centre"))
     cutout_max_holes: int = opt(1, "each image gets a uniform 1..N cutout squares (the seed's code as it ran: 3)",
                                 within(1, 16))
     cutout_p: float = opt(1.0, "probability that an image gets its cutout squares (the seed's code as it ran: 0.8)",
                           within(0, 1))
-    test_flip: bool = opt(False, "flip TTA in every test pass: mean logits of each image and its mirror")
+    test_flip: bool = opt(True, "flip TTA in every test pass: mean logits of each image and its mirror")
     test_translate: int = opt(0, "translation TTA: also average copies shifted by this many pixels (reflect-"
                               "padded, up-left and down-right; each with its mirror when test_flip), weighted 1/2 "
                               "against the unshifted views (airbench's level 2); 0 = off", within(0, 4, " pixels"))
@@ -108,13 +114,13 @@ class ModelConfig:
                                             Check(lambda v: len(v) == 4 and min(v) >= 1, "must be 4 positive integers"))
     num_classes: int = opt(10, "classes of the linear head", Check(lambda v: v == 10, "must be 10 (CIFAR-10)"))
     # The spec's network has large initial logits; a scale < 1 (Page used 0.125) lets it take much larger LRs.
-    logit_scale: float = opt(1.0, "multiply the logits by this constant (no parameters)", above(0))
+    logit_scale: float = opt(0.125, "multiply the logits by this constant (no parameters)", above(0))
     bn_momentum: float = opt(0.1, "weight of each new batch in BatchNorm's running statistics",
                              within(0, 1, open_low=True))
-    whiten_init: bool = opt(False, "prep conv filters from the 3x3 patch whitening of the training images (+/- "
+    whiten_init: bool = opt(True, "prep conv filters from the 3x3 patch whitening of the training images (+/- "
                             "each of the 27 principal directions / sqrt(eigenvalue); the rest stay random)")
-    whiten_frozen: bool = opt(False, "keep the whitened prep conv fixed in training (needs whiten_init)")
-    bn_weight_frozen: bool = opt(False, "BatchNorm scales fixed at 1, only the biases trained (Page, airbench)")
+    whiten_frozen: bool = opt(True, "keep the whitened prep conv fixed in training (needs whiten_init)")
+    bn_weight_frozen: bool = opt(True, "BatchNorm scales fixed at 1, only the biases trained (Page, airbench)")
     dirac_init: bool = opt(False, "partial-identity init of every conv after prep (first c_in outputs = identity)")
     ghost_batch: int = opt(0, "ghost batch norm: in training, each group of this many images is normalised by its "
                            "own statistics (Page: 32 of 512); 0 = the whole batch", at_least(0, " (0 = whole batch)"))
@@ -123,16 +129,14 @@ class ModelConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     momentum: float = opt(0.9, "SGD momentum", within(0, 1, open_high=True))
-    nesterov: bool = opt(False, "Nesterov momentum")
-    # The seed's notebook passes config['optimizer_weight_decay'] = 0.005 to the training SGD; its README table's
-    # 0.05 is the config's `weight_decay`, which only its LR finder received.
-    weight_decay: float = opt(0.005, "L2 weight decay (the seed's 0.005; fast: Page's 5e-4 at its 20x larger LR)",
+    nesterov: bool = opt(True, "Nesterov momentum")
+    weight_decay: float = opt(5e-4, "L2 weight decay (Page's 5e-4; the seed's 0.005 at its 20x smaller LR)",
                               at_least(0))
-    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy", within(0, 1, open_high=True))
-    bn_lr_scale: float = opt(1.0, "LR multiplier for the BatchNorm weights and biases", above(0))
+    label_smoothing: float = opt(0.2, "label smoothing of the cross-entropy", within(0, 1, open_high=True))
+    bn_lr_scale: float = opt(64.0, "LR multiplier for the BatchNorm weights and biases", above(0))
     bn_weight_decay: bool = opt(True, "apply weight decay to the BatchNorm weights and biases too")
     # Page and airbench: 1/64 together with bn_lr_scale 64, so that LR x decay stays that of the other weights.
-    bn_wd_scale: float = opt(1.0, "weight-decay multiplier for the BatchNorm weights and biases", at_least(0))
+    bn_wd_scale: float = opt(1 / 64, "weight-decay multiplier for the BatchNorm weights and biases", at_least(0))
     optimizer: str = opt("sgd", "sgd, or muon: Muon for the conv filters (fastcifar/muon.py: Nesterov, filters at "
                          "a fixed norm, no decay) and SGD for the rest", one_of("sgd", "muon"))
     muon_lr: float = opt(0.24, "the filters' peak LR with --optim.optimizer muon (scheduled like max_lr)", above(0))
@@ -151,14 +155,11 @@ class ScheduleConfig:
     the end of the last epoch."""
 
     epochs: int = opt(24, "training epochs", at_least(1))
-    # The seed's OneCycleLR(pct_start=0.167) over 24 x 98 steps peaks at step 0.167 * 2352 - 1 = 391.78, which is
-    # epoch 3.998 (its log: "EPOCH: 5 LR: 0.0199980"). Its max_lr 0.02, div_factor 10 and final_div_factor 1 give
-    # 0.002 -> 0.02 -> 0.002 (no annihilation). The seed's README table (max LR 0.0124, pct_start 0.0125) matches
-    # neither its code nor its log.
-    peak_epoch: float = opt(3.998, "epoch (fractional) at which the LR peaks")
-    min_lr: float = opt(0.002, "LR at the start (and, with end_lr -1, the end)", above(0))
-    max_lr: float = opt(0.02, "peak LR", above(0))
-    end_lr: float = opt(-1.0, "LR at the end of the last epoch; -1 = min_lr (the spec: no annihilation)")
+    # Page's DAWNBench schedule: linear up to 0.4 at epoch 5, then linear down to 0 (the logits scaled by 1/8).
+    peak_epoch: float = opt(5.0, "epoch (fractional) at which the LR peaks")
+    min_lr: float = opt(0.004, "LR at the start (and, with end_lr -1, the end)", above(0))
+    max_lr: float = opt(0.4, "peak LR", above(0))
+    end_lr: float = opt(0.0, "LR at the end of the last epoch; -1 = min_lr (the spec: no annihilation)")
     lr_from: str = opt("", "a find_lr.json whose suggestion sets min_lr/max_lr (recorded here when used)")
 
 
@@ -239,7 +240,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     lr_finder: LRFinderConfig = field(default_factory=LRFinderConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    preset: str = "reference"
+    preset: str = DEFAULT_PRESET
 
     @classmethod
     def from_preset(cls, name: str, overrides: Mapping[str, Any] | None = None, **keywords: Any) -> Config:
@@ -248,7 +249,7 @@ class Config:
         names; any field as ``section__field``, e.g. ``optim__weight_decay=1e-3``)."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        return PRESETS[name].override(overrides, **keywords)
+        return dataclasses.replace(Config(), preset=name).override(PRESETS[name]).override(overrides, **keywords)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -257,7 +258,7 @@ class Config:
     def from_dict(cls, d: Mapping[str, Any]) -> Config:
         """Inverse of to_dict; unknown sections or fields are an error, missing ones take defaults."""
         flat = {f"{s}.{k}": v for s, sec in d.items() if s != "preset" for k, v in _section(s, sec).items()}
-        return Config(preset=str(d.get("preset", "reference"))).override(flat)
+        return Config(preset=str(d.get("preset", DEFAULT_PRESET))).override(flat)
 
     def override(self, updates: Mapping[str, Any] | None = None, **keywords: Any) -> Config:
         """A copy with dotted keys (``"optim.weight_decay"``) and/or keywords (see `from_preset`) set;
@@ -349,44 +350,6 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
     except (TypeError, ValueError):
         name = getattr(kind, "__name__", str(kind))
         raise ConfigError(f"{key}: cannot read {value!r} as {name}") from None
-
-
-# The best recipe found for this network and augmentation (BENCHMARKS.md, "Time to accuracy"): Page's DAWNBench
-# settings (LR 0.4 with logits x 1/8, Nesterov, weight decay 5e-4, reflect padding, the cycle ending at 0), label
-# smoothing 0.2, then Page's and airbench's frozen whitened prep conv, frozen BN scales, BN biases at 64x the LR with
-# weight decay / 64, and alternating flips (+0.49 pt at 10 epochs, 2 seeds). Flip TTA: +0.64 pt at 10 epochs.
-FAST = Config(
-    data=DataConfig(pad_mode="reflect", flip_mode="alternate", cutout_place="centre", test_flip=True),
-    model=ModelConfig(logit_scale=0.125, whiten_init=True, whiten_frozen=True, bn_weight_frozen=True),
-    optim=OptimConfig(nesterov=True, weight_decay=5e-4, label_smoothing=0.2, bn_lr_scale=64.0, bn_wd_scale=1 / 64),
-    schedule=ScheduleConfig(peak_epoch=5.0, min_lr=0.004, max_lr=0.4, end_lr=0.0),
-    preset="fast",
-)
-
-PRESETS: dict[str, Config] = {
-    # The seed's code (NSR9/EVA8 Session-8 notebook + avinash3147/eva_pytorch_wrapper @501ad8c, see README
-    # "Reproducing the seed"): SGD momentum 0.9 (constant), no Nesterov, weight decay 0.005 on every parameter,
-    # plain cross-entropy, batch 512, OneCycle 0.002 -> 0.02 (epoch 3.998) -> 0.002 per step, reflect padding,
-    # the 8x8 square inside the image; with the augmentation the seed's text asks for (FlipLR: p=0.5; CutOut(8, 8):
-    # one square) instead of the always-flip and 1-3 squares at p=0.8 its code ran (`reference_as_ran`).
-    # Its LR finder ran at the config's `weight_decay` 0.05 (find_lr --lr_finder.method epochs).
-    "reference": Config(lr_finder=LRFinderConfig(sweep_weight_decay=0.05), preset="reference"),
-    "reference_as_ran": Config(data=DataConfig(flip_mode="always", cutout_max_holes=3, cutout_p=0.8),
-                               lr_finder=LRFinderConfig(sweep_weight_decay=0.05), preset="reference_as_ran"),
-    "fast": FAST,
-    # `fast` in 10 epochs: the same cycle shape, its peak at 5/24 of the run (epoch 2.08), as measured.
-    "fast10": dataclasses.replace(FAST.override({"schedule.epochs": 10, "schedule.peak_epoch": 2.08}), preset="fast10"),
-    # `fast` in 16 epochs (peak at epoch 3.33, the same 5/24): the shortest run measured to reach 91% (2 seeds).
-    "fast16": dataclasses.replace(FAST.override({"schedule.epochs": 16, "schedule.peak_epoch": 3.33}), preset="fast16"),
-    # A seconds-long end-to-end check of the whole pipeline (narrow network, small subsets).
-    "smoke": Config(data=DataConfig(train_subset=1024, test_subset=512, batch_size=128, test_batch_size=256),
-                    model=ModelConfig(widths=(8, 16, 32, 64)), schedule=ScheduleConfig(epochs=2, peak_epoch=1.0),
-                    run=RunConfig(compile="off"), preset="smoke"),
-}
-
-# What the command-line tools start from when no --preset is given: `fast` beat `reference` at 24 epochs on the
-# same data (README, Results). Config() itself stays the specified recipe.
-DEFAULT_PRESET = "fast"
 
 
 # Short flags for the options people change most; each also exists as its dotted form.
