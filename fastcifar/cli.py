@@ -23,8 +23,13 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add --preset, the short flags and one dotted flag per config field to `parser`."""
+# The config sections that training uses; the LR finder also reads `lr_finder`.
+TRAINING_SECTIONS = ("data", "model", "optim", "schedule", "run")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = TRAINING_SECTIONS) -> None:
+    """Add --preset, the short flags and one dotted flag per field of `sections` to `parser`: a command lists
+    (and accepts) only the fields it uses; the others keep the preset's values."""
     # default None, not the name: --resume must tell "no preset given" from an explicit --preset.
     parser.add_argument("--preset", default=None, metavar="NAME",
                         help=f"starting recipe: {', '.join(PRESETS)} (default: {DEFAULT_PRESET})")
@@ -34,6 +39,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     helps = {f"{s}.{f.name}": f.metadata.get("help", "") for s, c in SECTIONS.items() for f in dataclasses.fields(c)}
     for key in all_keys():
         section, name = key.split(".")
+        if section not in sections:
+            continue
         flags = [f"--{key}"] + ([short[key]] if key in short else [])
         default = getattr(getattr(defaults, section), name)
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default

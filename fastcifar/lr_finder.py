@@ -38,7 +38,7 @@ from torch import nn
 
 from fastcifar import rundir
 from fastcifar.augment import BatchAugment
-from fastcifar.cli import Parser, add_config_arguments, config_from_args
+from fastcifar.cli import TRAINING_SECTIONS, Parser, add_config_arguments, config_from_args
 from fastcifar.config import Config, LRFinderConfig
 from fastcifar.data import BatchLoader
 from fastcifar.errors import FastCifarError, run_cli
@@ -190,7 +190,7 @@ def find_lr(cfg: Config, log: Callable[[str], None] = print) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="python -m fastcifar.find_lr", description=__doc__.split("\n")[0])
-    add_config_arguments(parser)
+    add_config_arguments(parser, (*TRAINING_SECTIONS, "lr_finder"))
     args = parser.parse_args(argv)
 
     def run() -> None:

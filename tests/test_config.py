@@ -3,7 +3,7 @@ import json
 import pytest
 
 from fastcifar.cli import add_config_arguments, config_from_args
-from fastcifar.config import DEFAULT_PRESET, PRESETS, Config, ConfigError, all_keys
+from fastcifar.config import DEFAULT_PRESET, PRESETS, SECTIONS, Config, ConfigError, all_keys
 from fastcifar.training import build_parser
 
 
@@ -90,13 +90,22 @@ def test_cli_rejects_unknown_options(capsys):
     assert "unrecognized arguments: --optim.lr" in capsys.readouterr().err
 
 
-def test_every_field_has_a_dotted_flag():
+def test_every_field_has_a_dotted_flag_and_each_command_shows_the_ones_it_uses():
     import argparse
 
     parser = argparse.ArgumentParser()
-    add_config_arguments(parser)
+    add_config_arguments(parser, tuple(SECTIONS))
     flags = {s for action in parser._actions for s in action.option_strings}
     assert all(f"--{key}" in flags for key in all_keys())
+    training = {s for action in build_parser()._actions for s in action.option_strings}
+    assert not any(flag.startswith("--lr_finder.") for flag in training)  # training does not read them
+    assert {f"--{key}" for key in all_keys() if not key.startswith("lr_finder.")} <= training
+
+
+def test_training_refuses_the_lr_finders_fields(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["--lr_finder.steps", "5"])
+    assert exc.value.code == 2 and "unrecognized arguments: --lr_finder.steps" in capsys.readouterr().err
 
 
 def test_config_file_is_a_starting_point(tmp_path):
