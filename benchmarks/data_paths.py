@@ -25,8 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastcifar.augment import CIFAR10_MEAN, CIFAR10_STD, AugmentSettings, BatchAugment
-from fastcifar.data import ffcv_augmenting_loader, make_loader, make_resident_loader
+from fastcifar.augment import CIFAR10_MEAN, CIFAR10_STD, BatchAugment
+from fastcifar.config import DataConfig
+from fastcifar.data import make_loader, make_resident_loader
+from fastcifar.ffcv_io import FfcvLoader, keep_torch_threads
 
 MEAN = np.array(CIFAR10_MEAN, np.float32)
 STD = np.array(CIFAR10_STD, np.float32)
@@ -55,6 +57,35 @@ class AugmentedCifar(torch.utils.data.Dataset):
             x = x.copy()
             x[max(cy - 4, 0):cy + 4, max(cx - 4, 0):cx + 4] = 0.0
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))), int(self.labels[i])
+
+
+def ffcv_augmenting_loader(path: Path, batch_size: int, workers: int, device: torch.device,
+                           mean: tuple[float, ...], std: tuple[float, ...]) -> FfcvLoader:
+    """For the benchmarks: FFCV with its own per-image augmentation ops (flip, translate 4, cutout 8,
+    normalise; the way FFCV's CIFAR example does it), delivering float batches."""
+    with keep_torch_threads():
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import (
+            Cutout,
+            NormalizeImage,
+            RandomHorizontalFlip,
+            RandomTranslate,
+            Squeeze,
+            ToDevice,
+            ToTensor,
+            ToTorchImage,
+        )
+
+    fill = tuple(int(round(m * 255)) for m in mean)
+    image = [SimpleRGBImageDecoder(), RandomHorizontalFlip(), RandomTranslate(padding=4, fill=fill),
+             Cutout(8, fill), NormalizeImage(np.array(mean) * 255, np.array(std) * 255, np.float32), ToTensor(),
+             ToDevice(device, non_blocking=True), ToTorchImage()]
+    with keep_torch_threads():
+        loader = Loader(str(path), batch_size=batch_size, num_workers=workers, order=OrderOption.RANDOM, seed=0,
+                        pipelines={"image": image, "label": [IntDecoder(), ToTensor(), ToDevice(device), Squeeze(1)]})
+    return FfcvLoader(loader, len(loader.indices))
 
 
 def torch_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, workers: int, device: torch.device,
@@ -111,7 +142,7 @@ def measure_path(name: str, data_dir: Path, arrays: tuple[np.ndarray, np.ndarray
             else:
                 # fastcifar's own default (data.num_workers 0 = auto), not --workers: see fastcifar.data.auto_workers
                 loader = make_loader(data_dir / "train.beton", batch_size, 0, device, train=True)
-            augment = BatchAugment(AugmentSettings(), device, 0, torch.float32)
+            augment = BatchAugment(DataConfig(), device, 0, torch.float32)
 
             def consume(batch: tuple) -> int:
                 return len(augment.train(batch[0]))

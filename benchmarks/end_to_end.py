@@ -24,9 +24,9 @@ from fastcifar.augment import BatchAugment
 from fastcifar.config import DEFAULT_PRESET, Config, ModelConfig
 from fastcifar.custom_resnet import CustomResNet
 from fastcifar.data import open_split
-from fastcifar.loop import batch_shapes, test_pass, train_step, warm_up
+from fastcifar.loop import PassThrough, Trainer, batch_shapes, test_pass, train_step, warm_up
 from fastcifar.runtime import Amp, compile_model, resolve_compile, resolve_precision
-from fastcifar.session import augment_settings, make_optimizer
+from fastcifar.session import make_trainer
 
 
 @dataclass
@@ -87,16 +87,16 @@ def usual_way(arrays: dict[str, tuple[np.ndarray, np.ndarray]], batch_size: int,
     model = CustomResNet(ModelConfig(widths=widths)).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     loss_fn = nn.CrossEntropyLoss()
+    # fastcifar's step with nothing of fastcifar's around it: fp32, the batches augmented and normalised by the
+    # DataLoader's workers, as they come
+    trainer = Trainer(model, model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), loss_fn,
+                      PassThrough(), Amp(device, torch.float32))
     train = torch_loader(*arrays["train"], batch_size, workers, device)
     test = torch_loader(*arrays["test"], 1024, workers, device, train=False)
     steps = min(steps, len(train))
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        loss = loss_fn(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(trainer, images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
 
     model.train()
     _train_steps(iter(train), min(2, len(train)), step, device)  # warm-up: worker start-up, allocations
@@ -117,26 +117,24 @@ def fastcifar_default(data_dir: Path, batch_size: int, steps: int, device: torch
     """An epoch of the default preset as `python -m fastcifar.train` runs it: its precision, compile and filter
     gradient choices, frozen layers, augmentation, label-smoothed loss, optimizer groups and its test pass
     (flip TTA in `fast`: two views of every test image)."""
-    cfg = Config.from_preset(DEFAULT_PRESET, {"model.widths": ",".join(map(str, widths))})
+    cfg = Config.from_preset(DEFAULT_PRESET, {"model.widths": ",".join(map(str, widths)), "data.loader": kind,
+                                              "data.data_dir": str(data_dir), "data.batch_size": batch_size})
     amp = Amp(device, resolve_precision(cfg.run.precision, device))
     compiled = resolve_compile(cfg.run.compile, device)
     torch.manual_seed(0)
     model, im2col = training_model(cfg, device, amp.dtype)
     forward = compile_model(model, cfg.run.compile_mode) if compiled else model
-    optimizer = make_optimizer(model, cfg, device)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     # num_workers 0: fastcifar's auto; steps 0: the whole epoch (the default on a GPU, where steps are ms)
     test_batch = cfg.data.test_batch_size
-    train = open_split(data_dir, "train", batch_size, device, train=True, kind=kind)
-    test = open_split(data_dir, "test", test_batch, device, train=False, kind=kind)
+    train, test = open_split(cfg.data, "train", device), open_split(cfg.data, "test", device)
     steps = min(steps or len(train), len(train))
-    augment = _TimedAugment(BatchAugment(augment_settings(cfg.data), device, 0, amp.dtype))
+    augment = _TimedAugment(BatchAugment(cfg.data, device, 0, amp.dtype))
+    trainer = make_trainer(cfg, model, forward, augment, amp, len(train), compiled)
     if compiled:
-        warm_up(forward, optimizer, loss_fn, amp, batch_shapes(train.images, batch_size),
-                batch_shapes(test.images, test_batch), torch.channels_last)
+        warm_up(trainer, batch_shapes(train.images, batch_size), batch_shapes(test.images, test_batch))
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
-        train_step(forward, images, labels, augment, optimizer, loss_fn, amp)
+        train_step(trainer, images, labels)
 
     model.train()
     with train.epoch() as batches:  # warm-up: FFCV's JIT compilation, allocations
@@ -146,7 +144,7 @@ def fastcifar_default(data_dir: Path, batch_size: int, steps: int, device: torch
     augment.seconds = 0.0
     with train.epoch() as batches:
         train_s, data_s = _train_steps(batches, steps, step, device)
-    test_stats = test_pass(forward, test, normalize=augment.inner.normalize, loss_fn=loss_fn, amp=amp,
+    test_stats = test_pass(forward, test, normalize=augment.inner.normalize, loss_fn=trainer.loss_fn, amp=amp,
                            flip=cfg.data.test_flip, translate=cfg.data.test_translate)
     views = (2 if cfg.data.test_flip else 1) * (3 if cfg.data.test_translate else 1)  # inference.tta_logits
     name = (f"fastcifar default ({str(amp.dtype).removeprefix('torch.')}, channels_last, compile={compiled}, "

@@ -54,7 +54,7 @@ def _variants(text: str, device: torch.device) -> list[str]:
     for variant in variants:
         try:
             if step_throughput.default_overrides(variant) is None:
-                step_throughput.check_variant(variant, device)
+                step_throughput.parse_variant(variant)
         except ValueError as err:
             raise FastCifarError(str(err)) from None
     return variants
@@ -269,8 +269,8 @@ def update_markdown(path: Path, generated: str, begin: str = BEGIN, end: str = E
     path.write_text(text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+def build_parser(prog: str = "python -m benchmarks.run") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--data-dir", default="data", help="holds train.beton and test.beton")
     parser.add_argument("--sections", default=",".join(SECTIONS),
@@ -294,9 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m benchmarks.run") -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     args.argv = argv
 
     def action() -> None:

@@ -3,9 +3,8 @@
     python benchmarks/step_throughput.py [--variants fp32,fp32-cl,default] [--batch-size 512] [--steps 4]
 
 A variant is a precision (fp32 | bf16 | fp16) followed by flags: `cl` (channels_last), `im2col` (the 4x4
-convolutions' filter gradient as one matmul, fastcifar/conv.py), `fusedbn` (every BatchNorm + ReLU as the
-hand-written CPU kernel of benchmarks/fused_bn_relu.py, which training does not use) and `compile`
-(torch.compile, optionally `compile:MODE`, e.g. `fp32-cl-compile:max-autotune`); `default` is the training step itself
+convolutions' filter gradient as one matmul, fastcifar/conv.py) and `compile` (torch.compile, optionally
+`compile:MODE`, e.g. `fp32-cl-compile:max-autotune`); `default` is the training step itself
 (fastcifar.loop.train_step with the default preset's augmentation, loss and optimizer, in what fastcifar
 picks on the device: run.precision/compile/conv_grad auto, channels_last), and `default@KEY=VALUE[@...]` is
 that step with config options changed (`default@model.ghost_batch=32`: a lever's cost, side by side).
@@ -24,14 +23,13 @@ from typing import NamedTuple
 
 import torch
 
-from benchmarks.fused_bn_relu import fuse_bn_relu
 from fastcifar.augment import BatchAugment
 from fastcifar.config import DEFAULT_PRESET, Config, ModelConfig, RunConfig
 from fastcifar.conv import apply_conv_grad
 from fastcifar.custom_resnet import CustomResNet, freeze_prep_conv
-from fastcifar.loop import train_step
+from fastcifar.loop import PassThrough, Trainer, train_step
 from fastcifar.runtime import Amp, compile_model, resolve_compile, resolve_conv_grad, resolve_precision
-from fastcifar.session import augment_settings, make_optimizer
+from fastcifar.session import make_trainer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAMES = {v: k for k, v in DTYPES.items()}
@@ -68,27 +66,17 @@ class Variant(NamedTuple):
     compiled: bool
     mode: str | None  # torch.compile's mode, None for its default
     im2col: bool
-    fused_bn: bool
 
 
 def parse_variant(variant: str) -> Variant:
     """"fp32-cl-compile:max-autotune" -> Variant("fp32", channels_last, compiled, "max-autotune", ...)."""
     head, _, mode = variant.partition(":")  # the mode itself may contain dashes
     precision, *flags = head.split("-")
-    unknown = set(flags) - {"cl", "compile", "im2col", "fusedbn"}
+    unknown = set(flags) - {"cl", "compile", "im2col"}
     if precision not in DTYPES or unknown or (mode and "compile" not in flags):
         raise ValueError(f"cannot read step variant {variant!r} (e.g. fp32, bf16-cl, bf16-cl-im2col, "
-                         "bf16-cl-fusedbn, fp32-cl-compile:max-autotune)")
-    return Variant(precision, "cl" in flags, "compile" in flags, mode or None, "im2col" in flags, "fusedbn" in flags)
-
-
-def check_variant(variant: str, device: torch.device) -> Variant:
-    """parse_variant, refusing what `device` cannot run (the fused BatchNorm + ReLU kernel is CPU code: elsewhere
-    the module falls back to eager, so the row would be mislabelled)."""
-    parsed = parse_variant(variant)
-    if parsed.fused_bn and device.type != "cpu":
-        raise ValueError(f"step variant {variant!r}: fusedbn is a CPU kernel, not for {device.type}")
-    return parsed
+                         "fp32-cl-compile:max-autotune)")
+    return Variant(precision, "cl" in flags, "compile" in flags, mode or None, "im2col" in flags)
 
 
 @dataclass
@@ -124,7 +112,7 @@ def measure(variant: str, batch_size: int, warmup: int, steps: int, device: torc
     # bf16-cl on a bf16 CPU), and its precision and compile come from them
     resolved = (default_variant(device, Config.from_preset(DEFAULT_PRESET, overrides).run)
                 if overrides is not None else variant)
-    precision, channels_last, compiled, mode, im2col, fused_bn = check_variant(resolved, device)
+    precision, channels_last, compiled, mode, im2col = parse_variant(resolved)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     amp = Amp(device, DTYPES[precision])
     if device.type == "cuda":  # as training sets them
@@ -136,21 +124,16 @@ def measure(variant: str, batch_size: int, warmup: int, steps: int, device: torc
     else:
         model = CustomResNet(ModelConfig(widths=widths))
         apply_conv_grad(model, "im2col" if im2col else "onednn", device, amp.dtype)
-        if fused_bn:
-            fuse_bn_relu(model)
         model = model.to(device=device, memory_format=memory_format)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
         forward = compile_model(model, mode or "default") if compiled else model
+        trainer = Trainer(forward, model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+                          torch.nn.CrossEntropyLoss(), PassThrough(), amp)
         x = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
         y = torch.randint(0, 10, (batch_size,), device=device)
 
         def step() -> None:
-            with amp.autocast():
-                loss = torch.nn.functional.cross_entropy(forward(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            amp.scaler.scale(loss).backward()
-            amp.scaler.step(optimizer)
-            amp.scaler.update()
+            train_step(trainer, x, y)
 
     start, stop = _timer(device)
     begin = time.perf_counter()
@@ -185,15 +168,14 @@ def _training_step(batch_size: int, device: torch.device, widths: tuple[int, int
     fastcifar.loop.train_step: so that this row and a training run agree. `overrides`: config options changed."""
     cfg = Config.from_preset(DEFAULT_PRESET, {"model.widths": ",".join(map(str, widths)), **(overrides or {})})
     model, _ = training_model(cfg, device, amp.dtype)
-    optimizer = make_optimizer(model, cfg, device)
     forward = compile_model(model, cfg.run.compile_mode) if compiled else model
-    augment = BatchAugment(augment_settings(cfg.data), device, 0, amp.dtype)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    augment = BatchAugment(cfg.data, device, 0, amp.dtype)
+    trainer = make_trainer(cfg, model, forward, augment, amp, steps_per_epoch=1, compiled=compiled)
     images = torch.randint(0, 256, (batch_size, 32, 32, 3), dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
     labels = torch.randint(0, 10, (batch_size,), device=device)
 
     def step() -> None:
-        train_step(forward, images, labels, augment, optimizer, loss_fn, amp)
+        train_step(trainer, images, labels)
     return step
 
 

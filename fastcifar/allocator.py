@@ -92,7 +92,7 @@ def choose(setting: str, dirs: Iterable[Path]) -> Path | None:
 
 def command_name(orig_argv: Sequence[str]) -> str | None:
     """What `python [options] ...` runs: the module of `-m MODULE`, the file name of a script (a console
-    script such as `fastcifar-train` is one), or None (`-c`, stdin, the REPL)."""
+    script such as `fastcifar` is one), or None (`-c`, stdin, the REPL)."""
     args = iter(orig_argv[1:])
     for arg in args:
         if arg == "-m":
@@ -109,7 +109,8 @@ def command_name(orig_argv: Sequence[str]) -> str | None:
 
 
 def is_command(name: str | None) -> bool:
-    """One of the project's commands: `python -m fastcifar.X` / `benchmarks.X`, or a `fastcifar-*` console script."""
+    """One of the project's commands: `python -m fastcifar[.X]` / `benchmarks.X`, or the `fastcifar` console script
+    (and `fastcifar-*` ones of earlier versions)."""
     return name is not None and (name.split(".")[0] in COMMAND_PACKAGES or name.startswith("fastcifar-"))
 
 

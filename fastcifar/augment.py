@@ -19,9 +19,9 @@ zero fill after normalisation would give (up to uint8 rounding): both mean "no i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+
+from fastcifar.config import DataConfig
 
 # CIFAR-10 training-set statistics (per channel, RGB, on the 0..1 scale).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -169,24 +169,13 @@ def crop_flip_cutout(images: torch.Tensor, padding: int, pad_mode: str, flip: bo
     return out.view(torch.uint8).view(n, h, w, 4)[..., :3].contiguous().permute(0, 3, 1, 2)
 
 
-@dataclass(frozen=True)
-class AugmentSettings:
-    crop_padding: int = 4
-    pad_mode: str = "zeros"
-    flip: bool = True
-    cutout_size: int = 8
-    flip_mode: str = "random"  # random | alternate (see alternating_mirror) | always (the seed's code: p=1)
-    cutout_place: str = "centre"  # centre | inside (see cutout_squares)
-    cutout_max_holes: int = 1
-    cutout_p: float = 1.0
-
-
 class BatchAugment:
-    """Training augmentation + normalisation for batches on one device, with its own seeded generator."""
+    """Training augmentation as the data config says (crop_padding, pad_mode, flip, flip_mode, cutout_*) and
+    normalisation, for batches on one device, with its own seeded generator."""
 
-    def __init__(self, settings: AugmentSettings, device: torch.device, seed: int, dtype: torch.dtype,
+    def __init__(self, data: DataConfig, device: torch.device, seed: int, dtype: torch.dtype,
                  channels_last: bool = True) -> None:
-        self.settings = settings
+        self.settings = data
         self.dtype = dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.generator = torch.Generator(device=device)

@@ -8,21 +8,32 @@ a tensor or a plain Python value (numpy's and Python's RNG states are converted)
 
 The FFCV training order of epoch e depends only on (seed, e), so continuing epoch e at step k means
 replaying the loader's epoch e and skipping its first k batches.
+
+The plumbing that training uses is here too: `Checkpointer` writes checkpoint.pt when an epoch is due or a signal
+stops the run (and best.pt), and `restore_state` puts a loaded state back into a trainer. Both take the trainer
+as the `TrainingParts` it is (fastcifar.loop.Trainer meets that protocol), so this module imports no loop code.
 """
 
 from __future__ import annotations
 
 import random
+import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
+from fastcifar.augment import BatchAugment
 from fastcifar.config import Config, ConfigError
+from fastcifar.distributed import AgreedStop, Dist, gather
+from fastcifar.ema import Lookahead, WeightEMA
 from fastcifar.errors import FastCifarError
+from fastcifar.interrupt import TrainingInterrupted
 from fastcifar.rundir import load_checkpoint_file, save_checkpoint
+from fastcifar.runtime import Amp
 
 CHECKPOINT = "checkpoint.pt"
 KIND = "training-state"
@@ -168,3 +179,122 @@ def _levels(cfg: Config) -> dict[str, float]:
 
 def _flat(cfg: Config) -> dict[str, Any]:
     return {f"{s}.{k}": v for s, sec in cfg.to_dict().items() if isinstance(sec, dict) for k, v in sec.items()}
+
+
+class TrainingParts(Protocol):
+    """What a checkpoint saves and restores of a trainer (fastcifar.loop.Trainer)."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    augment: BatchAugment
+    amp: Amp
+    ema: WeightEMA | None
+    lookahead: Lookahead | None
+
+    @property
+    def tested(self) -> nn.Module: ...
+
+
+class NonFiniteLoss(FastCifarError):
+    """The loss, the weights or the statistics became NaN or infinite: training diverged."""
+
+
+def non_finite_state(model: nn.Module) -> str:
+    """The name of the first parameter or buffer of `model` holding NaN/inf, or "" (one sync)."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    floats = [(name, t) for name, t in tensors if t.is_floating_point()]
+    if not floats:
+        return ""
+    finite = torch.stack([torch.isfinite(t).all() for _, t in floats]).cpu()
+    return next((name for (name, _), ok in zip(floats, finite.tolist(), strict=True) if not ok), "")
+
+
+def checkpoint_interval(cfg: Config, device: torch.device) -> int:
+    """run.checkpoint_every, with -1 (auto) meaning every epoch on a CPU (epochs take minutes) and every 10 on a
+    GPU, where writing ~80 MB costs as much as a whole ~1 s epoch (a signal still writes one at once)."""
+    every = cfg.run.checkpoint_every
+    return every if every >= 0 else 1 if device.type == "cpu" else 10
+
+
+class Checkpointer:
+    """Writes RUN_DIR/checkpoint.pt (the whole training state) and best.pt (the weights of the best test
+    accuracy). `metrics` is the run's list of rows, which grows as the run goes."""
+
+    def __init__(self, trainer: TrainingParts, cfg: Config, run_dir: Path, dist: Dist, device: torch.device,
+                 metrics: list[dict], compile_seconds: float, setup_seconds: float = 0.0) -> None:
+        self.trainer, self.cfg, self.run_dir, self.dist, self.device = trainer, cfg, run_dir, dist, device
+        self.metrics, self.compile_seconds, self.setup_seconds = metrics, compile_seconds, setup_seconds
+        self.path = run_dir / CHECKPOINT
+        self.best = max((m["test_acc"] for m in metrics if m["test_acc"] is not None), default=-1.0)
+
+    def save(self, epochs_done: int, progress: EpochProgress | None) -> None:
+        """Every rank calls this (its RNG states and epoch sums are gathered); rank 0 writes the file."""
+        t = self.trainer
+        ranks = gather({"rng": rng_states(t.augment.generator), "progress": progress.to_dict() if progress else None},
+                       self.dist)
+        bad = non_finite_state(t.module) or (non_finite_state(t.ema.module) if t.ema is not None else "")
+        if bad:  # never overwrite the last good checkpoint with a diverged state
+            raise NonFiniteLoss(f"the training state holds NaN/inf ({bad}); not saved: the last checkpoint "
+                                 f"({self.path}) is kept. Lower --max-lr or use --precision fp32")
+        if self.dist.is_main:
+            save_training_state(self.path, cfg=self.cfg, model=t.module, optimizer=t.optimizer,
+                                scheduler=t.scheduler, scaler=t.amp.scaler, augment_generator=t.augment.generator,
+                                epochs_done=epochs_done, progress=progress, metrics=self.metrics,
+                                compile_seconds=self.compile_seconds, setup_seconds=self.setup_seconds,
+                                device=self.device.type, ranks=ranks,
+                                ema=t.ema.state_dict() if t.ema is not None else None,
+                                lookahead=t.lookahead.state_dict() if t.lookahead is not None else None)
+
+    def end_of_epoch(self, ep: int, test_acc: float | None) -> None:
+        """The checkpoint this epoch is due (run.checkpoint_every), and best.pt when it was tested and the best."""
+        every, epochs = checkpoint_interval(self.cfg, self.device), self.cfg.schedule.epochs
+        if every and (ep % every == 0 or ep == epochs):
+            self.save(ep, None)
+        if test_acc is not None and test_acc > self.best:
+            self.best = test_acc
+            if not self.dist.is_main:
+                return
+            save_checkpoint(self.run_dir / "best.pt", {"model": self.trainer.tested.state_dict(),
+                                                       "config": self.cfg.to_dict(), "epoch": ep,
+                                                       "test_acc": test_acc})
+
+    def interrupt(self, stop: AgreedStop, epochs_done: int, progress: EpochProgress | None) -> NoReturn:
+        """Save the state at this point and stop with the command that continues the run."""
+        self.save(epochs_done, progress)
+        where = f"after epoch {epochs_done}" + (f", step {progress.step}" if progress else "")
+        name = signal.Signals(stop.signum).name
+        raise TrainingInterrupted(f"stopped by {name} {where}; checkpoint saved. Continue with: "
+                                  f"python -m fastcifar.train --resume {self.run_dir}", stop.signum)
+
+
+def restore_state(trainer: TrainingParts, state: dict, dist: Dist,
+                  new_lr: bool = False) -> tuple[list[dict], EpochProgress | None]:
+    """Put the saved training state into `trainer`; returns the metrics so far and how far the epoch got.
+
+    `new_lr` (resume --lower-lr): keep the LR levels of the trainer's (new) config rather than the saved ones. The
+    saved optimizer and scheduler states carry the old levels (each group's "initial_lr" and "lr_scale", the
+    scheduler's base_lrs); the momentum buffers and the step count are kept."""
+    t, scheduler = trainer, trainer.scheduler
+    fresh = [(g["initial_lr"], g.get("lr_scale", 1.0)) for g in t.optimizer.param_groups]
+    t.module.load_state_dict(state["model"])
+    t.optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if new_lr:
+        factor = scheduler.lr_lambdas[0](scheduler.last_epoch)  # built from the new levels; not in its state
+        for group, (initial, scale) in zip(t.optimizer.param_groups, fresh, strict=True):
+            group["initial_lr"], group["lr_scale"], group["lr"] = initial, scale, initial * factor
+        scheduler.base_lrs = [initial for initial, _ in fresh]
+        scheduler._last_lr = [g["lr"] for g in t.optimizer.param_groups]
+    t.amp.scaler.load_state_dict(state["scaler"])
+    if t.ema is not None:
+        t.ema.load_state_dict(state["ema"])
+    if t.lookahead is not None:
+        t.lookahead.load_state_dict(state["lookahead"])
+    world = state.get("world_size", 1)
+    if world != dist.world_size:
+        raise ConfigError(f"the run was saved with {world} rank(s); resume it with {world}, not {dist.world_size}")
+    mine = state["ranks"][dist.rank] if world > 1 else state
+    set_rng_states(mine["rng"], t.augment.generator)
+    progress = EpochProgress(**mine["progress"]) if mine["progress"] else None
+    return list(state["metrics"]), progress

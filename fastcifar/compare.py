@@ -51,8 +51,8 @@ def _print_comparison(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = Parser(prog="python -m fastcifar.compare", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m fastcifar.compare") -> int:
+    parser = Parser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by fastcifar.train")
     parser.add_argument("--out", metavar="PNG", help="also draw the accuracy curves into this image file")
     parser.add_argument("--seed", action="store_true", help="train and test accuracy per epoch beside the seed's log "

@@ -37,6 +37,7 @@ def is_device(text: str) -> bool:
     return head in {"auto", "cpu"} and not index or head == "cuda" and (not index or index.isdigit())
 
 
+LOADER_KINDS = ("auto", "ffcv", "resident")  # the one list: fastcifar/data.py builds each kind
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -76,7 +77,7 @@ def opt(default: Any, help: str, check: Check | None = None) -> Any:
 class DataConfig:
     data_dir: str = opt("data", "folder holding train.beton / test.beton (see data_prep/write_beton.py)")
     loader: str = opt("auto", "ffcv (betons), resident (the split on the device as one tensor; needs no FFCV) "
-                      "or auto (ffcv where installed)", one_of("auto", "ffcv", "resident"))
+                      "or auto (ffcv where installed)", one_of(*LOADER_KINDS))
     batch_size: int = opt(512, "training batch size (global: split over torchrun ranks)", at_least(1))
     test_batch_size: int = opt(1000, "test batch size (no grad: larger batches are cheaper; 1000 divides the 10,000 "
                                      "test images: one compiled shape, no partial batch)", at_least(1))

@@ -1,6 +1,6 @@
 """The filter gradient of the small-image 3x3 convolutions as one matmul (im2col), where oneDNN's is slow.
 
-`python -m benchmarks.conv_layers` times each convolution of the network pass by pass. On the 2-core AMX Xeon in
+`python -m experiments.conv_layers` times each convolution of the network pass by pass. On the 2-core AMX Xeon in
 bf16 (BENCHMARKS.md) oneDNN computes most of them at or near the matmul peak, except the filter gradient of the two
 convolutions at 4x4 (layer3's residual block, 512 -> 512 channels): ~148 ms each, 12% of the peak, 3.7x slower
 than the same product written as one matmul (~40 ms, 44%). At 4x4 the shifted copies of the input that the matmul

@@ -30,26 +30,25 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from fastcifar.config import LOADER_KINDS, DataConfig
 from fastcifar.errors import DataError
 from fastcifar.ffcv_io import (  # re-exported: the FFCV kind of loader, and the beton files
     PREPARE_HINT,
     FfcvLoader,
     auto_workers,
-    ffcv_augmenting_loader,
     ffcv_available,
     keep_torch_threads,
     make_loader,
     write_beton,
 )
 
-LOADER_KINDS = ("auto", "ffcv", "resident")
 FFCV_HINT = "install FFCV with: bash scripts/setup.sh (or pip install 'fastcifar[ffcv]' with its system libraries)"
 
 __all__ = [
     "Batch", "BatchLoader", "Loaders", "LOADER_KINDS", "FFCV_HINT", "PREPARE_HINT", "resolve_kind", "open_split",
     "make_loaders", "write_arrays", "read_arrays", "ResidentLoader", "make_resident_loader",
     # the FFCV kind, from fastcifar.ffcv_io
-    "FfcvLoader", "auto_workers", "ffcv_augmenting_loader", "ffcv_available", "keep_torch_threads", "make_loader",
+    "FfcvLoader", "auto_workers", "ffcv_available", "keep_torch_threads", "make_loader",
     "write_beton",
 ]
 
@@ -88,7 +87,7 @@ class Loaders:
 def resolve_kind(kind: str) -> str:
     """auto -> ffcv where FFCV is installed, else resident; ffcv without FFCV is an error saying what to do."""
     if kind not in LOADER_KINDS:
-        raise DataError(f"data.loader must be auto, ffcv or resident, got {kind!r}")
+        raise DataError(f"data.loader must be one of {', '.join(LOADER_KINDS)}, got {kind!r}")
     if kind == "auto":
         return "ffcv" if ffcv_available() else "resident"
     if kind == "ffcv" and not ffcv_available():
@@ -96,14 +95,19 @@ def resolve_kind(kind: str) -> str:
     return kind
 
 
-def open_split(data_dir: str | Path, split: str, batch_size: int, device: torch.device, *, train: bool,
-               subset: int = 0, seed: int = 0, distributed: bool = False, num_workers: int = 0,
-               kind: str = "auto") -> BatchLoader:
-    """A loader of one split ("train" or "test") of `data_dir`, of the given kind (see the module docstring):
-    random order when `train`, else sequential; `distributed`: this rank's shard."""
-    data_dir = Path(data_dir)
-    if resolve_kind(kind) == "ffcv":
-        loader = make_loader(data_dir / f"{split}.beton", batch_size, num_workers, device, train, subset, seed,
+def open_split(data: DataConfig, split: str, device: torch.device, *, batch_size: int | None = None,
+               subset: int | None = None, train: bool | None = None, seed: int = 0,
+               distributed: bool = False) -> BatchLoader:
+    """A loader of one split ("train" or "test") of `data.data_dir`, of the kind `data.loader` names (see the
+    module docstring). The split's batch size and subset come from `data` unless given; `train` (default: the
+    train split) means random order per (seed, epoch), else sequential; `distributed`: this rank's shard."""
+    data_dir = Path(data.data_dir)
+    is_train = split == "train"
+    batch_size = batch_size or (data.batch_size if is_train else data.test_batch_size)
+    subset = (data.train_subset if is_train else data.test_subset) if subset is None else subset
+    train = is_train if train is None else train
+    if resolve_kind(data.loader) == "ffcv":
+        loader = make_loader(data_dir / f"{split}.beton", batch_size, data.num_workers, device, train, subset, seed,
                              distributed)
         expected, path = _manifest_count(data_dir, split, arrays=False), data_dir / f"{split}.beton"
     else:
@@ -129,16 +133,13 @@ def _manifest_count(data_dir: Path, split: str, arrays: bool) -> int | None:
         return None
 
 
-def make_loaders(data_dir: str | Path, batch_size: int, test_batch_size: int, num_workers: int,
-                 device: torch.device, seed: int = 0, train_subset: int = 0, test_subset: int = 0,
-                 distributed: bool = False, kind: str = "auto") -> Loaders:
-    """Train and test loaders; sizes are the whole sets' (also when `distributed` gives each rank a shard)."""
-    common = {"seed": seed, "distributed": distributed, "num_workers": num_workers, "kind": kind}
-    train = open_split(data_dir, "train", batch_size, device, train=True, subset=train_subset, **common)
-    test = open_split(data_dir, "test", test_batch_size, device, train=False, subset=test_subset, **common)
+def make_loaders(data: DataConfig, device: torch.device, seed: int = 0, batch_size: int | None = None,
+                 distributed: bool = False) -> Loaders:
+    """Train and test loaders as `data` says (`batch_size`: the training batch on this rank, when it is not
+    data.batch_size); sizes are the whole sets' (also when `distributed` gives each rank a shard)."""
+    train = open_split(data, "train", device, batch_size=batch_size, seed=seed, distributed=distributed)
+    test = open_split(data, "test", device, seed=seed, distributed=distributed)
     return Loaders(train, test)
-
-
 
 
 def write_arrays(images: np.ndarray, labels: np.ndarray, path: Path) -> None:

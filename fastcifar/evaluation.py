@@ -9,6 +9,7 @@ its mirror image (horizontal-flip test-time augmentation). Checkpoints are loade
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fastcifar.augment import AugmentSettings, BatchAugment
+from fastcifar.augment import BatchAugment
 from fastcifar.cli import Parser
 from fastcifar.config import Config, ConfigError, is_device
 from fastcifar.custom_resnet import CustomResNet
@@ -55,9 +56,10 @@ def evaluate_checkpoint(path: str | Path, tta: bool = False, data_dir: str | Non
     memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
     model = model.to(device=dev, memory_format=memory_format)
     # auto, not the run's kind: both kinds give the same test images in the same order
-    loader = open_split(Path(data_dir or cfg.data.data_dir), "test", batch_size, dev, train=False,
-                        subset=cfg.data.test_subset, num_workers=num_workers)
-    normalize = BatchAugment(AugmentSettings(), dev, 0, amp.dtype, cfg.run.channels_last).normalize
+    data = dataclasses.replace(cfg.data, data_dir=str(data_dir or cfg.data.data_dir), num_workers=num_workers,
+                               loader="auto", test_batch_size=batch_size)
+    loader = open_split(data, "test", dev)
+    normalize = BatchAugment(cfg.data, dev, 0, amp.dtype, cfg.run.channels_last).normalize
     return predict(model, loader, normalize, amp.autocast, tta, translate)
 
 
@@ -111,8 +113,8 @@ def _evaluate_and_report(args: argparse.Namespace, argv: list[str]) -> None:
         print(f"saved {args.save}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = Parser(prog="python -m fastcifar.evaluate", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m fastcifar.evaluate") -> int:
+    parser = Parser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a model.pt written by fastcifar.train")
     parser.add_argument("--tta", action="store_true", help="average logits with the horizontally flipped image")
     parser.add_argument("--translate", type=int, default=0, metavar="PX",

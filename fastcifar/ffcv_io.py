@@ -1,6 +1,7 @@
-"""Everything that knows FFCV: beton loaders behind the loader contract (`FfcvLoader`), the beton writer, and
-the benchmarks' FFCV-with-its-own-augmentation loader. FFCV is imported only inside these functions (it takes
-seconds, and it is an optional extra): `ffcv_available()` says whether it is installed.
+"""Everything the package knows of FFCV: beton loaders behind the loader contract (`FfcvLoader`) and the beton
+writer (the benchmarks' FFCV-with-its-own-augmentation loader is in benchmarks/data_paths.py). FFCV is imported
+only inside these functions (it takes seconds, and it is an optional extra): `ffcv_available()` says whether it
+is installed.
 
 The FFCV loader only decodes and moves bytes: image batches arrive as uint8 [N, 3, 32, 32] in channels_last
 memory on the device (copied with non_blocking=True, overlapping the previous step on a GPU), labels as int64.
@@ -143,35 +144,6 @@ def ffcv_available() -> bool:
         return importlib.util.find_spec("ffcv") is not None
     except (ImportError, ValueError):  # ValueError: sys.modules["ffcv"] is None (made unimportable)
         return False
-
-
-def ffcv_augmenting_loader(path: Path, batch_size: int, workers: int, device: torch.device,
-                           mean: tuple[float, ...], std: tuple[float, ...]) -> FfcvLoader:
-    """For the benchmarks: FFCV with its own per-image augmentation ops (flip, translate 4, cutout 8,
-    normalise; the way FFCV's CIFAR example does it), delivering float batches."""
-    with keep_torch_threads():
-        from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import SimpleRGBImageDecoder
-        from ffcv.loader import Loader, OrderOption
-        from ffcv.transforms import (
-            Cutout,
-            NormalizeImage,
-            RandomHorizontalFlip,
-            RandomTranslate,
-            Squeeze,
-            ToDevice,
-            ToTensor,
-            ToTorchImage,
-        )
-
-    fill = tuple(int(round(m * 255)) for m in mean)
-    image = [SimpleRGBImageDecoder(), RandomHorizontalFlip(), RandomTranslate(padding=4, fill=fill),
-             Cutout(8, fill), NormalizeImage(np.array(mean) * 255, np.array(std) * 255, np.float32), ToTensor(),
-             ToDevice(device, non_blocking=True), ToTorchImage()]
-    with keep_torch_threads():
-        loader = Loader(str(path), batch_size=batch_size, num_workers=workers, order=OrderOption.RANDOM, seed=0,
-                        pipelines={"image": image, "label": [IntDecoder(), ToTensor(), ToDevice(device), Squeeze(1)]})
-    return FfcvLoader(loader, len(loader.indices))
 
 
 class _ArrayDataset:

@@ -1,11 +1,12 @@
-"""The step loops: one training step, one training epoch, one test pass, and the compile warm-up.
+"""The parts the training loop is made of: `Trainer` (what it steps), `train_step` (THE training step: training,
+the warm-up, the LR finder, the benchmarks and the GPU check all call this one), the device-side sums of an
+epoch, the test pass, and the compile warm-up. The epoch itself reads top to bottom in fastcifar/training.py.
 
 One step, in order (it reads straight through `train_step`): uint8 batch from the loader (already on the
 device) -> augment on the device (crop + flip + cutout as one gather) -> normalise to the compute dtype ->
-forward under autocast -> loss -> backward -> optimizer step; `train_one_epoch` then steps the LR schedule
-and the weight averages. Loss and accuracy are summed on the device and read once per epoch: reading them
-every step would make the host wait for the GPU each step (a progress bar reads them every
-`PROGRESS_EVERY` steps, and only while it is shown).
+forward under autocast -> loss -> backward -> optimizer step. Loss and accuracy are summed on the device
+(`EpochTotals`) and read once per epoch: reading them every step would make the host wait for the GPU each step
+(a progress bar reads them every `PROGRESS_EVERY` steps, and only while it is shown).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -21,10 +22,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from fastcifar.augment import BatchAugment
-from fastcifar.checkpoint import EpochProgress
+from fastcifar.checkpoint import EpochProgress, NonFiniteLoss
 from fastcifar.data import BatchLoader
 from fastcifar.ema import Lookahead, WeightEMA
-from fastcifar.errors import FastCifarError
 from fastcifar.inference import tta_logits
 from fastcifar.runtime import Amp, sync
 
@@ -42,15 +42,11 @@ class PassStats:
     progress: EpochProgress | None = None  # a training epoch's position and sums (for a checkpoint)
 
 
-class NonFiniteLoss(FastCifarError):
-    """The loss became NaN or infinite: training diverged."""
-
-
 class StopRequested(Exception):
     """A signal asked the test pass to stop (it is abandoned and redone on resume)."""
 
 
-class _Totals:
+class EpochTotals:
     """Sums of loss and correct predictions kept on the device (no host sync until `read`), continuing
     from `start` when an interrupted epoch is resumed."""
 
@@ -95,86 +91,66 @@ def progress_bar(total: int, desc: str, enabled: bool | None) -> tqdm:
                 dynamic_ncols=True)
 
 
-def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, augment: BatchAugment,
-               optimizer: torch.optim.Optimizer, loss_fn: nn.Module, amp: Amp) -> tuple[torch.Tensor, torch.Tensor]:
-    """Augment, forward, backward and one optimizer step; returns (loss, logits), still on the device."""
-    inputs = augment.train(images)
-    with amp.autocast():
-        logits = model(inputs)
-        loss = loss_fn(logits, labels)
-    optimizer.zero_grad(set_to_none=True)
-    amp.scaler.scale(loss).backward()
-    amp.scaler.step(optimizer)
-    amp.scaler.update()
-    return loss, logits
-
-
 @dataclass
 class Trainer:
-    """What the training loop steps: the model as called (maybe compiled / DDP-wrapped), its optimizer and
-    schedule, the loss, the augmentation, the precision policy, and the optional weight averages (updated
-    from the plain module after every step). `total_steps`: the run's length, for the lookahead's schedule."""
+    """The one holder of what a training step needs: the model as called (maybe compiled / DDP-wrapped) and
+    its plain module, the optimizer and its LR schedule, the loss, the augmentation and the precision policy;
+    and what the epoch updates after each step: the optional weight averages. `eval_model` is what the test
+    passes call (the EMA copy, when there is one); `total_steps`, the run's length (the lookahead's schedule);
+    `lr_at(step)`, the schedule's LR at an optimizer step (the epoch's row reports it)."""
 
     model: nn.Module
+    module: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loss_fn: nn.Module
-    augment: BatchAugment
+    augment: BatchAugment | PassThrough
     amp: Amp
+    eval_model: nn.Module | None = None
     ema: WeightEMA | None = None
     lookahead: Lookahead | None = None
     total_steps: int = 0
+    lr_at: Callable[[int], float] = field(default=lambda step: float("nan"))
+
+    def __post_init__(self) -> None:
+        if self.eval_model is None:
+            self.eval_model = self.model
+
+    @property
+    def tested(self) -> nn.Module:
+        """The plain module whose weights are tested and saved (the EMA copy with optim.ema_decay)."""
+        return self.ema.module if self.ema is not None else self.module
 
 
-def train_one_epoch(trainer: Trainer, loader: BatchLoader, *, epoch: int = 0, desc: str = "train",
-                    show_progress: bool | None = None, start: EpochProgress | None = None,
-                    stop: Callable[[], bool] | None = None) -> PassStats:
-    """Epoch `epoch` (0-based) of `loader` with optimizer steps; returns mean loss/accuracy over its batches.
+class PassThrough:
+    """An augmentation that leaves batches as they come (already float, normalised, on the device): for timing the
+    network's step alone (the benchmarks' bare variants) or behind another pipeline's augmentation."""
 
-    `start` continues an epoch interrupted after `start.step` steps: the loader replays the same epoch from
-    that batch on. When `stop()` becomes true the epoch ends after the current step (`finished` False,
-    `progress` saying how far it got). A NaN/inf loss raises NonFiniteLoss.
-    """
-    t, amp = trainer, trainer.amp
-    t.model.train()
-    t.augment.epoch = epoch  # alternating flips depend on it
-    start = start or EpochProgress()
-    totals = _Totals(amp.device, start)
-    # On a CPU every step is synchronous anyway; on a GPU reading the loss is a sync, so rarely: the first
-    # non-finite step is recorded on the device either way, and the error names it.
-    check_every = 1 if amp.device.type == "cpu" else CHECK_EVERY_GPU
-    began, lrs, steps = time.perf_counter(), {}, len(loader)
-    if start.step < steps:
-        with loader.epoch(epoch, skip=start.step) as batches, progress_bar(steps, desc, show_progress) as bar:
-            bar.update(start.step)
-            for step, (images, labels) in enumerate(batches, start.step + 1):
-                lrs[step] = t.scheduler.get_last_lr()[0]
-                scale = _scale_before(amp)
-                loss, logits = train_step(t.model, images, labels, t.augment, t.optimizer, t.loss_fn, amp)
-                if scale is not None:  # fp16: the GradScaler lowered its scale = it skipped this step (on device)
-                    totals.skipped_on_device += (amp.scaler._scale < scale).sum()
-                t.scheduler.step()
-                if t.lookahead is not None:
-                    t.lookahead.step(plain_module(t.model), t.scheduler.last_epoch, t.total_steps)
-                if t.ema is not None:
-                    t.ema.update(plain_module(t.model))
-                totals.add(loss, logits, labels)
-                if step % check_every == 0 or step == steps:
-                    _check_finite(totals, lrs, steps)
-                if not bar.disable and (step % PROGRESS_EVERY == 0 or step == steps):
-                    loss_avg, acc = totals.read()  # sync point, only while a progress bar is shown
-                    bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{acc:.3f}", refresh=False)
-                    bar.update(step - bar.n)
-                if stop is not None and stop() and step < steps:
-                    break
-    sync(amp.device)
-    _check_finite(totals, lrs, steps)
-    seconds = start.seconds + time.perf_counter() - began
-    loss_avg, acc = totals.read()
-    return PassStats(loss_avg, acc, totals.images, seconds, totals.steps == steps, totals.progress(seconds))
+    epoch = 0
+
+    def train(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return images
 
 
-def _scale_before(amp: Amp) -> torch.Tensor | None:
+def train_step(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """THE training step: augment, forward, backward and one optimizer step; returns (loss, logits), still on the
+    device (reading them is a host sync). The caller steps the schedule and the weight averages."""
+    t = trainer
+    inputs = t.augment.train(images)
+    with t.amp.autocast():
+        logits = t.model(inputs)
+        loss = t.loss_fn(logits, labels)
+    t.optimizer.zero_grad(set_to_none=True)
+    t.amp.scaler.scale(loss).backward()
+    t.amp.scaler.step(t.optimizer)
+    t.amp.scaler.update()
+    return loss, logits
+
+
+def scale_before(amp: Amp) -> torch.Tensor | None:
     """A copy of the fp16 GradScaler's scale tensor before a step (None without fp16). Compared with the scale
     after the step, on the device: no host sync (get_scale() would be one)."""
     if not amp.scaler.is_enabled():
@@ -191,7 +167,8 @@ def plain_module(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model) if isinstance(model, DistributedDataParallel) else model
 
 
-def _check_finite(totals: _Totals, lrs: dict[int, float], steps: int) -> None:
+def check_finite(totals: EpochTotals, lrs: dict[int, float], steps: int) -> None:
+    """NonFiniteLoss naming the first step whose loss was NaN/inf, if any (a sync point)."""
     bad = totals.first_non_finite()
     if bad is not None:
         raise NonFiniteLoss(f"the loss became NaN/inf at step {bad} of {steps} in this epoch (lr {lrs[bad]:.4g})")
@@ -204,7 +181,7 @@ def test_pass(model: nn.Module, loader: BatchLoader, *, normalize: Callable[[tor
     """Mean loss and accuracy of `model` on `loader` (eval mode, no augmentation; `flip`, `translate`: the
     test-time views of `inference.tta_logits`). Raises StopRequested as soon as `stop()` is true."""
     model.eval()
-    totals = _Totals(amp.device)
+    totals = EpochTotals(amp.device)
     start = time.perf_counter()
     with loader.epoch() as batches:
         for images, labels in batches:
@@ -232,37 +209,36 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, saved: tuple[dic
     optimizer.load_state_dict(saved[1])
 
 
-def warm_up(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, amp: Amp,
-            train_shapes: list[int], test_shapes: list[int], memory_format: torch.memory_format,
-            eval_model: nn.Module | None = None, repeats: int = 1) -> float:
-    """Run the compiled model on every batch shape the epoch will see (train mode, then eval mode on
-    `eval_model`, default `model`), `repeats` times each, then restore weights, BN statistics and optimizer
-    state; returns the seconds it took (compile time)."""
+def warm_up(trainer: Trainer, train_shapes: list[int], test_shapes: list[int], repeats: int = 1) -> float:
+    """Run `train_step` on every batch shape the epoch will see (random uint8 images), then the test model in
+    eval mode, `repeats` times each, so that torch.compile builds its graphs now; then put back weights, BN
+    statistics, optimizer, GradScaler and augmentation generator. Returns the seconds it took (compile time)."""
+    t, amp = trainer, trainer.amp
     start = time.perf_counter()
-    saved = snapshot(model, optimizer)
+    saved = snapshot(t.module, t.optimizer)
+    scaler, generator = copy.deepcopy(amp.scaler.state_dict()), t.augment.generator.get_state()
     gen = torch.Generator(device=amp.device).manual_seed(12345)  # leaves the global RNG stream alone
 
     def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.randn(n, 3, 32, 32, generator=gen, device=amp.device).to(amp.dtype)
-        return x.contiguous(memory_format=memory_format), torch.randint(0, 10, (n,), generator=gen, device=amp.device)
+        x = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=gen, device=amp.device)
+        return x.permute(0, 3, 1, 2), torch.randint(0, 10, (n,), generator=gen, device=amp.device)
 
-    model.train()
+    t.model.train()
     for n in train_shapes:
-        x, y = batch(n)
+        images, labels = batch(n)
         for _ in range(repeats):
-            with amp.autocast():
-                loss = loss_fn(model(x), y)
-            amp.scaler.scale(loss).backward()
-            optimizer.zero_grad(set_to_none=True)
-    tested = model if eval_model is None else eval_model
-    tested.eval()
+            train_step(t, images, labels)
+    t.eval_model.eval()
     with torch.no_grad():
         for n in test_shapes:
-            x, y = batch(n)
+            images, labels = batch(n)
             for _ in range(repeats):
                 with amp.autocast():
-                    loss_fn(tested(x), y)
-    restore(model, optimizer, saved)
+                    t.loss_fn(t.eval_model(t.augment.normalize(images)), labels)
+    restore(t.module, t.optimizer, saved)
+    if amp.scaler.is_enabled():
+        amp.scaler.load_state_dict(scaler)
+    t.augment.generator.set_state(generator)
     sync(amp.device)
     return time.perf_counter() - start
 

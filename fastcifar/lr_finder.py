@@ -26,6 +26,7 @@ Both restore the model and optimizer afterwards: the test never leaves trained w
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import sys
@@ -34,19 +35,17 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch import nn
 
 from fastcifar import rundir
-from fastcifar.augment import BatchAugment
 from fastcifar.cli import TRAINING_SECTIONS, Parser, add_config_arguments, config_from_args
 from fastcifar.config import Config, LRFinderConfig
 from fastcifar.data import BatchLoader
 from fastcifar.errors import FastCifarError, run_cli
-from fastcifar.loop import Trainer, progress_bar, progress_enabled, restore, snapshot, train_one_epoch, train_step
+from fastcifar.loop import Trainer, progress_bar, progress_enabled, restore, snapshot, train_step
 from fastcifar.reporting import plot_range_test, plot_sweep, save_figure
-from fastcifar.runtime import Amp
 from fastcifar.seed import seed_log
 from fastcifar.session import Session
+from fastcifar.training import run_epoch
 
 
 def lr_at(step: int, cfg: LRFinderConfig) -> float:
@@ -61,15 +60,16 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = group["initial_lr"] = lr * group.get("lr_scale", 1.0)  # initial_lr: a new scheduler's start
 
 
-def range_test(model: nn.Module, loader: BatchLoader, augment: BatchAugment, optimizer: torch.optim.Optimizer,
-               loss_fn: nn.Module, amp: Amp, cfg: LRFinderConfig, progress: bool | None = None) -> dict:
-    """Run the step-wise range test; returns the raw and smoothed curve and whether it diverged."""
+def range_test(trainer: Trainer, loader: BatchLoader, cfg: LRFinderConfig, progress: bool | None = None) -> dict:
+    """Run the step-wise range test with `trainer`'s steps; returns the raw and smoothed curve and whether it
+    diverged. Weights, statistics and optimizer state are put back afterwards."""
+    model, optimizer = trainer.module, trainer.optimizer
     saved = snapshot(model, optimizer)
     lrs: list[float] = []
     losses: list[float] = []
     smoothed: list[float] = []
     average, best, diverged = 0.0, math.inf, False
-    model.train()
+    trainer.model.train()
     bar = progress_bar(cfg.steps, "LR range test", progress)
     try:
         for index in itertools.count():  # as many epochs as the steps need
@@ -79,7 +79,7 @@ def range_test(model: nn.Module, loader: BatchLoader, augment: BatchAugment, opt
                 for images, labels in batches:
                     lr = lr_at(len(lrs), cfg)
                     _set_lr(optimizer, lr)
-                    loss, _ = train_step(model, images, labels, augment, optimizer, loss_fn, amp)
+                    loss, _ = train_step(trainer, images, labels)
                     value = loss.item()  # a host sync per step: fine for a test that plots every step
                     average = cfg.smoothing * average + (1 - cfg.smoothing) * value
                     smooth = average / (1 - cfg.smoothing ** (len(lrs) + 1))
@@ -121,21 +121,24 @@ def suggest(lrs: list[float], smoothed: list[float], min_lr_divisor: float) -> d
     }
 
 
-def sweep(model: nn.Module, loader: BatchLoader, augment: BatchAugment, optimizer: torch.optim.Optimizer,
-          loss_fn: nn.Module, amp: Amp, lrs: tuple[float, ...], log: Callable[[str], None] = print) -> list[dict]:
-    """One training epoch per LR from the same starting weights; train loss/accuracy per LR."""
+def sweep(trainer: Trainer, loader: BatchLoader, lrs: tuple[float, ...],
+          log: Callable[[str], None] = print) -> list[dict]:
+    """One training epoch (training's `run_epoch`, at a constant LR, no weight averages) per LR, each from the
+    same starting weights; train loss and accuracy per LR. The weights are put back afterwards."""
+    model, optimizer = trainer.module, trainer.optimizer
     saved = snapshot(model, optimizer)
     rows = []
     try:
         for index, lr in enumerate(lrs):
             restore(model, optimizer, saved)
             _set_lr(optimizer, lr)
-            constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-            trainer = Trainer(model, optimizer, constant, loss_fn, augment, amp)
-            stats = train_one_epoch(trainer, loader, epoch=index, desc=f"lr {lr:g}")  # LR i: epoch i's order
-            rows.append({"lr": lr, "train_loss": stats.loss, "train_acc": stats.accuracy, "images": stats.images,
-                         "seconds": stats.seconds})
-            log(f"lr {lr:<8g} train loss {stats.loss:.4f}  train acc {stats.accuracy:.2%}")
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+            constant = dataclasses.replace(trainer, scheduler=schedule, ema=None, lookahead=None,
+                                           lr_at=lambda _, lr=lr: lr)
+            row = run_epoch(constant, loader, index + 1, len(lrs))  # LR i: the loader's epoch i order
+            rows.append({"lr": lr, "train_loss": row["train_loss"], "train_acc": row["train_acc"],
+                         "images": loader.images, "seconds": row["train_s"]})
+            log(f"lr {lr:<8g} train loss {row['train_loss']:.4f}  train acc {row['train_acc']:.2%}")
     finally:
         restore(model, optimizer, saved)
     return rows
@@ -158,12 +161,11 @@ def find_lr(cfg: Config, log: Callable[[str], None] = print) -> dict:
     if epochs and f.sweep_weight_decay >= 0:
         cfg = cfg.override({"optim.weight_decay": f.sweep_weight_decay})
     session = Session.open(cfg, log)
-    args = (session.forward, session.loaders.train, session.augment, session.optimizer, session.loss_fn,
-            session.amp)
+    trainer, train = session.trainer, session.loaders.train
     out = session.run_dir
     common = {"batch_size": cfg.data.batch_size, "config": cfg.to_dict(), "env": session.env}
     if epochs:
-        rows = sweep(*args, f.sweep, log)
+        rows = sweep(trainer, train, f.sweep, log)
         suggestion = suggest_from_sweep(rows, f.min_lr_divisor)
         seed_rows = seed_log()["lr_finder"]["rows"]
         same_grid = [round(r["lr"], 6) for r in seed_rows] == [round(lr, 6) for lr in f.sweep]
@@ -176,7 +178,7 @@ def find_lr(cfg: Config, log: Callable[[str], None] = print) -> dict:
             f"(suggested max_lr; min_lr {suggestion['min_lr']:.4g})")
         log(f"wrote {out / 'lr_sweep.json'} and {out / 'lr_sweep.png'}")
         return result
-    curve = range_test(*args, f, progress=progress_enabled(cfg.run.progress))
+    curve = range_test(trainer, train, f, progress=progress_enabled(cfg.run.progress))
     result = {**curve, "suggestion": suggest(curve["lrs"], curve["smoothed"], f.min_lr_divisor), **common}
     rundir.write_json(out / "find_lr.json", result)
     save_figure(plot_range_test(result), out / "find_lr.png")
@@ -188,8 +190,8 @@ def find_lr(cfg: Config, log: Callable[[str], None] = print) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = Parser(prog="python -m fastcifar.find_lr", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m fastcifar.find_lr") -> int:
+    parser = Parser(prog=prog, description=__doc__.split("\n")[0])
     add_config_arguments(parser, (*TRAINING_SECTIONS, "lr_finder"))
     args = parser.parse_args(argv)
 

@@ -1,4 +1,5 @@
-"""One recipe, several seeds: `python -m fastcifar.sweep --seeds 5 [train options]`.
+"""One recipe, several seeds: `python -m fastcifar seeds --seeds 5 [train options]` (also `python -m fastcifar.seeds`;
+`python -m fastcifar.sweep` is its old name; its files keep that name: sweep.json).
 
 Each seed trains in its own run directory, OUT_DIR/NAME/seed<S>, and the sweep then reports mean, standard
 deviation (n - 1), min and max of the final and best test accuracy and of the time, as a table and in
@@ -128,11 +129,11 @@ def format_table(runs: list[dict], stats: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m fastcifar.seeds") -> argparse.ArgumentParser:
     parser = Parser(
-        prog="python -m fastcifar.sweep",
+        prog=prog,
         description="Train one recipe for several seeds and report mean, std, min and max test accuracy.",
-        epilog="Any option of python -m fastcifar.train works here (except --seed: the sweep sets it).")
+        epilog="Any option of python -m fastcifar.train works here (except --seed: this command sets it).")
     parser.add_argument("--seeds", required=True, help="a count (5: seeds 0..4) or a list (0,3,7)")
     parser.add_argument("--target", type=float, help="also report the first epoch (and seconds) reaching this "
                                                      "test accuracy, e.g. 0.91")
@@ -140,12 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m fastcifar.seeds") -> int:
+    args = build_parser(prog).parse_args(argv)
 
     def run() -> SweepResult:
         if "run.seed" in vars(args):
-            raise ConfigError("the sweep sets the seed of each run: give --seeds, not --seed")
+            raise ConfigError("this command sets the seed of each run: give --seeds, not --seed")
         if args.target is not None and not 0 < args.target <= 1:
             raise ConfigError(f"--target is an accuracy in (0, 1], got {args.target}")
         return run_seeds(config_from_args(args), parse_seeds(args.seeds), args.target)

@@ -327,8 +327,8 @@ def _counts(text: str) -> tuple[int, int] | None:
     return int(train), int(test)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = Parser(prog="python data_prep/write_beton.py",
+def main(argv: list[str] | None = None, prog: str = "python data_prep/write_beton.py") -> int:
+    parser = Parser(prog=prog,
                     description="Write CIFAR-10 as FFCV train.beton / test.beton.")
     parser.add_argument("--archive", help=f"local {ARCHIVE_NAME} (else ${ARCHIVE_ENV}, the data dir, or download)")
     parser.add_argument("--data-dir", default=DataConfig.data_dir, help="where the betons go (default: %(default)s)")

@@ -297,9 +297,9 @@ def write_report(run_dir: str | Path) -> list[Path]:
     return [*written, run_dir / "summary.md"]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m fastcifar.report") -> int:
     parser = Parser(
-        prog="python -m fastcifar.report",
+        prog=prog,
         description="(Re)write a finished run's report from its run directory alone: curves.png, lr_schedule.png, "
                     "misclassified.png, confusion.png and summary.md.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by fastcifar.train")

@@ -1,4 +1,5 @@
-"""`python -m fastcifar.sweep --seeds N [train options]`: one recipe, several seeds (code: fastcifar/multiseed.py)."""
+"""`python -m fastcifar.sweep`: the old name of `python -m fastcifar.seeds` (one recipe, several seeds), kept so that
+earlier commands still run (code: fastcifar/multiseed.py)."""
 
 import sys
 

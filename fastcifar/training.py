@@ -1,9 +1,10 @@
 """Training: `train(cfg)` and the command `python -m fastcifar.train [--preset NAME] [--section.field VALUE ...]`.
 
-`train` reads top to bottom: open a session (fastcifar/session.py), warm up the compiled model, restore a
-checkpoint when resuming, then for each epoch train (fastcifar/loop.py), test, log a row, checkpoint; then
-save the final weights, predictions, results.json and the report. A signal stops it cleanly after the
-current step with a checkpoint; a NaN/inf loss stops it naming the step.
+`train` reads top to bottom: open a session (fastcifar/session.py: data, model, optimizer, schedule...), warm up
+the compiled model, restore a checkpoint when resuming, then for each epoch `run_epoch` (the steps, the schedule,
+the weight averages and the stop checks, then the test pass and the row), log the row, checkpoint; then save the
+final weights, predictions, results.json and the report. A signal stops it cleanly after the current step with a
+checkpoint; a NaN/inf loss stops it naming the step.
 """
 
 from __future__ import annotations
@@ -18,32 +19,44 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from fastcifar import reporting, rundir
-from fastcifar.checkpoint import EpochProgress, load_training_state, resume_config
+from fastcifar import loop, reporting, rundir
+from fastcifar.checkpoint import (
+    Checkpointer,
+    EpochProgress,
+    load_training_state,
+    non_finite_state,
+    restore_state,
+    resume_config,
+)
 from fastcifar.cli import Parser, add_config_arguments, config_from_args
 from fastcifar.config import Config, ConfigError
 from fastcifar.custom_resnet import count_parameters
-from fastcifar.data import open_split
-from fastcifar.distributed import AgreedStop, all_max, all_sum, broadcast, from_env, gather, keep_until_exit
+from fastcifar.data import BatchLoader, open_split
+from fastcifar.distributed import AgreedStop, Dist, all_max, all_sum, broadcast, from_env, gather, keep_until_exit
 from fastcifar.distributed import stop as stop_group
 from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.inference import Predictions, predict
 from fastcifar.interrupt import StopSignals
 from fastcifar.loop import (
     CHECK_EVERY_GPU,
+    PROGRESS_EVERY,
+    EpochTotals,
     NonFiniteLoss,
     PassStats,
     StopRequested,
     Trainer,
+    check_finite,
+    plain_module,
+    progress_bar,
     progress_enabled,
+    scale_before,
     test_pass,
-    train_one_epoch,
 )
-from fastcifar.runtime import resolve_device
-from fastcifar.schedule import make_scheduler, one_cycle_lr
-from fastcifar.session import Checkpointer, Session, non_finite_state, quiet, restore_state
+from fastcifar.runtime import resolve_device, sync
+from fastcifar.session import Session, quiet
 
 
 @dataclass
@@ -105,7 +118,7 @@ def train(cfg: Config, log: Callable[[str], None] = print, resume: str | Path | 
                                  f"generator states belong to {saved_on}; resume it with --device {saved_on}")
     session = Session.open(cfg, log, resume=state is not None)
     if session.dist.enabled:
-        keep_until_exit(session.forward)  # its destructor can deadlock gloo at the end: see distributed._KEPT
+        keep_until_exit(session.trainer.model)  # its destructor can deadlock gloo at the end: see distributed._KEPT
     try:
         result = _train(session, state, log if session.dist.is_main else quiet, began, lower_lr)
     except BaseException:
@@ -119,9 +132,7 @@ def train(cfg: Config, log: Callable[[str], None] = print, resume: str | Path | 
 
 def _train(session: Session, state: dict | None, log: Callable[[str], None], began: float,
            lower_lr: bool = False) -> TrainResult:
-    run_dir, s = session.run_dir, session.cfg.schedule
-    scheduler = make_scheduler(session.optimizer, len(session.loaders.train), s.epochs, s.peak_epoch, s.min_lr,
-                               s.max_lr, s.end_lr)
+    run_dir, s, trainer = session.run_dir, session.cfg.schedule, session.trainer
     compile_seconds = session.warm_up()  # results.json's compile_seconds: all of the warm-up
     log(f"warm-up ({'loaders, torch.compile' if session.compiled else 'loaders'}): {compile_seconds:.1f} s "
         f"(not counted in epoch times; counted in the times to an accuracy)")
@@ -129,7 +140,7 @@ def _train(session: Session, state: dict | None, log: Callable[[str], None], beg
     metrics: list[dict] = []
     progress: EpochProgress | None = None
     if state is not None:  # after the warm-up, which puts back what it changed
-        metrics, progress = restore_state(session, scheduler, state, new_lr=lower_lr)
+        metrics, progress = restore_state(trainer, state, session.dist, new_lr=lower_lr)
         compile_seconds += state["compile_seconds"]
         setup_seconds += state.get("setup_seconds", 0.0)  # 0 for checkpoints from before it was kept
         if session.dist.is_main:
@@ -138,17 +149,32 @@ def _train(session: Session, state: dict | None, log: Callable[[str], None], beg
             + (f", step {progress.step} of epoch {len(metrics) + 1}" if progress else "")
             + (f", with the LR levels lowered to max {s.max_lr:g} / min {s.min_lr:g}" if lower_lr else ""))
 
-    trainer = session.trainer(scheduler)
-    ckpt = Checkpointer(session, scheduler, metrics, compile_seconds, setup_seconds)
+    ckpt = Checkpointer(trainer, session.cfg, run_dir, session.dist, session.device, metrics, compile_seconds,
+                        setup_seconds)
     table = EpochTable()
     log(table.header())
     for row in metrics:
         log(table.row(row))
+    data, every = session.cfg.data, session.cfg.run.test_every
     with StopSignals() as signals:
         # On a CPU every step is synchronous anyway; on GPUs agreeing across ranks is a sync, so rarely.
         stop = AgreedStop(signals, session.dist, session.device, 1 if session.device.type == "cpu" else CHECK_EVERY_GPU)
         for ep in range(len(metrics) + 1, s.epochs + 1):
-            row = _train_epoch(session, trainer, ep, progress, stop, ckpt)
+            try:
+                # The loader's order of epoch ep depends only on (seed, ep): a resumed epoch replays it from
+                # `progress`.
+                row = run_epoch(trainer, session.loaders.train, ep, s.epochs,
+                                test=session.loaders.test if is_test_epoch(ep, s.epochs, every) else None,
+                                flip=data.test_flip, translate=data.test_translate, start=progress, stop=stop,
+                                dist=session.dist, show_progress=progress_enabled(session.cfg.run.progress))
+            except EpochInterrupted as stopped:
+                ckpt.interrupt(stop, stopped.epochs_done, stopped.progress)
+            except NonFiniteLoss as err:
+                kept = (f"the last checkpoint ({ckpt.path}) is intact" if ckpt.path.exists()
+                        else "no checkpoint was written")
+                raise NonFiniteLoss(f"training diverged in epoch {ep}: {err}; {kept}. Lower --max-lr (see python -m "
+                                    f"fastcifar.find_lr), use --precision fp32, or add --model.logit_scale 0.125"
+                                    f"{_continue_hint(ckpt, session)}") from None
             progress = None
             metrics.append(row)
             if session.dist.is_main:
@@ -160,49 +186,92 @@ def _train(session: Session, state: dict | None, log: Callable[[str], None], beg
     return _finish(session, metrics, ckpt.compile_seconds, ckpt.setup_seconds, log)
 
 
-def _train_epoch(session: Session, trainer: Trainer, ep: int, start: EpochProgress | None, stop: AgreedStop,
-                 ckpt: Checkpointer) -> dict:
-    """Epoch `ep` (1-based): training, then the test pass; a signal saves a checkpoint and raises."""
-    s, data = session.cfg.schedule, session.cfg.data
-    loader = session.loaders.train
-    lr = float(one_cycle_lr((ep - 1) * len(loader), len(loader), s.epochs, s.peak_epoch, s.min_lr, s.max_lr,
-                            s.end_lr))  # at the epoch's first step, also when resuming in its middle
-    try:
-        # The loader's order of epoch ep depends only on (seed, ep): a resumed epoch replays it from `start`.
-        tr = train_one_epoch(trainer, loader, epoch=ep - 1, desc=f"epoch {ep}/{s.epochs}",
-                             show_progress=progress_enabled(session.cfg.run.progress), start=start, stop=stop)
-    except NonFiniteLoss as err:
-        kept = f"the last checkpoint ({ckpt.path}) is intact" if ckpt.path.exists() else "no checkpoint was written"
-        raise NonFiniteLoss(f"training diverged in epoch {ep}: {err}; {kept}. Lower --max-lr (see python -m "
-                            f"fastcifar.find_lr), use --precision fp32, or add --model.logit_scale 0.125"
-                            f"{_continue_hint(ckpt, session)}") from None
-    if not tr.finished or stop():
-        ckpt.interrupt(stop, ep - 1, tr.progress)
-    if session.lookahead is not None and ep == s.epochs:
-        session.lookahead.finish(session.model)  # the slow weights are the run's result (idempotent on resume)
+SINGLE = Dist()  # one process, no process group
+
+
+class EpochInterrupted(Exception):
+    """A stop was requested during an epoch: `epochs_done` whole epochs, and `progress` into the next (None when
+    only its test pass is left)."""
+
+    def __init__(self, epochs_done: int, progress: EpochProgress | None) -> None:
+        super().__init__(f"stopped after epoch {epochs_done}")
+        self.epochs_done, self.progress = epochs_done, progress
+
+
+def run_epoch(trainer: Trainer, train: BatchLoader, ep: int, epochs: int, *, test: BatchLoader | None = None,
+              flip: bool = False, translate: int = 0, start: EpochProgress | None = None,
+              stop: Callable[[], bool] | None = None, dist: Dist = SINGLE, show_progress: bool | None = None) -> dict:
+    """Epoch `ep` (1-based) of `epochs`: the training steps, then (with a `test` loader) the test pass; returns
+    the epoch's row (test fields None without a test pass).
+
+    `start` continues an epoch interrupted after `start.step` steps: the loader replays the same epoch from that
+    batch on. When `stop()` becomes true the epoch ends after the current step, raising EpochInterrupted with how
+    far it got. A NaN/inf loss, weight or test loss raises NonFiniteLoss naming where.
+    """
+    t, amp, steps = trainer, trainer.amp, len(train)
+    lr = float(t.lr_at((ep - 1) * steps))  # at the epoch's first step, also when resuming in its middle
+    t.model.train()
+    t.augment.epoch = ep - 1  # alternating flips depend on it
+    start = start or EpochProgress()
+    totals = EpochTotals(amp.device, start)
+    # On a CPU every step is synchronous anyway; on a GPU reading the loss is a sync, so rarely: the first
+    # non-finite step is recorded on the device either way, and the error names it.
+    check_every = 1 if amp.device.type == "cpu" else CHECK_EVERY_GPU
+    began, lrs = time.perf_counter(), {}
+    if start.step < steps:
+        with (train.epoch(ep - 1, skip=start.step) as batches,
+              progress_bar(steps, f"epoch {ep}/{epochs}", show_progress) as bar):
+            bar.update(start.step)
+            for step, (images, labels) in enumerate(batches, start.step + 1):
+                lrs[step] = t.scheduler.get_last_lr()[0]
+                scale = scale_before(amp)
+                loss, logits = loop.train_step(t, images, labels)
+                if scale is not None:  # fp16: the GradScaler lowered its scale = it skipped this step (on device)
+                    totals.skipped_on_device += (amp.scaler._scale < scale).sum()
+                t.scheduler.step()
+                if t.lookahead is not None:
+                    t.lookahead.step(plain_module(t.model), t.scheduler.last_epoch, t.total_steps)
+                if t.ema is not None:
+                    t.ema.update(plain_module(t.model))
+                totals.add(loss, logits, labels)
+                if step % check_every == 0 or step == steps:
+                    check_finite(totals, lrs, steps)
+                if not bar.disable and (step % PROGRESS_EVERY == 0 or step == steps):
+                    loss_avg, acc = totals.read()  # sync point, only while a progress bar is shown
+                    bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{acc:.3f}", refresh=False)
+                    bar.update(step - bar.n)
+                if stop is not None and stop() and step < steps:
+                    break
+    sync(amp.device)
+    check_finite(totals, lrs, steps)
+    seconds = start.seconds + time.perf_counter() - began
+    loss_avg, acc = totals.read()
+    tr = PassStats(loss_avg, acc, totals.images, seconds, totals.steps == steps, totals.progress(seconds))
+    if not tr.finished or stop is not None and stop():
+        raise EpochInterrupted(ep - 1, tr.progress)
+    if t.lookahead is not None and ep == epochs:
+        t.lookahead.finish(t.module)  # the slow weights are the run's result (idempotent on resume)
+
     te = None
-    if is_test_epoch(ep, s.epochs, session.cfg.run.test_every):
+    if test is not None:
         try:
-            te = test_pass(session.eval_forward, session.loaders.test, normalize=session.augment.normalize,
-                           loss_fn=session.loss_fn, amp=session.amp, stop=stop, flip=data.test_flip,
-                           translate=data.test_translate)
+            te = test_pass(t.eval_model, test, normalize=t.augment.normalize, loss_fn=t.loss_fn, amp=amp, stop=stop,
+                           flip=flip, translate=translate)
         except StopRequested:
-            ckpt.interrupt(stop, ep - 1, tr.progress)  # training part done: resume redoes only the test pass
-    bad = non_finite_state(session.tested)
+            raise EpochInterrupted(ep - 1, tr.progress) from None  # training part done: resume redoes the test
+    bad = non_finite_state(t.tested)
     if bad or te is not None and not math.isfinite(te.loss):
         what = f"the BatchNorm statistics or weights ({bad})" if bad else "the test loss"
-        kept = f"the last checkpoint ({ckpt.path}) is intact" if ckpt.path.exists() else "no checkpoint was written"
-        raise NonFiniteLoss(f"training diverged in epoch {ep}: {what} became NaN/inf (lr up to {lr:.4g}); {kept}. "
-                            f"Lower --max-lr (see python -m fastcifar.find_lr) or use --precision fp32"
-                            f"{_continue_hint(ckpt, session)}")
-    skipped = int(all_sum([tr.progress.skipped], session.dist, session.device)[0])
-    tr = _over_ranks(tr, session)
-    row = {"epoch": ep, "lr": lr, "lr_end": trainer.scheduler.get_last_lr()[0], "train_loss": tr.loss,
+        raise NonFiniteLoss(f"{what} became NaN/inf (lr up to {lr:.4g})")
+
+    skipped = int(all_sum([tr.progress.skipped], dist, amp.device)[0])
+    tr = _over_ranks(tr, dist, amp.device)
+    row = {"epoch": ep, "lr": lr, "lr_end": t.scheduler.get_last_lr()[0], "train_loss": tr.loss,
            "train_acc": tr.accuracy, "test_loss": None, "test_acc": None, "train_s": tr.seconds, "test_s": 0.0,
            "epoch_s": tr.seconds, "train_img_s": tr.images / tr.seconds, "test_img_s": None,
            "skipped_steps": skipped}
     if te is not None:  # else an epoch without a test pass (run.test_every): its test fields stay None
-        te = _over_ranks(te, session)
+        te = _over_ranks(te, dist, amp.device)
         row |= {"test_loss": te.loss, "test_acc": te.accuracy, "test_s": te.seconds,
                 "epoch_s": tr.seconds + te.seconds, "test_img_s": te.images / te.seconds}
     return row
@@ -220,13 +289,13 @@ def _continue_hint(ckpt: Checkpointer, session: Session) -> str:
             f"--lower-lr --max-lr {session.cfg.schedule.max_lr / 2:.4g}")
 
 
-def _over_ranks(stats: PassStats, session: Session) -> PassStats:
+def _over_ranks(stats: PassStats, dist: Dist, device: torch.device) -> PassStats:
     """Loss/accuracy over every rank's images, time of the slowest rank (the stats themselves alone)."""
-    if not session.dist.enabled:
+    if not dist.enabled:
         return stats
     loss_sum, correct, images = all_sum([stats.loss * stats.images, stats.accuracy * stats.images, stats.images],
-                                        session.dist, session.device)
-    seconds = all_max(stats.seconds, session.dist, session.device)
+                                        dist, device)
+    seconds = all_max(stats.seconds, dist, device)
     return dataclasses.replace(stats, loss=loss_sum / images, accuracy=round(correct) / images, images=int(images),
                                seconds=seconds)
 
@@ -234,7 +303,8 @@ def _over_ranks(stats: PassStats, session: Session) -> PassStats:
 def _finish(session: Session, metrics: list[dict], compile_seconds: float, setup_seconds: float,
             log: Callable[[str], None]) -> TrainResult:
     """The final weights, predictions, results.json (marks the run finished) and the report."""
-    cfg, run_dir, model, dist = session.cfg, session.run_dir, session.model, session.dist
+    cfg, run_dir, dist, trainer = session.cfg, session.run_dir, session.dist, session.trainer
+    model = trainer.module
     # DDP keeps the weights equal on every rank; check it (batch-norm statistics are per rank: rank 0's are kept).
     checksums = gather(sum(float(p.detach().double().sum()) for p in model.parameters()), dist)
     result = _summarise(metrics, compile_seconds, count_parameters(model), setup_seconds) | {
@@ -245,15 +315,13 @@ def _finish(session: Session, metrics: list[dict], compile_seconds: float, setup
             raise FastCifarError(f"weights differ across ranks after training ({checksums}); this is a bug")
     if not dist.is_main:
         broadcast(None, dist)  # wait for rank 0's files
-        return TrainResult(run_dir, metrics, session.tested, cfg, result)
-    rundir.save_checkpoint(run_dir / "model.pt", {"model": session.tested.state_dict(), "config": cfg.to_dict(),
+        return TrainResult(run_dir, metrics, trainer.tested, cfg, result)
+    rundir.save_checkpoint(run_dir / "model.pt", {"model": trainer.tested.state_dict(), "config": cfg.to_dict(),
                                                   "epoch": cfg.schedule.epochs})
     # One more, untimed test pass that keeps every prediction, for the report (confusion, misclassified);
     # on rank 0 over the whole test set, also in a distributed run.
-    test = session.loaders.test if not dist.enabled else open_split(
-        cfg.data.data_dir, "test", cfg.data.test_batch_size, session.device, train=False,
-        subset=cfg.data.test_subset, num_workers=cfg.data.num_workers, kind=cfg.data.loader)
-    predict(session.eval_forward, test, session.augment.normalize, session.amp.autocast, cfg.data.test_flip,
+    test = session.loaders.test if not dist.enabled else open_split(cfg.data, "test", session.device)
+    predict(trainer.eval_model, test, trainer.augment.normalize, trainer.amp.autocast, cfg.data.test_flip,
             cfg.data.test_translate).save(run_dir / "predictions.npz")
     rundir.write_json(run_dir / "results.json", result)
     reporting.write_report(run_dir)
@@ -262,7 +330,7 @@ def _finish(session: Session, metrics: list[dict], compile_seconds: float, setup
         f"{result['train_seconds']:.0f} s training, {result['total_seconds']:.0f} s in epochs, "
         f"{result['mean_train_img_s']:.0f} img/s | {run_dir}")
     broadcast(None, dist)
-    return TrainResult(run_dir, metrics, session.tested, cfg, result)
+    return TrainResult(run_dir, metrics, trainer.tested, cfg, result)
 
 
 def _summarise(metrics: list[dict], compile_seconds: float, parameters: int, setup_seconds: float = 0.0) -> dict:
@@ -319,9 +387,9 @@ def finish_report(run_dir: Path) -> bool:
     return True
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m fastcifar.train") -> argparse.ArgumentParser:
     parser = Parser(
-        prog="python -m fastcifar.train",
+        prog=prog,
         description="Train the custom ResNet on CIFAR-10 (betons from data_prep/write_beton.py).",
         epilog="Every config field is a dotted flag, e.g. --optim.weight_decay 1e-3 (see fastcifar/config.py).",
     )
@@ -334,8 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m fastcifar.train") -> int:
+    args = build_parser(prog).parse_args(argv)
 
     def run() -> TrainResult | None:
         if args.resume is None:

@@ -56,18 +56,14 @@ def synth(data_dir: Path) -> None:
 
 def _session(data_dir: Path, out: Path):
     from fastcifar.config import Config
-    from fastcifar.schedule import make_scheduler
     from fastcifar.session import Session
 
     cfg = Config.from_preset("fast", {"data.data_dir": str(data_dir), "data.loader": "resident",
                                       "run.out_dir": str(out / "runs"), "run.name": f"probe-{time.time_ns()}",
                                       "run.progress": "off"})
     session = Session.open(cfg, log=lambda _: None)
-    s = cfg.schedule
-    scheduler = make_scheduler(session.optimizer, len(session.loaders.train), s.epochs, s.peak_epoch, s.min_lr,
-                               s.max_lr, s.end_lr)
     warm = session.warm_up()
-    return session, scheduler, warm
+    return session, session.trainer.scheduler, warm
 
 
 def _steps(session, scheduler, count: int) -> float:
@@ -76,8 +72,7 @@ def _steps(session, scheduler, count: int) -> float:
     start = time.perf_counter()
     with session.loaders.train.epoch(0) as batches:
         for _, (images, labels) in zip(range(count), batches, strict=False):
-            train_step(session.forward, images, labels, session.augment, session.optimizer, session.loss_fn,
-                       session.amp)
+            train_step(session.trainer, images, labels)
             scheduler.step()
     torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -106,7 +101,7 @@ def counts(out: Path, data_dir: Path) -> None:
         "sync_examples": sorted(set(syncs))[:10],
         "recompiles_after_warm_up": counters["stats"]["unique_graphs"] - graphs_before,
         "graph_breaks": sum(counters["graph_break"].values()) - breaks_before,
-        "graph_break_reasons": dict(counters["graph_break"]), "precision": str(session.amp.dtype),
+        "graph_break_reasons": dict(counters["graph_break"]), "precision": str(session.trainer.amp.dtype),
         "compiled": session.compiled})
 
 

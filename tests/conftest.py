@@ -10,9 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from benchmarks.fused_bn_relu import missing_tools
 from fastcifar.config import Config
 from fastcifar.prepare import prepare
 from fastcifar.training import TrainResult, train
@@ -20,30 +18,6 @@ from tests.synthetic import write_archive
 
 REPO = Path(__file__).resolve().parents[1]
 _SHARED_ARCHIVE = REPO.parent / "shared" / "data" / "cifar-10-python.tar.gz"
-# benchmarks/fused_bn_relu.py's kernel is built on first use: where it cannot be (no C++ compiler or ninja), the tests
-# that run it are skipped; a build that fails still fails them
-needs_build_tools = pytest.mark.skipif(bool(missing_tools()), reason="needs a C++ compiler and ninja")
-
-
-def sgd_losses(model: torch.nn.Module, dtype: torch.dtype, batch: int, steps: int = 6) -> list[float]:
-    """The losses of `steps` SGD steps (Nesterov, lr 0.2, label smoothing 0.2, bf16 autocast when `dtype` is bf16)
-    of `model` on one fixed random channels_last batch: for comparing two ways of computing a step."""
-    model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 3, 32, 32, generator=generator).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,), generator=generator)
-    losses = []
-    for _ in range(steps):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(model(x), y, label_smoothing=0.2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
-
-
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Archive (1,000 train / 200 test images), the arrays in it, and a data dir holding its betons."""

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from fastcifar.config import ModelConfig
+from fastcifar.config import DataConfig, ModelConfig
 from fastcifar.custom_resnet import CustomResNet
 from fastcifar.data import make_loaders
 from fastcifar.distributed import from_env, gather, keep_until_exit, start, stop
@@ -46,20 +46,15 @@ def main(data_dir: str, out: str) -> None:
     dist = from_env()
     cpu = torch.device("cpu")
     start(dist, cpu, 60)
-    loaders = make_loaders(data_dir, 32, 32, 1, cpu, seed=0, distributed=True)
+    data = DataConfig(data_dir=data_dir, batch_size=32, test_batch_size=32, num_workers=1)
+    loaders = make_loaders(data, cpu, seed=0, distributed=True)
     seen = []
     with loaders.train.epoch() as batches:
         for images, _ in batches:
             seen += decode_index(images.numpy()).tolist()
     # Rank-local numbers, then the reduction the training loop uses.
     local = PassStats(loss=0.5 + dist.rank, accuracy=(10 + dist.rank) / 40, images=40, seconds=1.0 + dist.rank)
-
-    class Session:  # the two attributes _over_ranks reads
-        pass
-
-    session = Session()
-    session.dist, session.device = dist, cpu
-    reduced = _over_ranks(local, session)
+    reduced = _over_ranks(local, dist, cpu)
     everyone = gather({"seen": seen, "local": [local.loss, local.accuracy, local.images, local.seconds]}, dist)
     if dist.is_main:
         Path(out).write_text(json.dumps({"ranks": everyone, "reduced": [reduced.loss, reduced.accuracy,

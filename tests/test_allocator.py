@@ -18,7 +18,8 @@ TCMALLOC = find_library("tcmalloc", allocator.library_dirs(os.environ))
     (["python", "-u", "-m", "benchmarks.run"], "benchmarks.run"),  # torchrun's workers start with -u
     (["python", "-X", "faulthandler", "-W", "error", "-m", "fastcifar.evaluate"], "fastcifar.evaluate"),
     (["python", "-mfastcifar.sweep"], "fastcifar.sweep"),
-    (["python", "/venv/bin/fastcifar-train", "--epochs", "2"], "fastcifar-train"),  # a console script
+    (["python", "/venv/bin/fastcifar", "train", "--epochs", "2"], "fastcifar"),  # the console script
+    (["python", "-m", "fastcifar", "train"], "fastcifar"),  # the package's __main__
     (["python", "train.py", "-m", "fastcifar.train"], "train.py"),  # a script; its own -m is its argument
     (["python", "-c", "import fastcifar", "-m", "x"], None),
     (["python"], None),
@@ -29,7 +30,7 @@ def test_the_command_is_read_from_the_interpreters_command_line(argv, module):
 
 
 @pytest.mark.parametrize("name, command", [
-    ("fastcifar.train", True), ("benchmarks.run", True), ("fastcifar-write-beton", True),
+    ("fastcifar.train", True), ("benchmarks.run", True), ("fastcifar", True), ("fastcifar-write-beton", True),
     ("pytest", False), ("train.py", False), ("fastcifarx.train", False), (None, False),
 ])
 def test_only_the_projects_commands_are_relaunched(name, command):

@@ -5,7 +5,6 @@ import torch.nn.functional as F
 from fastcifar.augment import (
     CIFAR10_MEAN,
     CIFAR10_STD,
-    AugmentSettings,
     BatchAugment,
     alternating_mirror,
     crop_flip_cutout,
@@ -15,6 +14,7 @@ from fastcifar.augment import (
     random_crop,
     random_flip,
 )
+from fastcifar.config import DataConfig
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -102,7 +102,7 @@ def test_normalize_matches_the_formula_and_keeps_dtype():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batch_augment_is_reproducible_and_channels_last(dtype):
     x = batch(32)
-    settings = AugmentSettings(crop_padding=4, pad_mode="zeros", flip=True, cutout_size=8)
+    settings = DataConfig(crop_padding=4, pad_mode="zeros", flip=True, flip_mode="random", cutout_size=8)
     a = BatchAugment(settings, torch.device("cpu"), seed=3, dtype=dtype).train(x)
     b = BatchAugment(settings, torch.device("cpu"), seed=3, dtype=dtype).train(x)
     c = BatchAugment(settings, torch.device("cpu"), seed=4, dtype=dtype).train(x)
@@ -112,7 +112,7 @@ def test_batch_augment_is_reproducible_and_channels_last(dtype):
 
 
 def test_cutout_fill_normalises_to_about_zero():
-    aug = BatchAugment(AugmentSettings(), torch.device("cpu"), 0, torch.float32)
+    aug = BatchAugment(DataConfig(), torch.device("cpu"), 0, torch.float32)
     filled = aug.normalize(aug.fill.view(1, 3, 1, 1).expand(1, 3, 32, 32))
     assert filled.abs().max() < 0.5 / 255 / min(CIFAR10_STD)  # within uint8 rounding of zero
 
@@ -157,7 +157,7 @@ def test_fused_path_with_a_given_mirror_mask():
 
 def test_batch_augment_alternate_mode_mirrors_consecutive_epochs():
     x = batch(64)
-    aug = BatchAugment(AugmentSettings(crop_padding=0, cutout_size=0, flip_mode="alternate"), torch.device("cpu"), 0,
+    aug = BatchAugment(DataConfig(crop_padding=0, cutout_size=0, flip_mode="alternate"), torch.device("cpu"), 0,
                        torch.float32)
     first = aug.train(x)
     again = aug.train(x)  # same epoch: same flips (no random draw)
@@ -212,8 +212,8 @@ def test_fused_path_equals_the_separate_functions_with_cutout_options(place, hol
 
 def test_batch_augment_always_mode_mirrors_every_image():
     x = batch(32)
-    always = BatchAugment(AugmentSettings(crop_padding=0, cutout_size=0, flip_mode="always"), torch.device("cpu"), 0,
+    always = BatchAugment(DataConfig(crop_padding=0, cutout_size=0, flip_mode="always"), torch.device("cpu"), 0,
                           torch.float32)
-    plain = BatchAugment(AugmentSettings(crop_padding=0, cutout_size=0, flip=False), torch.device("cpu"), 0,
+    plain = BatchAugment(DataConfig(crop_padding=0, cutout_size=0, flip=False), torch.device("cpu"), 0,
                          torch.float32)
     assert torch.equal(always.train(x), plain.train(x).flip(-1))

@@ -7,16 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import bn_relu, conv_layers, physics, step_throughput, test_pass
+from benchmarks import physics, step_throughput, test_pass
 from benchmarks import run as bench
 from benchmarks.data_paths import AugmentedCifar
 from benchmarks.step_throughput import default_overrides, default_variant, measure, parse_variant
 from fastcifar.augment import CIFAR10_MEAN, CIFAR10_STD
 from fastcifar.config import DEFAULT_PRESET, Config, ConfigError
-from fastcifar.conv import conv3x3_backward
 from fastcifar.errors import FastCifarError
 from fastcifar.runtime import cpu_has_amx, cpu_has_fast_bf16
-from tests.conftest import needs_build_tools
 
 
 def test_the_cpu_matmul_peak_is_the_fastest_call(monkeypatch):
@@ -72,8 +70,7 @@ def test_the_step_flops_split_into_convolutions_and_their_padding():
     assert 0.13 < flops["train_step_padding"] / flops["train_step"] < 0.14
 
 
-@pytest.mark.parametrize("variant", ["fp32", "fp32-cl", "fp32-cl-im2col",
-                                     pytest.param("fp32-cl-fusedbn", marks=needs_build_tools), "default"])
+@pytest.mark.parametrize("variant", ["fp32", "fp32-cl", "fp32-cl-im2col", "default"])
 def test_step_throughput_measures_a_positive_rate(variant):
     r = measure(variant, batch_size=2, warmup=1, steps=1, device=torch.device("cpu"), widths=(4, 8, 8, 16))
     assert r.warmup_s > 0 and r.images_per_s > 0 and r.step_s > 0
@@ -112,26 +109,18 @@ def test_the_profile_of_the_default_step_splits_its_time_into_shares():
 
 
 @pytest.mark.parametrize(("text", "parsed"), [
-    ("fp32", ("fp32", False, False, None, False, False)), ("bf16-cl", ("bf16", True, False, None, False, False)),
-    ("bf16-cl-im2col", ("bf16", True, False, None, True, False)),
-    ("bf16-cl-fusedbn", ("bf16", True, False, None, False, True)),
-    ("fp32-cl-compile", ("fp32", True, True, None, False, False)),
-    ("fp32-cl-compile:max-autotune", ("fp32", True, True, "max-autotune", False, False))])
+    ("fp32", ("fp32", False, False, None, False)), ("bf16-cl", ("bf16", True, False, None, False)),
+    ("bf16-cl-im2col", ("bf16", True, False, None, True)),
+    ("fp32-cl-compile", ("fp32", True, True, None, False)),
+    ("fp32-cl-compile:max-autotune", ("fp32", True, True, "max-autotune", False))])
 def test_variant_names_parse(text, parsed):
     assert parse_variant(text) == parsed
 
 
-@pytest.mark.parametrize("text", ["fp64", "fp32-xl", "fp32:max-autotune"])
+@pytest.mark.parametrize("text", ["fp64", "fp32-xl", "fp32:max-autotune", "bf16-cl-fusedbn"])
 def test_bad_variant_names_are_refused(text):
     with pytest.raises(ValueError, match="cannot read step variant"):
         parse_variant(text)
-
-
-def test_the_fused_bn_variant_is_refused_off_the_cpu():
-    assert step_throughput.check_variant("bf16-cl-fusedbn", torch.device("cpu")).fused_bn
-    with pytest.raises(ValueError, match="fusedbn is a CPU kernel"):
-        step_throughput.check_variant("bf16-cl-fusedbn", torch.device("cuda"))
-    assert not step_throughput.check_variant("bf16-cl", torch.device("cuda")).fused_bn
 
 
 def test_default_variant_on_a_cpu_is_channels_last_eager_in_the_auto_precision():
@@ -157,86 +146,6 @@ def test_compile_variants_on_a_cpu_run_in_the_precision_that_trains_there(monkey
     variants = bench.default_variants(torch.device("cpu"))
     assert [v for v in variants if "compile" in v] == [f"{compiled}-compile", f"{compiled}-compile:max-autotune"]
     assert variants[:4] == ["fp32", "fp32-cl", "bf16-cl", f"{compiled}-im2col"] and variants[-1] == "default"
-
-
-def test_the_conv_table_lists_the_spec_networks_eight_convolutions():
-    shapes = conv_layers.conv_shapes()
-    assert [s[1:] for s in shapes] == [(3, 64, 32), (64, 128, 32), (128, 128, 16), (128, 128, 16), (128, 256, 16),
-                                       (256, 512, 8), (512, 512, 4), (512, 512, 4)]
-
-
-@pytest.mark.parametrize("name", sorted(conv_layers.FORMULATIONS))
-@pytest.mark.parametrize(("c_in", "c_out", "side"), [(3, 5, 6), (8, 4, 4), (4, 4, 1)])
-def test_every_filter_gradient_formulation_equals_the_convolution_backward(name, c_in, c_out, side):
-    torch.manual_seed(0)
-    x = torch.randn(3, c_in, side, side).contiguous(memory_format=torch.channels_last)
-    grad_out = torch.randn(3, c_out, side, side).contiguous(memory_format=torch.channels_last)
-    expected = conv3x3_backward(grad_out, x, torch.randn(c_out, c_in, 3, 3), (False, True))[1]
-    torch.testing.assert_close(conv_layers.FORMULATIONS[name](grad_out, x), expected, rtol=1e-4, atol=1e-4)
-
-
-def test_an_unknown_formulation_is_refused(capsys):
-    with pytest.raises(SystemExit) as err:
-        conv_layers.main(["--formulations", "im2col,winograd"])
-    assert err.value.code == 2 and "unknown formulation 'winograd'" in capsys.readouterr().err
-
-
-def test_the_conv_benchmark_runs_and_records_json(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(conv_layers, "conv_shapes", lambda: [("a", 3, 4, 4), ("b", 4, 8, 2)])
-    monkeypatch.setattr(conv_layers, "matmul_peak", lambda dtype, device: 1e9)
-    out = tmp_path / "conv.json"
-    conv_layers.main(["--batch-size", "2", "--dtype", "fp32", "--repeats", "1", "--formulations", "im2col,shift",
-                      "--out", str(out)])
-    record = json.loads(out.read_text())
-    assert [r["layer"] for r in record["layers"]] == ["a", "b"] and record["dtype"] == "fp32"
-    assert all(s > 0 for r in record["layers"] for s in r["seconds"].values())
-    assert record["layers"][1]["flops_per_pass"] == 2 * 2 * 2 * 2 * 4 * 8 * 9
-    assert {"grad_weight_im2col", "grad_weight_shift"} == {k for k in record["layers"][0]["seconds"] if "_" in k
-                                                           and k.startswith("grad_weight_")}
-    assert "grad_weight_shift" in capsys.readouterr().out
-
-
-def test_the_bn_relu_blocks_are_the_networks_batch_norms_with_their_pools():
-    shapes = bn_relu.block_shapes()
-    assert len(shapes) == 8 and shapes[0] == ("prep.1", 64, 32, False)
-    assert [(c, side) for _, c, side, pool in shapes if pool] == [(128, 32), (256, 16), (512, 8)]  # conv, pool, BN
-    assert shapes[-1] == ("layer3.res.conv2.1", 512, 4, False)
-
-
-@pytest.mark.parametrize("pool", [False, True])
-def test_a_bn_relu_block_computes_pool_then_train_mode_batch_norm_then_relu(pool):
-    x = torch.randn(4, 6, 8, 8)
-    block = bn_relu.make_block(6, pool)
-    pooled = torch.nn.functional.max_pool2d(x, 2) if pool else x
-    expected = torch.relu(torch.nn.functional.batch_norm(pooled, None, None, training=True, eps=1e-5))
-    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
-    assert not block[-2].weight.requires_grad and block[-2].bias.requires_grad
-
-
-def test_the_bn_relu_benchmark_runs_and_records_json(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bn_relu, "block_shapes", lambda: [("a", 4, 8, True), ("b", 8, 4, False)])
-    out = tmp_path / "bn.json"
-    bn_relu.main(["--batch-size", "2", "--dtype", "fp32", "--repeats", "1", "--ways", "eager", "--out", str(out)])
-    record = json.loads(out.read_text())
-    assert [r["bn"] for r in record["rows"]] == ["a", "b"] and record["settings"]["dtype"] == "float32"
-    assert all(r["eager_ms"] > 0 for r in record["rows"]) and "| total |" in capsys.readouterr().out
-
-
-def test_the_bn_relu_benchmark_refuses_an_unknown_way(capsys):
-    with pytest.raises(SystemExit) as err:
-        bn_relu.main(["--ways", "eager,fast"])
-    assert err.value.code == 2 and "--ways" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-@needs_build_tools
-def test_the_compiled_bn_relu_block_matches_eager():
-    rows = bn_relu.measure(2, torch.float32, 1, bn_relu.WAYS, shapes=[("a", 4, 8, True)])
-    assert rows[0]["eager_ms"] > 0 and rows[0]["compiled_ms"] > 0 and rows[0]["fused_ms"] > 0
-    table = bn_relu.markdown(rows, bn_relu.WAYS)
-    assert "| eager / compiled | eager / fused |" in table
-    x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)
-    torch.testing.assert_close(torch.compile(bn_relu.make_block(4, True))(x), bn_relu.make_block(4, True)(x))
 
 
 def test_per_sample_baseline_normalises_and_augments():

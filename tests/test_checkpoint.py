@@ -121,8 +121,8 @@ def test_a_non_finite_test_loss_or_bn_statistic_stops_the_run_and_keeps_the_last
     assert "NaN" not in (tmp_path / "run" / "metrics.jsonl").read_text()
     monkeypatch.undo()
     with torch.no_grad():  # a model whose BatchNorm statistics went NaN is never saved as "intact"
+        from fastcifar.checkpoint import non_finite_state
         from fastcifar.custom_resnet import CustomResNet
-        from fastcifar.session import non_finite_state
         model = CustomResNet(tiny_config(synthetic, tmp_path).model)
         model.prep[1].running_var[0] = float("nan")
         assert non_finite_state(model) == "prep.1.running_var"

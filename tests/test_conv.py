@@ -19,7 +19,26 @@ from fastcifar.conv import (
 from fastcifar.custom_resnet import CustomResNet
 from fastcifar.runtime import resolve_conv_grad
 from fastcifar.training import train
-from tests.conftest import sgd_losses, tiny_config
+from tests.conftest import tiny_config
+
+
+def sgd_losses(model: torch.nn.Module, dtype: torch.dtype, batch: int, steps: int = 6) -> list[float]:
+    """The losses of `steps` SGD steps (Nesterov, lr 0.2, label smoothing 0.2, bf16 autocast when `dtype` is bf16)
+    of `model` on one fixed random channels_last batch: for comparing two ways of computing a step."""
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, 32, 32, generator=generator).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), generator=generator)
+    losses = []
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), y, label_smoothing=0.2)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
 
 
 @pytest.mark.parametrize(("c_in", "c_out", "side"), [(3, 5, 6), (8, 4, 4), (16, 16, 2), (4, 8, 1)])

@@ -7,12 +7,14 @@ machine has no FFCV) and synthetic data in the exact CIFAR-10 format (tests/synt
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from fastcifar.augment import AugmentSettings, BatchAugment, cutout, normalize, random_crop, random_flip
+from fastcifar.augment import BatchAugment, cutout, normalize, random_crop, random_flip
+from fastcifar.config import DataConfig
 from fastcifar.data import make_resident_loader
 from fastcifar.runtime import resolve_precision
 from fastcifar.training import train
@@ -78,7 +80,7 @@ def test_an_epoch_stopped_early_leaves_a_clean_next_epoch(synthetic):
 def test_fused_augmentation_on_cuda_equals_the_separate_functions(synthetic, pad_mode):
     with _loader(synthetic).epoch(0) as batches:
         images, _ = next(batches)
-    settings = AugmentSettings(pad_mode=pad_mode)
+    settings = DataConfig(pad_mode=pad_mode, flip_mode="random")
     fused = BatchAugment(settings, CUDA, 7, torch.float32)
     gen = torch.Generator(device=CUDA).manual_seed(7)
     x = random_crop(images, 4, gen, pad_mode)
@@ -89,7 +91,7 @@ def test_fused_augmentation_on_cuda_equals_the_separate_functions(synthetic, pad
 
 
 def test_augmentation_makes_no_host_sync(synthetic):
-    augment = BatchAugment(AugmentSettings(pad_mode="reflect"), CUDA, 0, torch.bfloat16)
+    augment = BatchAugment(DataConfig(pad_mode="reflect", flip_mode="random"), CUDA, 0, torch.bfloat16)
     with _loader(synthetic).epoch(0) as batches:
         images, _ = next(batches)
         torch.cuda.synchronize()
@@ -114,7 +116,7 @@ def test_no_recompiles_after_the_warm_up(synthetic, tmp_path):
     session.warm_up()
     torch._dynamo.config.error_on_recompile = True  # any recompile after the warm-up raises
     try:
-        _train(session, None, QUIET["log"])
+        _train(session, None, QUIET["log"], time.perf_counter())
     finally:
         torch._dynamo.config.error_on_recompile = False
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastcifar.config import DataConfig
 from fastcifar.data import (
     ResidentLoader,
     make_loader,
@@ -22,12 +23,17 @@ CPU = torch.device("cpu")
 KINDS = ["ffcv", "resident"]
 
 
+def data_config(data_dir, kind: str, batch: int = 64, test_batch: int = 30) -> DataConfig:
+    """The data section for a loader of `kind` over `data_dir` (batch sizes that do not divide 1000 / 200, so the
+    last batch is partial)."""
+    return DataConfig(data_dir=str(data_dir), loader=kind, batch_size=batch, test_batch_size=test_batch,
+                      num_workers=1)
+
+
 @pytest.fixture(scope="module", params=KINDS)
 def loaders(synthetic, request):
     """Each loader kind over the same data: every contract test below runs for both."""
-    # batch sizes that do not divide 1000 / 200, so the last batch is partial
-    return make_loaders(synthetic["data_dir"], batch_size=64, test_batch_size=30, num_workers=1, device=CPU, seed=1,
-                        kind=request.param)
+    return make_loaders(data_config(synthetic["data_dir"], request.param), CPU, seed=1)
 
 
 BATCH = {"train": 64, "test": 30}
@@ -102,14 +108,14 @@ def test_torch_thread_count_survives_loaders(loaders):
 
 def test_missing_beton_names_the_command(tmp_path):
     with pytest.raises(DataError, match=r"missing .*train\.beton; create it with: python data_prep/write_beton.py"):
-        make_loaders(tmp_path, 8, 8, 1, CPU)
+        make_loaders(data_config(tmp_path, "auto", batch=8), CPU)
 
 
 def test_corrupt_beton_is_reported(tmp_path):
     for name in ("train.beton", "test.beton"):
         (tmp_path / name).write_bytes(b"\x00" * 100)
     with pytest.raises(DataError, match="not a readable CIFAR-10 beton"):
-        make_loaders(tmp_path, 8, 8, 1, CPU)
+        make_loaders(data_config(tmp_path, "auto", batch=8), CPU)
 
 
 def _write(path, fields, rows):
@@ -138,7 +144,7 @@ def test_beton_of_the_wrong_kind_is_reported(tmp_path, kind, fragment):
 
 
 def test_both_kinds_give_the_same_samples_each_epoch_and_the_same_test_batches(synthetic):
-    kinds = {kind: make_loaders(synthetic["data_dir"], 64, 30, 1, CPU, seed=1, kind=kind) for kind in KINDS}
+    kinds = {kind: make_loaders(data_config(synthetic["data_dir"], kind), CPU, seed=1) for kind in KINDS}
     epochs = {kind: _one_epoch(loaders.train, 2) for kind, loaders in kinds.items()}
     (ffcv_seen, ffcv_labels, _), (res_seen, res_labels, _) = epochs["ffcv"], epochs["resident"]
     assert sorted(ffcv_seen.tolist()) == sorted(res_seen.tolist())  # the same multiset of images...
@@ -171,7 +177,7 @@ def test_resident_epochs_depend_only_on_seed_and_index():
 
 
 def test_unknown_or_unavailable_loader_kinds_are_refused(monkeypatch):
-    with pytest.raises(DataError, match="data.loader must be auto, ffcv or resident"):
+    with pytest.raises(DataError, match="data.loader must be one of auto, ffcv, resident"):
         resolve_kind("dali")
     monkeypatch.setitem(__import__("sys").modules, "ffcv", None)  # FFCV made unimportable
     assert resolve_kind("auto") == "resident"
@@ -231,4 +237,4 @@ def test_swapped_files_are_caught_by_the_manifest(synthetic, tmp_path):
         (data_dir / b).rename(data_dir / a)
         (data_dir / "x").rename(data_dir / b)
         with pytest.raises(DataError, match=r"holds 200 images but betons.json says 1,000: the files were swapped"):
-            make_loaders(data_dir, 64, 30, 1, CPU, kind=kind)
+            make_loaders(data_config(data_dir, kind), CPU)

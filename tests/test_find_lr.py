@@ -19,15 +19,14 @@ def session(synthetic, tmp_path_factory):
 
 
 def _state(session):
-    return ({k: v.clone() for k, v in session.model.state_dict().items()},
-            json.dumps(session.optimizer.state_dict()["param_groups"]))
+    return ({k: v.clone() for k, v in session.trainer.module.state_dict().items()},
+            json.dumps(session.trainer.optimizer.state_dict()["param_groups"]))
 
 
 def test_range_test_returns_a_growing_lr_curve_and_restores_everything(session):
     before_weights, before_groups = _state(session)
     cfg = LRFinderConfig(start_lr=1e-3, end_lr=1e-1, steps=20, diverge_factor=1e9)
-    curve = range_test(session.model, session.loaders.train, session.augment, session.optimizer, session.loss_fn,
-                       session.amp, cfg)
+    curve = range_test(session.trainer, session.loaders.train, cfg)
     assert len(curve["lrs"]) == 20 and not curve["diverged"]
     np.testing.assert_allclose(curve["lrs"], np.geomspace(1e-3, 1e-1, 20))
     assert all(np.isfinite(curve["losses"])) and len(curve["smoothed"]) == 20
@@ -35,13 +34,12 @@ def test_range_test_returns_a_growing_lr_curve_and_restores_everything(session):
     assert after_weights.keys() == before_weights.keys()
     for name, tensor in before_weights.items():  # weights and BN statistics, bit for bit
         assert torch.equal(tensor, after_weights[name]), name
-    assert after_groups == before_groups and session.optimizer.state_dict()["state"] == {}
+    assert after_groups == before_groups and session.trainer.optimizer.state_dict()["state"] == {}
 
 
 def test_range_test_stops_on_divergence(session):
     cfg = LRFinderConfig(start_lr=1e-2, end_lr=1e6, steps=60, diverge_factor=2.0)
-    curve = range_test(session.model, session.loaders.train, session.augment, session.optimizer, session.loss_fn,
-                       session.amp, cfg)
+    curve = range_test(session.trainer, session.loaders.train, cfg)
     assert curve["diverged"] and len(curve["lrs"]) < 60
 
 

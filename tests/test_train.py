@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+from fastcifar.augment import BatchAugment
 from fastcifar.config import Config
 from fastcifar.custom_resnet import CustomResNet
 from fastcifar.errors import FastCifarError
@@ -12,7 +13,7 @@ from fastcifar.evaluation import evaluate_checkpoint
 from fastcifar.reporting import load_history
 from fastcifar.runtime import resolve_precision
 from fastcifar.schedule import make_scheduler
-from fastcifar.session import augment_settings, parameter_groups
+from fastcifar.session import parameter_groups
 from fastcifar.training import EpochTable, is_test_epoch, main, time_to, train
 from tests.conftest import LEVERS, TINY, tiny_cli_args, tiny_config
 
@@ -172,12 +173,11 @@ def test_a_run_with_every_lever_learns_and_reports_the_ema_weights_with_flip_tta
     assert without.probs.shape == preds.probs.shape and not (without.probs == preds.probs).all()
 
 
-def test_every_augmentation_setting_comes_from_the_data_config():
+def test_the_training_augmentation_is_the_data_configs():
+    """No copy of the settings: the session's augmentation reads the data config itself."""
     data = Config.from_preset("fast", {"data.flip_mode": "alternate", "data.cutout_size": 5, "data.crop_padding": 2,
                                        "data.flip": False}).data
-    settings = augment_settings(data)
-    assert (settings.flip_mode, settings.cutout_size, settings.crop_padding, settings.flip, settings.pad_mode) == (
-        "alternate", 5, 2, False, "reflect")
+    assert BatchAugment(data, torch.device("cpu"), 0, torch.float32).settings is data
 
 
 ONE_EPOCH = {"schedule.epochs": 1, "schedule.peak_epoch": 1}

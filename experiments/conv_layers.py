@@ -1,7 +1,7 @@
 """Where the training step's convolution time goes: each convolution of the spec's network, its three passes
 (forward, gradient of the input, gradient of the filters) timed one by one, against the machine's matmul peak.
 
-    python -m benchmarks.conv_layers [--batch-size 512] [--dtype auto|bf16|fp32] [--repeats 3] [--out FILE]
+    python -m experiments.conv_layers [--batch-size 512] [--dtype auto|bf16|fp32] [--repeats 3] [--out FILE]
 
 The profile of a whole step (`python -m benchmarks.run --sections physics`) names `convolution_backward` as the
 largest op; this says which layer and which of its two gradients is slow. Each pass runs as PyTorch runs it in
