@@ -4,7 +4,9 @@ Reads config.json and metrics.jsonl of each run (unfinished runs too: a resumabl
 it is still under way), prints a markdown table (one row per epoch, one column per run; a row for flip TTA
 where a run folder holds the tta.json of `python -m fastcifar.evaluate --tta --save`) and, with --out, draws
 accuracy per epoch and against hours in training passes. With --seed, the table and figure put each run's train
-and test accuracy per epoch beside the seed's log (fastcifar/seed.py), for the reproduction.
+and test accuracy per epoch beside the seed's log (fastcifar/seed.py), for the reproduction. With --table, the
+finished runs are grouped by recipe instead: mean ± sd over seeds, seconds per epoch and time to 91% per machine
+kind (fastcifar/tables.py; README's results tables are its output).
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import sys
 from pathlib import Path
 
 from fastcifar.cli import Parser
+from fastcifar.config import ConfigError
 from fastcifar.errors import FastCifarError, require_output_folder, run_cli
 from fastcifar.evaluation import read_tta_accuracy
 from fastcifar.reporting import comparison_markdown, load_history, plot_comparison, run_label, save_figure
 from fastcifar.seed import plot_seed_comparison, seed_comparison_markdown
+from fastcifar.tables import results_table
 
 
 def compare(run_dirs: list[str], out: str | None = None, seed: bool = False) -> str:
@@ -46,6 +50,11 @@ def compare(run_dirs: list[str], out: str | None = None, seed: bool = False) -> 
 
 
 def _print_comparison(args: argparse.Namespace) -> None:
+    if args.table:
+        if args.out or args.seed:
+            raise ConfigError("--table prints the results table only; give --out/--seed without it")
+        print(results_table(args.run_dirs), end="")
+        return
     print(compare(args.run_dirs, args.out, args.seed), end="")
     if args.out:
         print(f"wrote {args.out}")
@@ -57,6 +66,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m fastcifar.compare
     parser.add_argument("--out", metavar="PNG", help="also draw the accuracy curves into this image file")
     parser.add_argument("--seed", action="store_true", help="train and test accuracy per epoch beside the seed's log "
                         "(the run this project reproduces; fastcifar/seed_log.json)")
+    parser.add_argument("--table", action="store_true", help="the finished runs grouped by recipe: mean ± sd over "
+                        "seeds, seconds per epoch and time to 91%% per machine kind (README's results tables)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     return run_cli(lambda: _print_comparison(args))
 

@@ -185,7 +185,7 @@ class LRFinderConfig:
     min_lr_divisor: float = opt(10.0, "suggested min_lr = suggested max_lr / this", at_least(1))
     sweep: tuple[float, ...] = opt(SEED_SWEEP, "epochs: the LRs, one training epoch each (default: the seed's "
                                    "0.001 + 0.0019 k, k = 0..9)",
-                                   Check(lambda v: len(v) >= 1 and all(lr > 0 for lr in v), "values must be > 0"))
+                                   Check(lambda v: all(lr > 0 for lr in v), "values must be > 0"))
     sweep_images: int = opt(0, "epochs: images per sweep epoch (0 = the whole training set)", at_least(0))
     sweep_weight_decay: float = opt(-1.0, "epochs: weight decay during the sweep (-1 = optim.weight_decay; the "
                                     "seed's finder: 0.05)", Check(lambda v: v == -1 or v >= 0, "must be -1 or >= 0"))

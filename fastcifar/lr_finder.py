@@ -156,6 +156,8 @@ def find_lr(cfg: Config, log: Callable[[str], None] = print) -> dict:
     into the run directory and returns what it wrote."""
     f = cfg.lr_finder
     epochs = f.method == "epochs"
+    if epochs and not f.sweep:  # before any data is read
+        raise FastCifarError("--lr_finder.method epochs needs LRs: give --lr_finder.sweep LR,LR,...")
     if epochs and f.sweep_images:
         cfg = cfg.override({"data.train_subset": f.sweep_images})
     if epochs and f.sweep_weight_decay >= 0:

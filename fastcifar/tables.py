@@ -1,0 +1,173 @@
+"""Results tables from committed run directories: `python -m fastcifar.compare --table RUN_DIR ...`.
+
+Finished runs (those with a results.json) are grouped by recipe: the preset they name and every training or test
+setting in which they differ from that preset as it is defined now; the seed and the run's own plumbing (paths,
+names, threads, how often it tested or checkpointed) do not split a group. One row per recipe gives the final test
+accuracy as mean ± sd over its runs (as the runs measured it: plain, flip TTA or translation TTA), the
+translation-TTA accuracy of the final weights where `evaluate --tta --translate 1 --save tta-translate1.json`
+left its file, and per machine kind the seconds per epoch and the time to 91% from the command's start (set-up,
+warm-up and every test pass the run made included), each with how many runs it averages.
+
+README's tables are this command's output: rerun it to refresh them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import mean, stdev
+from typing import Any
+
+from fastcifar.config import Config, ConfigError
+from fastcifar.errors import FastCifarError
+from fastcifar.presets import PRESETS
+from fastcifar.reporting import test_method
+
+TRANSLATE_FILE = "tta-translate1.json"
+TARGET = 0.91
+# What a run may set without being another recipe: where it reads and writes, how fast it runs, how often it tests
+# or checkpoints (the last test pass, whose accuracy the table reports, is always there).
+NOT_RECIPE = ("run.", "data.data_dir", "data.num_workers", "data.loader", "data.test_batch_size", "lr_finder.")
+PRECISION = {"amx_bf16": "bf16", "avx512_bf16": "bf16"}
+MACHINES = {"amx_bf16": "Xeon AMX", "avx512_bf16": "EPYC AVX512-BF16"}
+
+
+@dataclass
+class Run:
+    path: Path
+    recipe: str
+    epochs: int
+    seed: int
+    test_acc: float
+    method: str
+    machine: str
+    epoch_s: float
+    to_target_s: float | None
+    translate_acc: float | None
+
+
+@dataclass
+class Row:
+    recipe: str
+    epochs: int
+    runs: list[Run] = field(default_factory=list)
+
+
+def _flat(cfg: Config) -> dict[str, Any]:
+    return {f"{s}.{k}": v for s, sec in cfg.to_dict().items() if isinstance(sec, dict) for k, v in sec.items()}
+
+
+def _recipe(cfg: Config) -> dict[str, Any]:
+    return {k: v for k, v in _flat(cfg).items() if not k.startswith(NOT_RECIPE) and k != "schedule.lr_from"}
+
+
+def recipe_label(cfg: Config) -> str:
+    """'fast10', or 'fast + schedule.epochs=12, schedule.peak_epoch=2.5': the preset whose recipe is nearest (fewest
+    settings differ; the preset the run named wins a tie) and the settings in which the run differs from it."""
+    ours = _recipe(cfg)
+    names = sorted(PRESETS, key=lambda name: name != cfg.preset)  # the named preset first: it wins ties
+    best = min(names, key=lambda name: sum(v != ours[k] for k, v in _recipe(Config.from_preset(name)).items()))
+    theirs = _recipe(Config.from_preset(best))
+    changed = [f"{k}={_short(v)}" for k, v in ours.items() if v != theirs[k]]
+    return best + (" + " + ", ".join(changed) if changed else "")
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def machine_kind(env: dict, cfg: Config) -> str:
+    """'EPYC AVX512-BF16, bf16', 'Xeon AMX, bf16', 'EPYC AVX2, fp32', or the GPU's name and precision."""
+    if env.get("device") == "cuda" or str(env.get("device", "")).startswith("cuda"):
+        name = env.get("device_name", "GPU")
+        return f"{name}, {cfg.run.precision}"
+    kind = str(env.get("cpu_kind", ""))
+    key = kind.split(",")[0].strip()
+    if key in MACHINES:
+        precision = cfg.run.precision if cfg.run.precision != "auto" else PRECISION[key]
+        return f"{MACHINES[key]}, {precision}"
+    if kind.startswith("avx2"):
+        return f"EPYC AVX2, {'fp32' if cfg.run.precision == 'auto' else cfg.run.precision}"
+    cpu = env.get("device_name") or env.get("cpu") or "unknown CPU"
+    if "Xeon" in cpu:  # before env.json recorded cpu_kind, the Xeons here were the AMX ones
+        return f"Xeon AMX, {cfg.run.precision if cfg.run.precision != 'auto' else 'bf16'}"
+    precision = cfg.run.precision if cfg.run.precision != "auto" else "precision not recorded"
+    return f"{cpu} (kind not recorded), {precision}"
+
+
+def read_run(path: Path) -> Run | None:
+    """A finished run's numbers; None for an unfinished one (no results.json); an error for a folder that is not a
+    run directory."""
+    if not (path / "results.json").exists():
+        if not (path / "config.json").exists():
+            raise FastCifarError(f"{path} is not a run directory (no config.json); pass folders written by "
+                                 f"python -m fastcifar train")
+        return None
+    try:
+        cfg = Config.from_dict(json.loads((path / "config.json").read_text()))
+        results = json.loads((path / "results.json").read_text())
+        env = json.loads((path / "env.json").read_text()) if (path / "env.json").exists() else {}
+        metrics = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        target = results.get("time_to_test_acc", {}).get(f"{TARGET:.2f}", {}).get("seconds")
+        translate = None
+        if (path / TRANSLATE_FILE).exists():
+            saved = json.loads((path / TRANSLATE_FILE).read_text())
+            translate = float(saved["test_acc"]) if saved.get("translate") else None
+        return Run(path, recipe_label(cfg), int(results["epochs"]), cfg.run.seed, float(results["final_test_acc"]),
+                   test_method(cfg) or "plain", machine_kind(env, cfg),
+                   mean(float(m["epoch_s"]) for m in metrics), target, translate)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError) as err:
+        raise FastCifarError(f"{path}: cannot read its results ({type(err).__name__}: {err})") from None
+
+
+def group(runs: list[Run]) -> list[Row]:
+    rows: dict[tuple[str, int], Row] = {}
+    for run in runs:
+        rows.setdefault((run.recipe, run.epochs), Row(run.recipe, run.epochs)).runs.append(run)
+    return sorted(rows.values(), key=lambda r: (r.recipe.split(" ")[0], r.epochs, r.recipe))
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f}%"
+    return f"{100 * mean(values):.2f} ± {100 * stdev(values):.2f}%"
+
+
+def _per_machine(runs: list[Run], value: str) -> str:
+    by_machine: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        by_machine[run.machine].append(run)
+    cells = []
+    for machine, group_runs in sorted(by_machine.items()):
+        if value == "epoch":
+            cells.append(f"{mean(r.epoch_s for r in group_runs):.0f} s ({machine}, n={len(group_runs)})")
+            continue
+        reached = [r.to_target_s for r in group_runs if r.to_target_s is not None]
+        cells.append(f"{mean(reached) / 60:.1f} min ({machine}, {len(reached)} of {len(group_runs)})" if reached
+                     else f"not reached ({machine}, n={len(group_runs)})")
+    return "; ".join(cells)
+
+
+def results_table(run_dirs: list[str]) -> str:
+    """The markdown table of the finished runs among `run_dirs` (see the module docstring)."""
+    unique = list(dict.fromkeys(Path(d).resolve() for d in run_dirs))  # overlapping globs name a run twice
+    runs = [run for run in (read_run(path) for path in unique) if run is not None]
+    if not runs:
+        raise FastCifarError("none of these runs has finished (no results.json); nothing to tabulate")
+    lines = ["| recipe | epochs | n (seeds) | final test acc (as tested) | + translation TTA | s per epoch | "
+             f"time to {TARGET:.0%} |", "|---|---:|---|---|---|---|---|"]
+    for row in group(runs):
+        methods = sorted({r.method for r in row.runs})
+        seeds = ",".join(str(r.seed) for r in sorted(row.runs, key=lambda r: r.seed))
+        translate = [r.translate_acc for r in row.runs if r.translate_acc is not None]
+        trans = f"{_mean_sd(translate)} (n={len(translate)})" if translate else "-"
+        lines.append(f"| {row.recipe} | {row.epochs} | {len(row.runs)} ({seeds}) | "
+                     f"{_mean_sd([r.test_acc for r in row.runs])} ({', '.join(methods)}) | {trans} | "
+                     f"{_per_machine(row.runs, 'epoch')} | {_per_machine(row.runs, 'target')} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,90 @@
+"""`compare --table`: finished runs grouped by recipe, mean ± sd over seeds, time per epoch and to 91% per machine."""
+
+import json
+
+import pytest
+
+from fastcifar.config import Config
+from fastcifar.errors import FastCifarError
+from fastcifar.rundir import append_jsonl, write_json
+from fastcifar.tables import machine_kind, recipe_label, results_table
+
+EPYC = {"device": "cpu", "device_name": "AMD EPYC", "cpu_kind": "avx512_bf16, no amx"}
+XEON = {"device": "cpu", "device_name": "Intel(R) Xeon(R) Processor", "cpu_kind": "amx_bf16"}
+
+
+def make_run(path, cfg: Config, acc: float, env: dict, epoch_s: float = 300.0, to_91: float | None = None,
+             translate: float | None = None, finished: bool = True):
+    path.mkdir(parents=True)
+    write_json(path / "config.json", cfg.to_dict())
+    write_json(path / "env.json", env)
+    for epoch in range(1, cfg.schedule.epochs + 1):
+        append_jsonl(path / "metrics.jsonl", {"epoch": epoch, "epoch_s": epoch_s, "test_acc": acc})
+    if finished:
+        write_json(path / "results.json", {"epochs": cfg.schedule.epochs, "final_test_acc": acc,
+                                           "time_to_test_acc": {"0.91": {"epoch": None if to_91 is None else 1,
+                                                                         "seconds": to_91}}})
+    if translate is not None:
+        write_json(path / "tta-translate1.json", {"tta": True, "translate": 1, "test_acc": translate})
+    return str(path)
+
+
+def test_runs_of_one_recipe_are_one_row_with_mean_sd_and_per_machine_times(tmp_path):
+    fast10 = Config.from_preset("fast10")
+    dirs = [make_run(tmp_path / "a", fast10.override({"run.seed": 0}), 0.90, EPYC, 290, translate=0.905),
+            make_run(tmp_path / "b", fast10.override({"run.seed": 1}), 0.92, XEON, 120, to_91=1500.0, translate=0.915),
+            make_run(tmp_path / "c", fast10.override({"run.seed": 2, "run.test_every": 0}), 0.91, EPYC, 310,
+                     to_91=3000.0)]
+    rows = results_table(dirs).splitlines()[2:]
+    assert len(rows) == 1  # test_every and the seed do not make another recipe
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[:5] == ["fast10", "10", "3 (0,1,2)", "91.00 ± 1.00% (flip TTA)", "91.00 ± 0.71% (n=2)"]
+    assert cells[5] == "300 s (EPYC AVX512-BF16, bf16, n=2); 120 s (Xeon AMX, bf16, n=1)"
+    assert cells[6] == "50.0 min (EPYC AVX512-BF16, bf16, 1 of 2); 25.0 min (Xeon AMX, bf16, 1 of 1)"
+
+
+def test_a_changed_setting_is_another_recipe_named_after_the_nearest_preset(tmp_path):
+    base = Config.from_preset("fast", {"schedule.epochs": 10, "schedule.peak_epoch": 2.08})  # = fast10's recipe
+    dirs = [make_run(tmp_path / "a", base, 0.90, EPYC),
+            make_run(tmp_path / "b", base.override({"optim.label_smoothing": 0.1}), 0.89, EPYC)]
+    recipes = [line.split("|")[1].strip() for line in results_table(dirs).splitlines()[2:]]
+    assert recipes == ["fast10", "fast10 + optim.label_smoothing=0.1"]
+    assert recipe_label(Config.from_preset("reference", {"schedule.epochs": 24})) == "reference"
+
+
+def test_unfinished_runs_are_left_out_and_a_folder_named_twice_counts_once(tmp_path):
+    cfg = Config.from_preset("fast16")
+    done = make_run(tmp_path / "done", cfg, 0.915, EPYC)
+    make_run(tmp_path / "running", cfg, 0.5, EPYC, finished=False)
+    table = results_table([done, str(tmp_path / "running"), done + "/"])
+    assert "| fast16 | 16 | 1 (0) | 91.50% (flip TTA) |" in table
+
+
+def test_bad_folders_are_one_line_errors(tmp_path):
+    with pytest.raises(FastCifarError, match="is not a run directory"):
+        results_table([str(tmp_path)])
+    make_run(tmp_path / "half", Config(), 0.5, EPYC, finished=False)
+    with pytest.raises(FastCifarError, match="none of these runs has finished"):
+        results_table([str(tmp_path / "half")])
+    broken = make_run(tmp_path / "broken", Config(), 0.5, EPYC)
+    (tmp_path / "broken" / "results.json").write_text("[1, 2]")
+    with pytest.raises(FastCifarError, match="broken: cannot read its results"):
+        results_table([broken])
+
+
+@pytest.mark.parametrize(("env", "precision", "expected"), [
+    (EPYC, "auto", "EPYC AVX512-BF16, bf16"), (XEON, "auto", "Xeon AMX, bf16"), (XEON, "fp32", "Xeon AMX, fp32"),
+    ({"device": "cpu", "cpu_kind": "avx2, no bf16 instructions", "device_name": "AMD EPYC"}, "auto", "EPYC AVX2, fp32"),
+    ({"device": "cpu", "device_name": "AMD EPYC"}, "auto", "AMD EPYC (kind not recorded), precision not recorded"),
+    ({"device": "cuda", "device_name": "NVIDIA H100"}, "bf16", "NVIDIA H100, bf16")])
+def test_machine_kinds(env, precision, expected):
+    assert machine_kind(env, Config().override({"run.precision": precision})) == expected
+
+
+def test_the_command_prints_it(tmp_path, capsys):
+    from fastcifar.compare import main
+    run = make_run(tmp_path / "r", Config.from_preset("fast10"), 0.9, EPYC)
+    assert main(["--table", run]) == 0
+    assert "| fast10 | 10 | 1 (0) |" in capsys.readouterr().out
+    assert main(["--table", "--seed", run]) == 2
+    assert json.dumps("--table prints the results table only")[1:-1] in capsys.readouterr().err
