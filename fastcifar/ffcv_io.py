@@ -13,6 +13,8 @@ import contextlib
 import importlib.util
 import os
 import signal
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -159,17 +161,26 @@ class _ArrayDataset:
         return self.images[i], int(self.labels[i])
 
 
+# Shared-memory segments of our beton writers are named SHM_PREFIX + the writer's pid + "_" + a count, so that a
+# clean-up removes exactly those of one writer (never another program's), also after a kill -9 (`sweep_stale`).
+SHM_PREFIX = "fastcifar_beton_"
+SHM_DIR = Path("/dev/shm")
+
+
 def write_beton(images: np.ndarray, labels: np.ndarray, path: Path, num_workers: int) -> None:
     """Write uint8 images [N, 32, 32, 3] and labels [N] as an FFCV dataset (raw RGB images, int labels) to
     `path`, atomically (a temporary name, renamed when complete).
 
-    FFCV's writer forks worker processes that would inherit our signal handlers (and print tracebacks, or
-    hang the parent joining them, on Ctrl-C / SIGTERM). So the writing runs in a child process of its own
-    process group with the default handlers; a signal to us kills that whole group, removes the shared memory
-    it left in /dev/shm and the temporary file, and then stops us with the usual one line."""
+    FFCV's writer forks worker processes that would inherit our signal handlers (and print tracebacks, or hang the
+    parent joining them, on Ctrl-C / SIGTERM), and it waits forever for a worker that died (a full disk). So the
+    writing runs in a child process of its own process group with the default handlers, whose workers report an
+    error through a pipe instead of a traceback, and which ends at once when one of them fails. Every process of
+    it dies with its parent (a kill -9 of the data step takes the writer along). A signal to us, or a failure,
+    kills that whole group, removes the shared memory it created (by its own names) and the temporary file, and
+    ends in one line."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    shm_before = _shared_memory()
     read_end, write_end = os.pipe()
+    parent = os.getpid()
     child = os.fork()
     if child == 0:  # the writer
         os.close(read_end)
@@ -178,55 +189,146 @@ def write_beton(images: np.ndarray, labels: np.ndarray, path: Path, num_workers:
             os.setpgid(0, 0)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_DFL)
-            _write_beton_here(images, labels, tmp, num_workers)
+            _die_with(parent)
+            _write_beton_here(images, labels, tmp, num_workers, write_end)
             code = 0
         except BaseException as err:  # reported to the parent through the pipe, never as a traceback here
-            os.write(write_end, f"{type(err).__name__}: {err}".encode()[:2000])
+            _report(write_end, err)
         finally:
             os._exit(code)
     os.close(write_end)
     try:
         _, status = os.waitpid(child, 0)
     except BaseException:  # Ctrl-C / SIGTERM (errors.Terminated) while the writer runs
-        with contextlib.suppress(OSError):
-            os.killpg(child, signal.SIGKILL)
-        with contextlib.suppress(OSError):
-            os.waitpid(child, 0)
-        _remove_new_shared_memory(shm_before)
-        tmp.unlink(missing_ok=True)
+        _end_writer(child, tmp)
         os.close(read_end)
         raise
     message = os.read(read_end, 4000).decode(errors="replace")
     os.close(read_end)
     if status != 0:
-        _remove_new_shared_memory(shm_before)
-        tmp.unlink(missing_ok=True)
+        _end_writer(child, tmp)
+        print(file=sys.stderr)  # FFCV's progress bar stopped mid-line: the error gets a line of its own
         full = any(word in message for word in ("No space", "ENOSPC", "Errno 28"))
         advice = "the disk is full; free space or use another --data-dir" if full else message or f"status {status}"
         raise DataError(f"cannot write {path}: {advice}")
+    _remove_shared_memory(child)  # FFCV unlinks its segment itself; nothing should be left, but be sure
     os.replace(tmp, path)
 
 
-def _write_beton_here(images: np.ndarray, labels: np.ndarray, tmp: Path, num_workers: int) -> None:
-    from ffcv.fields import IntField, RGBImageField  # heavy import (~3 s), only when writing
-    from ffcv.writer import DatasetWriter
+def _end_writer(child: int, tmp: Path) -> None:
+    """Kill what is left of the writer's process group, then remove its shared memory and temporary file."""
+    with contextlib.suppress(OSError):
+        os.killpg(child, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        os.waitpid(child, 0)
+    _remove_shared_memory(child)
+    tmp.unlink(missing_ok=True)
 
-    fields = {"image": RGBImageField(write_mode="raw", max_resolution=32), "label": IntField()}
-    DatasetWriter(str(tmp), fields, num_workers=num_workers).from_indexed_dataset(_ArrayDataset(images, labels))
+
+def _report(fd: int, err: BaseException) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, f"{type(err).__name__}: {err}".encode()[:2000])
 
 
-def _shared_memory() -> set[str]:
+def _die_with(parent: int) -> None:
+    """Linux: have this process killed when its parent dies (prctl PR_SET_PDEATHSIG); if the parent is already
+    gone, exit now. Elsewhere nothing (the process then outlives a kill -9 of the data step by its run time)."""
     try:
-        return set(os.listdir("/dev/shm"))
-    except OSError:
-        return set()
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os._exit(1)
 
 
-def _remove_new_shared_memory(before: set[str]) -> None:
-    """Shared-memory segments that killed writer processes left behind (only those that appeared since)."""
-    for name in _shared_memory() - before:
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join("/dev/shm", name))
+def _write_beton_here(images: np.ndarray, labels: np.ndarray, tmp: Path, num_workers: int, report: int) -> None:
+    """In the writer process: FFCV's DatasetWriter with its shared memory under our names, and its workers watched
+    (one that fails writes its error to `report` and ends this process at once)."""
+    import multiprocessing
+    import threading
+    from multiprocessing import shared_memory
+
+    import ffcv.writer  # heavy import (~3 s), only when writing
+    from ffcv.fields import IntField, RGBImageField
+
+    writer_pid, workers = os.getpid(), []
+
+    class NamedSharedMemory(shared_memory.SharedMemory):
+        made = 0
+
+        def __init__(self, name: str | None = None, create: bool = False, size: int = 0) -> None:
+            if create and name is None:
+                NamedSharedMemory.made += 1
+                name = f"{SHM_PREFIX}{writer_pid}_{NamedSharedMemory.made}"
+            super().__init__(name=name, create=create, size=size)
+
+    class Worker(multiprocessing.get_context("fork").Process):
+        def start(self) -> None:
+            workers.append(self)
+            super().start()
+
+        def run(self) -> None:
+            _die_with(writer_pid)
+            try:
+                super().run()
+            except BaseException as err:  # e.g. OSError: [Errno 28] No space left on device
+                _report(report, err)
+                os._exit(1)
+
+    def watch() -> None:  # FFCV's writer would wait forever for a worker that died
+        while True:
+            if any(w.exitcode not in (None, 0) for w in list(workers)):
+                os._exit(1)
+            time.sleep(0.2)
+
+    ffcv.writer.shared_memory = type("SharedMemoryModule", (), {"SharedMemory": NamedSharedMemory})
+    ffcv.writer.Process = Worker
+    threading.Thread(target=watch, daemon=True).start()
+    fields = {"image": RGBImageField(write_mode="raw", max_resolution=32), "label": IntField()}
+    ffcv.writer.DatasetWriter(str(tmp), fields, num_workers=num_workers).from_indexed_dataset(
+        _ArrayDataset(images, labels))
 
 
-# ------------------------------------------------------------------------------------ resident arrays
+def _remove_shared_memory(writer: int) -> list[str]:
+    """Remove the shared-memory segments of the writer process `writer` (by their names); returns them."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in SHM_DIR.iterdir():
+            if entry.name.startswith(f"{SHM_PREFIX}{writer}_"):
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+                    removed.append(str(entry))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def sweep_stale(data_dir: Path) -> list[str]:
+    """What dead writers left: temporary files `.NAME.PID.tmp` in `data_dir` and our shared-memory segments whose
+    process is gone (a kill -9 of an earlier data step). Removes them; returns their paths."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in data_dir.iterdir():
+            parts = entry.name.split(".")
+            if (entry.name.startswith(".") and entry.name.endswith(".tmp") and len(parts) >= 4
+                    and parts[-2].isdigit() and int(parts[-2]) != os.getpid() and not _alive(int(parts[-2]))):
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+                    removed.append(str(entry))
+    with contextlib.suppress(OSError):
+        for entry in SHM_DIR.iterdir():
+            pid = entry.name.removeprefix(SHM_PREFIX).split("_")[0]
+            if entry.name.startswith(SHM_PREFIX) and pid.isdigit() and not _alive(int(pid)):
+                removed += _remove_shared_memory(int(pid))
+    return removed

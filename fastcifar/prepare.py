@@ -36,6 +36,7 @@ from fastcifar import data, rundir
 from fastcifar.cli import Parser
 from fastcifar.config import DataConfig
 from fastcifar.errors import DataError, os_error_message, run_cli
+from fastcifar.ffcv_io import sweep_stale
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -277,6 +278,8 @@ def prepare(data_dir: Path, archive: str | None = None, force: bool = False, url
     _require_writable(data_dir)
     for stale in data_dir.glob(".extract-*"):  # left by a run killed while extracting (up to ~180 MB each)
         shutil.rmtree(stale, ignore_errors=True)
+    for stale in sweep_stale(data_dir):  # temporary files and shared memory of writers killed with -9
+        print(f"removed {stale}, left by an earlier data step that was killed")
     with tempfile.TemporaryDirectory(dir=data_dir, prefix=".extract-") as workdir:
         train, test = read_cifar10(source, Path(workdir), counts)
     print(f"read {source} (md5 {source_md5}{', verified' if downloaded else ''}): "

@@ -290,3 +290,134 @@ def test_sigterm_while_writing_a_beton_stops_in_one_line_and_leaves_nothing_runn
     if shm_before:
         assert set(os.listdir("/dev/shm")) <= shm_before, "shared memory left behind"
     assert not list(data.glob("*.tmp")) and not list(data.glob(".*.tmp")) and not (data / "betons.json").exists()
+
+
+# ------------------------------------------------------------------ faults of the data step, in private mounts
+# Each test runs the data step inside a private mount namespace (unshare, as root) with its own /dev/shm (and, for
+# the full disk, a small tmpfs as the data directory), so that what it leaves behind, and what it removes, can be
+# checked exactly, and another program's segment is there to be kept.
+
+def _private_mounts_work() -> bool:
+    try:
+        return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                               "mount -t tmpfs tmpfs /dev/shm"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+needs_private_mounts = pytest.mark.skipif(not _private_mounts_work(),
+                                          reason="needs unshare --mount (root) for a private /dev/shm and tmpfs")
+
+
+def _in_private_mounts(script: str, timeout: float = 300) -> str:
+    """Run a shell script in a private mount namespace whose /dev/shm is a fresh tmpfs holding another program's
+    segment; returns its stdout."""
+    head = "set -u\nmount -t tmpfs tmpfs /dev/shm\necho keep > /dev/shm/other_app_segment\n"
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", head + script],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _step(archive: Path, data: Path) -> str:
+    return (f"{sys.executable} {REPO / 'data_prep' / 'write_beton.py'} --archive {archive} --data-dir {data} "
+            f"--expect-counts any")
+
+
+def _after(data: Path) -> str:
+    """The script's report: exit status, what is in the data dir and /dev/shm, and any writer still running."""
+    return f"echo; echo SHM $(ls -A /dev/shm); echo DATA $(ls -A {data}); echo LEFT {_writers()}\n"
+
+
+def _writers() -> str:
+    """Shell: the pids of data-step processes still running (python ones only: the script's own shell has the
+    same words in its command line)."""
+    return f"$(pgrep -f '^{sys.executable} {REPO / 'data_prep' / 'write_beton.py'}' | tr '\\n' ' ')"
+
+
+def _wait_for_the_beton_writer(data: Path) -> str:
+    return f"while ! ls -A {data} | grep -q '^\\.train\\.beton\\..*\\.tmp$'; do sleep 0.05; done; sleep 0.5\n"
+
+
+@pytest.mark.slow
+@needs_private_mounts
+def test_a_full_disk_while_writing_a_beton_ends_in_one_line_and_leaves_nothing(tmp_path):
+    """FFCV's worker fails with ENOSPC; the step must end (it used to wait for that worker forever)."""
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    # extraction 5.3 MB, arrays 3.7 MB; the train beton (FFCV writes 8 MB pages) does not fit beside them in 8 MB
+    write_archive(archive, per_batch=200, n_test=200)
+    data = tmp_path / "data"
+    data.mkdir()
+    out = _in_private_mounts(f"mount -t tmpfs -o size=8m tmpfs {data}\n"
+                             f"timeout -s KILL 150 {_step(archive, data)} >/dev/null 2>err; echo RC $?; cat err\n"
+                             + _after(data))
+    assert "RC 1" in out, out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: cannot write {data / 'train.beton'}: the disk is full; free space or use another "
+                      f"--data-dir"], out
+    assert "Traceback" not in out and "OSError" not in out  # the worker's error arrives as that one line
+    assert "SHM other_app_segment" in out and "fastcifar_beton_" not in out
+    data_line = next(line for line in out.splitlines() if line.startswith("DATA"))
+    assert ".tmp" not in data_line and "betons.json" not in data_line
+    assert next(line for line in out.splitlines() if line.startswith("LEFT")).strip() == "LEFT"
+
+
+@pytest.mark.slow
+@needs_private_mounts
+def test_sigterm_during_a_beton_write_removes_its_own_shared_memory_and_nobody_elses(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    write_archive(archive, per_batch=4000, n_test=2000)  # 20,000 images: a few seconds of writing
+    data = tmp_path / "data"
+    out = _in_private_mounts(f"{_step(archive, data)} >/dev/null 2>err & pid=$!\n"
+                             + _wait_for_the_beton_writer(data) +
+                             "ls /dev/shm | grep -c fastcifar_beton_ | sed 's/^/WRITING /'\n"
+                             "kill -TERM $pid; wait $pid; echo RC $?; cat err; sleep 1\n" + _after(data))
+    assert "WRITING 1" in out, out  # the writer's segment existed, under our name
+    assert "RC 143" in out and "interrupted: nothing half-written was kept" in out, out
+    assert next(line for line in out.splitlines() if line.startswith("SHM")) == "SHM other_app_segment"
+    assert next(line for line in out.splitlines() if line.startswith("LEFT")).strip() == "LEFT"
+
+
+@pytest.mark.slow
+@needs_private_mounts
+def test_kill_9_during_a_beton_write_takes_the_writer_along_and_the_next_step_sweeps_what_it_left(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    write_archive(archive, per_batch=4000, n_test=2000)
+    data = tmp_path / "data"
+    out = _in_private_mounts(f"{_step(archive, data)} >/dev/null 2>&1 & pid=$!\n"
+                             + _wait_for_the_beton_writer(data) +
+                             f"kill -KILL $pid; wait $pid; sleep 2\n"
+                             f"echo AFTERKILL {_writers()}\n"
+                             f"echo STALE $(ls -A {data} | grep -c 'tmp$') $(ls /dev/shm | grep -c fastcifar_beton_)\n"
+                             f"{_step(archive, data)}; echo RC $?\n" + _after(data))
+    assert next(line for line in out.splitlines() if line.startswith("AFTERKILL")).strip() == "AFTERKILL", out
+    # the kill left a temporary beton (its segment, if any, is swept too: test_sweep_removes_only_dead_writers_files)
+    assert "STALE 1 " in out, out
+    assert "RC 0" in out and ".train.beton." in out and "left by an earlier data step that was killed" in out, out
+    assert next(line for line in out.splitlines() if line.startswith("SHM")) == "SHM other_app_segment"
+    data_line = next(line for line in out.splitlines() if line.startswith("DATA"))
+    assert ".tmp" not in data_line and "train.beton" in data_line and "betons.json" in data_line
+
+
+def test_sweep_removes_only_what_dead_writers_left(tmp_path, monkeypatch):
+    import os
+
+    from fastcifar import ffcv_io
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setattr(ffcv_io, "SHM_DIR", shm)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that has just ended
+    live = str(os.getppid())
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in (f".train.beton.{dead}.tmp", f".train.npz.{dead}.tmp", f".train.beton.{live}.tmp", "train.beton",
+                 ".notes.txt"):
+        (data / name).write_text("x")
+    for name in (f"fastcifar_beton_{dead}_1", f"fastcifar_beton_{live}_1", "other_app_segment", "psm_1234"):
+        (shm / name).write_text("x")
+    removed = sorted(Path(p).name for p in ffcv_io.sweep_stale(data))
+    assert removed == sorted([f".train.beton.{dead}.tmp", f".train.npz.{dead}.tmp", f"fastcifar_beton_{dead}_1"])
+    assert sorted(p.name for p in shm.iterdir()) == sorted([f"fastcifar_beton_{live}_1", "other_app_segment",
+                                                            "psm_1234"])
