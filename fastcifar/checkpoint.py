@@ -28,6 +28,7 @@ from torch import nn
 
 from fastcifar.augment import BatchAugment
 from fastcifar.config import Config, ConfigError
+from fastcifar.custom_resnet import CustomResNet
 from fastcifar.distributed import AgreedStop, Dist, gather
 from fastcifar.ema import Lookahead, WeightEMA
 from fastcifar.errors import FastCifarError
@@ -131,7 +132,56 @@ def load_training_state(run_dir: str | Path) -> dict[str, Any]:
     state = load_checkpoint_file(path)
     if state.get("kind") != KIND:
         raise FastCifarError(f"{path} holds weights only, not a training state; it cannot be resumed")
+    problem = training_state_problem(state)
+    if problem:
+        raise FastCifarError(f"{path} is not a complete training state ({problem}); it cannot be resumed: start the "
+                             f"run again, or resume another copy")
     return state
+
+
+# What a training state holds, each part's type: checked as a whole before any part of it is used.
+_STATE_PARTS: dict[str, type | tuple[type, ...]] = {
+    "config": dict, "model": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "epoch": int,
+    "progress": (dict, type(None)), "metrics": list, "compile_seconds": (int, float), "rng": dict,
+    "world_size": int, "ranks": (list, type(None)), "ema": (dict, type(None)), "lookahead": (dict, type(None)),
+}
+_RNG_PARTS = ("torch", "cuda", "numpy", "python", "augment")
+
+
+def training_state_problem(state: dict[str, Any]) -> str:
+    """What is wrong with a loaded training state, or "": every part there with its type, the config valid, the
+    weights those of the network the config describes, the optimizer's groups and the random generators complete."""
+    for key, kind in _STATE_PARTS.items():
+        if key not in state and key not in ("ema", "lookahead", "ranks"):
+            return f"no {key!r}"
+        if key in state and not isinstance(state[key], kind):
+            return f"{key!r} is a {type(state[key]).__name__}"
+    try:
+        cfg = Config.from_dict(state["config"])
+    except ConfigError as err:
+        return f"its config: {err}"
+    expected = CustomResNet(cfg.model).state_dict()
+    model = state["model"]
+    if model.keys() != expected.keys() or any(
+            not isinstance(model[k], torch.Tensor) or model[k].shape != v.shape for k, v in expected.items()):
+        return "its weights are not those of the network its config describes"
+    if not {"state", "param_groups"} <= state["optimizer"].keys() or not state["optimizer"]["param_groups"]:
+        return "its optimizer state has no parameter groups"
+    if any(part not in state["rng"] for part in _RNG_PARTS):
+        return "its random generator states are incomplete"
+    if state["epoch"] < 0 or len(state["metrics"]) != state["epoch"] or not all(
+            isinstance(m, dict) for m in state["metrics"]):
+        return f"{len(state['metrics'])} metrics rows for {state['epoch']} epochs"
+    if state["progress"] is not None and set(state["progress"]) != set(EpochProgress().to_dict()):
+        return "its epoch progress is incomplete"
+    if cfg.optim.ema_decay and not isinstance(state.get("ema"), dict):
+        return "its config averages the weights (optim.ema_decay) but it holds no average"
+    if cfg.optim.lookahead_every and not isinstance(state.get("lookahead"), dict):
+        return "its config uses lookahead but it holds no slow weights"
+    ranks = state.get("ranks")
+    if state["world_size"] > 1 and (not isinstance(ranks, list) or len(ranks) != state["world_size"]):
+        return f"it was saved by {state['world_size']} ranks but holds the states of another number"
+    return ""
 
 
 def recipe_differences(saved: Config, requested: Config) -> list[str]:

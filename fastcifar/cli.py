@@ -6,12 +6,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
-from pathlib import Path
 from typing import NoReturn
 
-from fastcifar.config import DEFAULT_PRESET, PRESETS, SECTIONS, SHORT_FLAGS, Config, ConfigError, all_keys
+from fastcifar.config import (
+    DEFAULT_PRESET,
+    PRESETS,
+    SECTIONS,
+    SHORT_FLAGS,
+    Config,
+    ConfigError,
+    all_keys,
+    read_config_file,
+)
 
 
 class Parser(argparse.ArgumentParser):
@@ -60,11 +67,7 @@ def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Co
             raise ConfigError("--resume takes the run's own config; do not combine it with --config or --preset")
         cfg = base.override(overrides)
     elif getattr(args, "config", None):
-        try:
-            base = Config.from_dict(json.loads(Path(args.config).read_text()))
-        except (OSError, json.JSONDecodeError) as err:
-            raise ConfigError(f"cannot read config file {args.config}: {err}") from None
-        cfg = base.override(overrides)
+        cfg = read_config_file(args.config, "--config").override(overrides)
     else:
         cfg = Config.from_preset(args.preset or DEFAULT_PRESET, overrides)
     return cfg

@@ -78,13 +78,15 @@ class DataConfig:
     data_dir: str = opt("data", "folder holding train.beton / test.beton (see data_prep/write_beton.py)")
     loader: str = opt("auto", "ffcv (betons), resident (the split on the device as one tensor; needs no FFCV) "
                       "or auto (ffcv where installed)", one_of(*LOADER_KINDS))
-    batch_size: int = opt(512, "training batch size (global: split over torchrun ranks)", at_least(1))
+    batch_size: int = opt(512, "training batch size (global: split over torchrun ranks)",
+                          within(1, 50_000, " (the training set)"))
     test_batch_size: int = opt(1000, "test batch size (no grad: larger batches are cheaper; 1000 divides the 10,000 "
-                                     "test images: one compiled shape, no partial batch)", at_least(1))
+                                     "test images: one compiled shape, no partial batch)",
+                                within(1, 10_000, " (the test set)"))
     # 1 on a CPU: decoding raw 32x32 images is cheap, and every extra thread takes a core from the step.
-    num_workers: int = opt(0, "FFCV decode threads; 0 = auto (1 on a CPU, 2 with a GPU)", at_least(0, " (0 = auto)"))
-    train_subset: int = opt(0, "train on the first N images only (0 = all 50,000)", at_least(0, " (0 = all)"))
-    test_subset: int = opt(0, "test on the first N images only (0 = all 10,000)", at_least(0, " (0 = all)"))
+    num_workers: int = opt(0, "FFCV decode threads; 0 = auto (1 on a CPU, 2 with a GPU)", within(0, 64, " (0 = auto)"))
+    train_subset: int = opt(0, "train on the first N images only (0 = all 50,000)", within(0, 50_000, " (0 = all)"))
+    test_subset: int = opt(0, "test on the first N images only (0 = all 10,000)", within(0, 10_000, " (0 = all)"))
     crop_padding: int = opt(4, "random 32x32 crop of the image padded by this many pixels", within(0, 16))
     # Page's and the seed's (Albumentations' default, cv2.BORDER_REFLECT_101): torch's (and numpy's) "reflect".
     pad_mode: str = opt("reflect", "padding of the crop: reflect (edge pixel not repeated) or zeros",
@@ -112,10 +114,12 @@ class DataConfig:
 class ModelConfig:
     widths: tuple[int, int, int, int] = opt((64, 128, 256, 512), "output channels of prep, layer1, layer2, "
                                             "layer3 (the spec: 64,128,256,512)",
-                                            Check(lambda v: len(v) == 4 and min(v) >= 1, "must be 4 positive integers"))
+                                            Check(lambda v: len(v) == 4 and min(v) >= 1 and max(v) <= 4096,
+                                                  "must be 4 integers in [1, 4096]"))
     num_classes: int = opt(10, "classes of the linear head", Check(lambda v: v == 10, "must be 10 (CIFAR-10)"))
     # The spec's network has large initial logits; a scale < 1 (Page used 0.125) lets it take much larger LRs.
-    logit_scale: float = opt(0.125, "multiply the logits by this constant (no parameters)", above(0))
+    logit_scale: float = opt(0.125, "multiply the logits by this constant (no parameters)",
+                             within(0, 1000, open_low=True))
     bn_momentum: float = opt(0.1, "weight of each new batch in BatchNorm's running statistics",
                              within(0, 1, open_low=True))
     whiten_init: bool = opt(True, "prep conv filters from the 3x3 patch whitening of the training images (+/- "
@@ -124,7 +128,8 @@ class ModelConfig:
     bn_weight_frozen: bool = opt(True, "BatchNorm scales fixed at 1, only the biases trained (Page, airbench)")
     dirac_init: bool = opt(False, "partial-identity init of every conv after prep (first c_in outputs = identity)")
     ghost_batch: int = opt(0, "ghost batch norm: in training, each group of this many images is normalised by its "
-                           "own statistics (Page: 32 of 512); 0 = the whole batch", at_least(0, " (0 = whole batch)"))
+                           "own statistics (Page: 32 of 512); 0 = the whole batch",
+                           within(0, 50_000, " (0 = whole batch)"))
 
 
 @dataclass(frozen=True)
@@ -132,20 +137,23 @@ class OptimConfig:
     momentum: float = opt(0.9, "SGD momentum", within(0, 1, open_high=True))
     nesterov: bool = opt(True, "Nesterov momentum")
     weight_decay: float = opt(5e-4, "L2 weight decay (Page's 5e-4; the seed's 0.005 at its 20x smaller LR)",
-                              at_least(0))
+                              within(0, 1))
     label_smoothing: float = opt(0.2, "label smoothing of the cross-entropy", within(0, 1, open_high=True))
-    bn_lr_scale: float = opt(64.0, "LR multiplier for the BatchNorm weights and biases", above(0))
+    bn_lr_scale: float = opt(64.0, "LR multiplier for the BatchNorm weights and biases",
+                               within(0, 10_000, open_low=True))
     bn_weight_decay: bool = opt(True, "apply weight decay to the BatchNorm weights and biases too")
     # Page and airbench: 1/64 together with bn_lr_scale 64, so that LR x decay stays that of the other weights.
-    bn_wd_scale: float = opt(1 / 64, "weight-decay multiplier for the BatchNorm weights and biases", at_least(0))
+    bn_wd_scale: float = opt(1 / 64, "weight-decay multiplier for the BatchNorm weights and biases",
+                              within(0, 10_000))
     optimizer: str = opt("sgd", "sgd, or muon: Muon for the conv filters (fastcifar/muon.py: Nesterov, filters at "
                          "a fixed norm, no decay) and SGD for the rest", one_of("sgd", "muon"))
-    muon_lr: float = opt(0.24, "the filters' peak LR with --optim.optimizer muon (scheduled like max_lr)", above(0))
+    muon_lr: float = opt(0.24, "the filters' peak LR with --optim.optimizer muon (scheduled like max_lr)",
+                           within(0, 100, open_low=True))
     muon_momentum: float = opt(0.6, "the filters' momentum with --optim.optimizer muon",
                                within(0, 1, open_high=True))
     lookahead_every: int = opt(0, "lookahead (airbench's): every N steps pull the weights back to a slow average "
                                "of weight 0.95**5 * progress**3; the slow weights are the final ones; 0 = off",
-                               at_least(0, " (0 = off)"))
+                               within(0, 1_000_000, " (0 = off)"))
     ema_decay: float = opt(0.0, "EMA of the weights and BN statistics per step, used by the test passes and the "
                            "saved models; 0 = off", within(0, 1, " (0 = off)", open_high=True))
 
@@ -155,11 +163,11 @@ class ScheduleConfig:
     """One-cycle policy: linear min_lr -> max_lr until `peak_epoch`, then linear back to min_lr (or end_lr) at
     the end of the last epoch."""
 
-    epochs: int = opt(24, "training epochs", at_least(1))
+    epochs: int = opt(24, "training epochs", within(1, 10_000))
     # Page's DAWNBench schedule: linear up to 0.4 at epoch 5, then linear down to 0 (the logits scaled by 1/8).
     peak_epoch: float = opt(5.0, "epoch (fractional) at which the LR peaks")
-    min_lr: float = opt(0.004, "LR at the start (and, with end_lr -1, the end)", above(0))
-    max_lr: float = opt(0.4, "peak LR", above(0))
+    min_lr: float = opt(0.004, "LR at the start (and, with end_lr -1, the end)", within(1e-9, 1e6))
+    max_lr: float = opt(0.4, "peak LR", within(1e-9, 1e6))
     end_lr: float = opt(0.0, "LR at the end of the last epoch; -1 = min_lr (the spec: no annihilation)")
     lr_from: str = opt("", "a find_lr.json whose suggestion sets min_lr/max_lr (recorded here when used)")
 
@@ -176,17 +184,21 @@ class LRFinderConfig:
     method: str = opt("steps", "steps: Smith's range test, the LR rising every step of one run, scored by the "
                       "smoothed loss; epochs: the seed's, one epoch per LR of `sweep` from the same untrained "
                       "weights, scored by train accuracy", one_of("steps", "epochs"))
-    start_lr: float = opt(1e-4, "steps: first LR of the range test", above(0))
-    end_lr: float = opt(10.0, "steps: last LR of the range test", above(0))
-    steps: int = opt(100, "steps: optimizer steps from start_lr to end_lr (fewer if the loss diverges)", at_least(2))
+    start_lr: float = opt(1e-4, "steps: first LR of the range test", within(1e-9, 1e4))
+    end_lr: float = opt(10.0, "steps: last LR of the range test", within(1e-9, 1e4))
+    steps: int = opt(100, "steps: optimizer steps from start_lr to end_lr (fewer if the loss diverges)",
+                     within(2, 100_000))
     mode: str = opt("exp", "steps: exp (geometric LR steps) or linear", one_of("exp", "linear"))
     smoothing: float = opt(0.95, "steps: EMA factor of the loss curve (0 = none)", within(0, 1, open_high=True))
-    diverge_factor: float = opt(4.0, "steps: stop once the smoothed loss exceeds this multiple of the best", above(1))
-    min_lr_divisor: float = opt(10.0, "suggested min_lr = suggested max_lr / this", at_least(1))
+    diverge_factor: float = opt(4.0, "steps: stop once the smoothed loss exceeds this multiple of the best",
+                                within(1, 1e6, open_low=True))
+    min_lr_divisor: float = opt(10.0, "suggested min_lr = suggested max_lr / this", within(1, 1e6))
     sweep: tuple[float, ...] = opt(SEED_SWEEP, "epochs: the LRs, one training epoch each (default: the seed's "
                                    "0.001 + 0.0019 k, k = 0..9)",
-                                   Check(lambda v: all(lr > 0 for lr in v), "values must be > 0"))
-    sweep_images: int = opt(0, "epochs: images per sweep epoch (0 = the whole training set)", at_least(0))
+                                   Check(lambda v: len(v) <= 1000 and all(1e-9 <= lr <= 100 for lr in v),
+                                         "values must be in [1e-09, 100], at most 1000 of them"))
+    sweep_images: int = opt(0, "epochs: images per sweep epoch (0 = the whole training set)",
+                              within(0, 50_000))
     sweep_weight_decay: float = opt(-1.0, "epochs: weight decay during the sweep (-1 = optim.weight_decay; the "
                                     "seed's finder: 0.05)", Check(lambda v: v == -1 or v >= 0, "must be -1 or >= 0"))
 
@@ -206,7 +218,7 @@ class RunConfig:
                          "faster)", one_of("auto", "im2col", "onednn"))
     seed: int = opt(0, "random seed (weights, data order, augmentation)", within(0, 2**32 - 1))
     deterministic: bool = opt(False, "torch.use_deterministic_algorithms (slower on CUDA)")
-    threads: int = opt(0, "torch intra-op threads on a CPU (0 = all cores)", at_least(0, " (0 = all cores)"))
+    threads: int = opt(0, "torch intra-op threads on a CPU (0 = all cores)", within(0, 1024, " (0 = all cores)"))
     out_dir: str = opt("runs", "folder of the run directories")
     name: str = opt("", "run directory name under out_dir ('' = time stamp + preset)",
                     Check(lambda v: "/" not in v and v not in (".", "..") and len(v) <= 200,
@@ -214,13 +226,16 @@ class RunConfig:
     overwrite: bool = opt(False, "allow reusing a run directory that holds a finished run")
     progress: str = opt("auto", "progress bar: auto (on a terminal only), on or off", one_of("auto", "on", "off"))
     sync_bn: bool = opt(False, "with torchrun on GPUs: BatchNorm statistics over the global batch")
-    dist_timeout_s: float = opt(300.0, "how long ranks wait for each other, seconds", above(0))
+    dist_timeout_s: float = opt(300.0, "how long ranks wait for each other, seconds",
+                                  within(0, 86_400, open_low=True))
     # A test pass costs ~10% of a CPU epoch with flip TTA (~27% with translation TTA): a time-to-accuracy run
     # that only needs the final number can skip the others. Training is the same either way.
     test_every: int = opt(1, "test pass after every N-th epoch and after the last (0 = after the last only); the "
-                          "epochs in between log no test numbers", at_least(0, " (0 = the last epoch only)"))
+                          "epochs in between log no test numbers",
+                          within(0, 10_000, " (0 = the last epoch only)"))
     checkpoint_every: int = opt(-1, "write RUN_DIR/checkpoint.pt every N epochs (0 = only at the end or on a "
-                                "signal; -1 = auto: every epoch on a CPU, every 10 on a GPU)", at_least(-1))
+                                "signal; -1 = auto: every epoch on a CPU, every 10 on a GPU)",
+                                within(-1, 10_000))
 
 
 SECTIONS: dict[str, type] = {
@@ -258,8 +273,13 @@ class Config:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Config:
         """Inverse of to_dict; unknown sections or fields are an error, missing ones take defaults."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"a config is a JSON object of sections (data, model, ...), got {type(d).__name__} "
+                              f"{shown(d)}")
+        if not isinstance(d.get("preset", DEFAULT_PRESET), str):
+            raise ConfigError(f"the config's preset must be a string, got {shown(d['preset'])}")
         flat = {f"{s}.{k}": v for s, sec in d.items() if s != "preset" for k, v in _section(s, sec).items()}
-        return Config(preset=str(d.get("preset", DEFAULT_PRESET))).override(flat)
+        return Config(preset=d.get("preset", DEFAULT_PRESET)).override(flat)
 
     def override(self, updates: Mapping[str, Any] | None = None, **keywords: Any) -> Config:
         """A copy with dotted keys (``"optim.weight_decay"``) and/or keywords (see `from_preset`) set;
@@ -287,7 +307,7 @@ class Config:
                 if isinstance(value, float) and not math.isfinite(value):
                     raise ConfigError(f"{section}.{f.name} must be a finite number, got {value!r}")
                 if check is not None and not check.ok(value):
-                    raise ConfigError(f"{section}.{f.name} {check.rule}, got {value!r}")
+                    raise ConfigError(f"{section}.{f.name} {check.rule}, got {shown(value)}")
         for message in (relation(self) for relation in RELATIONS):
             if message:
                 raise ConfigError(message)
@@ -311,8 +331,17 @@ RELATIONS = [
 ]
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """A value as an error message quotes it: its repr, cut to `limit` characters (a typo can be 400 digits)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 20]}...{text[-10:]} ({len(text)} characters)"
+
+
 def _section(name: str, values: Any) -> Mapping[str, Any]:
-    if name not in SECTIONS or not isinstance(values, Mapping):
+    if name in SECTIONS and not isinstance(values, Mapping):
+        raise ConfigError(f"config section {name!r} must be a JSON object of its fields, got {type(values).__name__} "
+                          f"{shown(values)}")
+    if name not in SECTIONS:
         raise ConfigError(f"unknown config section {name!r}; sections are: {', '.join(SECTIONS)}")
     return values
 
@@ -331,8 +360,21 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+_JSON_TYPES = {bool: (bool,), int: (int, float), float: (int, float), str: (str,)}
+
+
 def _coerce(key: str, value: Any, kind: Any) -> Any:
-    """Parse `value` (a string from the CLI, or already typed) into the field type `kind`."""
+    """Parse `value` into the field type `kind`: a string (from the CLI) is read as that type; any other value (from
+    a config file or the API) must already be of it (an int for an int field, true/false for a bool, a list for a
+    tuple...): a number where a name belongs, or true where a count belongs, is refused, not converted."""
+    name = getattr(kind, "__name__", str(kind))
+    if not isinstance(value, str):
+        tuple_kind = typing.get_origin(kind) is tuple
+        allowed = (list, tuple) if tuple_kind else _JSON_TYPES.get(kind, (object,))
+        if not isinstance(value, allowed) or isinstance(value, bool) and kind is not bool:
+            words = {bool: "true or false", str: "a string"}
+            wanted = "a list" if tuple_kind else words.get(kind, f"a number ({name})")
+            raise ConfigError(f"{key} must be {wanted}, got {type(value).__name__} {shown(value)}")
     try:
         if typing.get_origin(kind) is tuple:
             items = value.split(",") if isinstance(value, str) else list(value)
@@ -348,9 +390,8 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
         return kind(value)
-    except (TypeError, ValueError):
-        name = getattr(kind, "__name__", str(kind))
-        raise ConfigError(f"{key}: cannot read {value!r} as {name}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{key}: cannot read {shown(value)} as {name}") from None
 
 
 # Short flags for the options people change most; each also exists as its dotted form.
@@ -381,6 +422,25 @@ def keyword_key(name: str) -> str:
         names = ", ".join(flag[2:].replace("-", "_") for flag in SHORT_FLAGS)
         raise ConfigError(f"unknown keyword {name!r}; use one of {names}, or section__field (e.g. optim__nesterov)")
     return short
+
+
+def read_config_file(path: str | Path, what: str = "config file") -> Config:
+    """The Config in a JSON file (a run's config.json, or --config FILE), checked as a whole: one ConfigError line
+    for a missing or unreadable file, bytes that are not UTF-8 JSON, JSON that is not an object of sections, or a
+    field of the wrong type or out of its range."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+        data = json.loads(text)
+    except OSError as err:
+        raise ConfigError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (a JSON config was expected)") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{what} {path} is not JSON ({err.msg} at line {err.lineno})") from None
+    try:
+        return Config.from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{what} {path}: {err}") from None
 
 
 def with_lr_from(cfg: Config, path: str) -> Config:

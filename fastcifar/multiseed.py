@@ -25,7 +25,7 @@ from pathlib import Path
 from fastcifar import rundir
 from fastcifar.checkpoint import CHECKPOINT, recipe_differences
 from fastcifar.cli import Parser, add_config_arguments, config_from_args
-from fastcifar.config import Config, ConfigError
+from fastcifar.config import Config, ConfigError, read_config_file
 from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.training import time_to, train
 
@@ -98,7 +98,7 @@ def _run_one(cfg: Config, log: Callable[[str], None]) -> tuple[list[dict], dict]
     """Train one seed, or read it back / resume it when an earlier sweep got that far."""
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     if (run_dir / "results.json").exists() and not cfg.run.overwrite:
-        saved = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
+        saved = read_config_file(run_dir / "config.json", "the finished run's config")
         differ = recipe_differences(saved, cfg)
         if differ:
             raise FastCifarError(f"{run_dir} holds a finished run of another recipe ({', '.join(differ)}); "

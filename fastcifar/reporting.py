@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 from fastcifar import rundir
 from fastcifar.cli import Parser
-from fastcifar.config import Config
+from fastcifar.config import Config, read_config_file
 from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.inference import CLASSES, Predictions
 from fastcifar.rundir import read_jsonl
@@ -184,7 +184,7 @@ def load_history(run_dir: str | Path) -> tuple[Config, list[dict]]:
     Should an epoch appear twice (a run restarted over the same folder), its last record counts."""
     run_dir = Path(run_dir)
     try:
-        cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
+        cfg = read_config_file(run_dir / "config.json", "the run's config")
         # a run writes metrics.jsonl at the end of its first epoch
         metrics = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
         for m in metrics:  # the fields a comparison reads, checked here so that a bad file fails in one line
@@ -273,10 +273,12 @@ def write_report(run_dir: str | Path) -> list[Path]:
     """(Re)write all report files of `run_dir`; returns their paths."""
     run_dir = Path(run_dir)
     try:
-        cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
+        cfg = read_config_file(run_dir / "config.json", "the run's config")
         metrics = read_jsonl(run_dir / "metrics.jsonl")
         results = json.loads((run_dir / "results.json").read_text())
         env = json.loads((run_dir / "env.json").read_text())
+        if not isinstance(results, dict) or not isinstance(env, dict) or not all(isinstance(m, dict) for m in metrics):
+            raise ValueError("results.json, env.json and every metrics line must be JSON objects")
     except (OSError, ValueError) as err:
         raise FastCifarError(f"{run_dir} is not a finished run directory ({err})") from None
     missing = [key for key in ("steps_per_epoch", "final_test_acc", "best_test_acc") if key not in results]

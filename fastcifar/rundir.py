@@ -234,7 +234,10 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
         raise FastCifarError(f"{path}: checkpoint format {state.get('format')!r}, this fastcifar reads "
                              f"{CHECKPOINT_FORMAT} (written by an incompatible version)")
     saved = state.pop("checksum", None)
-    if saved is not None and saved != state_checksum(state):
+    if saved is None:
+        raise FastCifarError(f"{path} has no checksum: it was not written by fastcifar (or was altered); it is refused "
+                             f"unverified. Use the run's own checkpoint, or train again")
+    if saved != state_checksum(state):
         raise FastCifarError(f"{path} is corrupt (its contents do not match the checksum written with it); use "
                              f"another copy, or best.pt / an earlier run")
     return state

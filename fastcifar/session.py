@@ -30,6 +30,7 @@ from fastcifar.muon import MuonSGD
 from fastcifar.runtime import (
     Amp,
     check_gpu_index,
+    check_step_memory,
     compile_model,
     resolve_compile,
     resolve_device,
@@ -124,6 +125,7 @@ class Session:
             log = quiet
         if device.type == "cpu" and cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
+        check_step_memory(local_batch, cfg.model.widths, device)  # before the data: a batch that cannot fit
         amp = Amp(device, resolve_precision(cfg.run.precision, device))
         compiled = resolve_compile(cfg.run.compile, device)
         seed_everything(cfg.run.seed, cfg.run.deterministic, device)  # same initial weights on every rank

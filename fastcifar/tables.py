@@ -20,7 +20,7 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
 
-from fastcifar.config import Config, ConfigError
+from fastcifar.config import Config, ConfigError, read_config_file
 from fastcifar.errors import FastCifarError
 from fastcifar.presets import PRESETS
 from fastcifar.reporting import test_method
@@ -110,7 +110,7 @@ def read_run(path: Path) -> Run | None:
                                  f"python -m fastcifar train")
         return None
     try:
-        cfg = Config.from_dict(json.loads((path / "config.json").read_text()))
+        cfg = read_config_file(path / "config.json", "the run's config")
         results = json.loads((path / "results.json").read_text())
         env = json.loads((path / "env.json").read_text()) if (path / "env.json").exists() else {}
         metrics = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -90,7 +90,7 @@ def test_a_default_variant_with_config_options_runs_the_changed_step():
 @pytest.mark.parametrize(("text", "error", "fragment"), [
     ("default@model.ghost", ValueError, "cannot read step variant"),
     ("default@model.colour=1", ConfigError, "unknown option 'model.colour'"),
-    ("default@model.ghost_batch=-1", ConfigError, "model.ghost_batch must be >= 0")])
+    ("default@model.ghost_batch=-1", ConfigError, "model.ghost_batch must be in \\[0, 50000\\]")])
 def test_bad_default_options_are_refused(text, error, fragment):
     with pytest.raises(error, match=fragment):
         default_overrides(text)

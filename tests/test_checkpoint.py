@@ -13,8 +13,10 @@ import torch
 from fastcifar import reporting
 from fastcifar.checkpoint import load_training_state, resume_config, rng_states, set_rng_states
 from fastcifar.config import Config, ConfigError
+from fastcifar.custom_resnet import CustomResNet
 from fastcifar.errors import FastCifarError
 from fastcifar.interrupt import TrainingInterrupted
+from fastcifar.rundir import save_checkpoint
 from fastcifar.schedule import one_cycle_lr
 from fastcifar.training import main, train
 from tests.conftest import LEVERS, signal_at, sigterm_after_first_epoch, tiny_cli_args, tiny_config
@@ -152,13 +154,28 @@ def test_resume_refuses_another_recipe_naming_the_setting(tiny_run):
     ("weights", "weights only, not a training state"),
     ("garbage", "not a loadable fastcifar checkpoint"),
     ("future", "checkpoint format 99"),
+    ("unchecked", "has no checksum: it was not written by fastcifar"),
+    ("partial", "not a complete training state \\(no 'model'\\)"),
+    ("other-network", "not a complete training state \\(its weights are not those of the network"),
+    ("bad-config", "not a complete training state \\(its config: data.batch_size: cannot read 'many'"),
 ])
 def test_unresumable_directories_are_refused(tmp_path, setup, fragment):
     run_dir = tmp_path / "run"
     if setup != "missing":
         run_dir.mkdir()
     if setup == "weights":
-        torch.save({"format": 1, "model": {}, "config": {}}, run_dir / "checkpoint.pt")
+        save_checkpoint(run_dir / "checkpoint.pt", {"model": {}, "config": {}})
+    elif setup == "unchecked":
+        torch.save({"format": 1, "kind": "training-state"}, run_dir / "checkpoint.pt")
+    elif setup in ("partial", "other-network", "bad-config"):
+        state = {"kind": "training-state", "config": Config.from_preset("smoke").to_dict(), "optimizer": {},
+                 "scheduler": {}, "scaler": {}, "epoch": 0, "progress": None, "metrics": [], "compile_seconds": 0.0,
+                 "rng": {}, "world_size": 1}
+        if setup == "other-network":
+            state["model"] = CustomResNet(Config().model).state_dict()  # the full widths, not smoke's
+        if setup == "bad-config":
+            state |= {"model": {}, "config": {"data": {"batch_size": "many"}}}
+        save_checkpoint(run_dir / "checkpoint.pt", state)
     elif setup == "garbage":
         (run_dir / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
     elif setup == "future":

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -21,11 +22,20 @@ def test_override_parses_strings_to_field_types(key, text, expected):
 
 
 @pytest.mark.parametrize(("key", "value", "fragment"), [
-    ("schedule.epochs", 0, "epochs must be >= 1"),
+    ("schedule.epochs", 0, "epochs must be in [1, 10000]"),
+    ("schedule.epochs", "1" + "0" * 400, "epochs must be in [1, 10000], got 1000"),
+    ("run.threads", 100000, "run.threads must be in [0, 1024]"),
+    ("data.num_workers", 100000, "data.num_workers must be in [0, 64]"),
+    ("data.batch_size", 100_000_000, "data.batch_size must be in [1, 50000]"),
+    ("schedule.max_lr", 1e308, "schedule.max_lr must be in [1e-09, 1000000.0]"),
+    ("schedule.min_lr", 1e-308, "schedule.min_lr must be in [1e-09, 1000000.0]"),
+    ("data.batch_size", True, "data.batch_size must be a number (int), got bool True"),
+    ("run.name", 5, "run.name must be a string, got int 5"),
+    ("optim.nesterov", 1, "optim.nesterov must be true or false, got int 1"),
     ("schedule.peak_epoch", 30, "peak_epoch"),
     ("schedule.min_lr", 1.0, "min_lr <= schedule.max_lr"),
     ("data.pad_mode", "wrap", "pad_mode"),
-    ("model.widths", "1,2,3", "4 positive integers"),
+    ("model.widths", "1,2,3", "4 integers in [1, 4096]"),
     ("run.device", "tpu", "run.device"),
     ("run.precision", "fp8", "run.precision"),
     ("schedule.epochs", "many", "cannot read 'many' as int"),
@@ -39,10 +49,10 @@ def test_override_parses_strings_to_field_types(key, text, expected):
     ("run.name", "x" * 300, "run.name must be a plain directory name of at most 200 characters"),
     ("model.num_classes", 5, "model.num_classes must be 10"),
     ("data.loader", "dali", "data.loader must be auto, ffcv or resident"),
-    ("model.ghost_batch", -1, "model.ghost_batch must be >= 0"),
+    ("model.ghost_batch", -1, "model.ghost_batch must be in [0, 50000]"),
 ])
 def test_invalid_values_are_rejected_with_the_field_named(key, value, fragment):
-    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
         Config().override({key: value})
 
 

@@ -42,7 +42,7 @@ def test_each_command_answers_help_under_its_new_name(name, capsys):
 
 def test_options_reach_the_command(capsys):
     assert main(["train", "--epochs", "0"]) == 2  # the train command's own check, in its own words
-    assert "schedule.epochs must be >= 1" in capsys.readouterr().err
+    assert "schedule.epochs must be in [1, 10000]" in capsys.readouterr().err
 
 
 @pytest.mark.slow

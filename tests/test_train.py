@@ -139,7 +139,7 @@ def test_skipping_test_passes_leaves_training_alone(synthetic, tmp_path):
 def test_cli_errors_are_one_line_with_exit_2(capsys, tmp_path):
     assert main(["--epochs", "0"]) == 2
     err = capsys.readouterr().err
-    assert err == "error: schedule.epochs must be >= 1, got 0\n"
+    assert err == "error: schedule.epochs must be in [1, 10000], got 0\n"
     assert main(["--preset", "smoke", "--data-dir", str(tmp_path)]) == 1
     assert "missing" in capsys.readouterr().err
 
