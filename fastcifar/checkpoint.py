@@ -33,7 +33,7 @@ from fastcifar.distributed import AgreedStop, Dist, gather
 from fastcifar.ema import Lookahead, WeightEMA
 from fastcifar.errors import FastCifarError
 from fastcifar.interrupt import TrainingInterrupted
-from fastcifar.rundir import load_checkpoint_file, save_checkpoint
+from fastcifar.rundir import load_checkpoint_file, lock_owner, save_checkpoint
 from fastcifar.runtime import Amp
 
 CHECKPOINT = "checkpoint.pt"
@@ -124,6 +124,9 @@ def load_training_state(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FastCifarError(f"--resume {run_dir}: no such run directory")
+    if owner := lock_owner(run_dir):  # its checkpoint may be half a step old: say who is still training there
+        raise FastCifarError(f"{run_dir} is in use by a training that is still running ({owner}); wait for it or stop "
+                             f"it before resuming")
     if (run_dir / "results.json").exists():
         raise FastCifarError(f"{run_dir} holds a finished run; nothing to resume")
     path = run_dir / CHECKPOINT

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from fastcifar.config import LOADER_KINDS, DataConfig
-from fastcifar.errors import DataError
+from fastcifar.errors import DataError, numpy_load_error
 from fastcifar.ffcv_io import (  # re-exported: the FFCV kind of loader, and the beton files
     PREPARE_HINT,
     FfcvLoader,
@@ -102,6 +102,9 @@ def open_split(data: DataConfig, split: str, device: torch.device, *, batch_size
     module docstring). The split's batch size and subset come from `data` unless given; `train` (default: the
     train split) means random order per (seed, epoch), else sequential; `distributed`: this rank's shard."""
     data_dir = Path(data.data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"--data-dir {data_dir} is a file, not a folder; give the folder the data step wrote "
+                        f"(python data_prep/write_beton.py --data-dir FOLDER)")
     is_train = split == "train"
     batch_size = batch_size or (data.batch_size if is_train else data.test_batch_size)
     subset = (data.train_subset if is_train else data.test_subset) if subset is None else subset
@@ -163,8 +166,7 @@ def read_arrays(path: Path, num_classes: int = 10) -> tuple[np.ndarray, np.ndarr
         with np.load(path, allow_pickle=False) as f:
             images, labels = f["images"], f["labels"]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        raise DataError(f"{path} is not a readable CIFAR-10 array file ({type(err).__name__}: {err}); "
-                        f"{rebuild}") from None
+        raise DataError(f"{path} is not a readable CIFAR-10 array file ({numpy_load_error(err)}); {rebuild}") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
         raise DataError(f"{path} holds images of {images.dtype} {images.shape}, not uint8 [N, 32, 32, 3]; {rebuild}")
     if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):

@@ -97,3 +97,12 @@ def require_output_folder(path: str | Path, flag: str) -> None:
             pass
     except OSError as err:
         raise FastCifarError(f"{flag} {path}: {os_error_message(err, 'cannot write in', folder)}") from None
+
+
+def numpy_load_error(err: BaseException) -> str:
+    """numpy's error on a file that is not what it expects, in our words: never its advice to load the file with
+    pickles (that could run code)."""
+    text = str(err).splitlines()[0] if str(err) else ""
+    if "pickle" in text or isinstance(err, EOFError) or not text:
+        return "not a numpy .npz archive of arrays"
+    return f"{type(err).__name__}: {text}"

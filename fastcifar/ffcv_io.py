@@ -55,6 +55,10 @@ def _check_schema(reader: object, path: Path) -> None:
     if reader.num_samples and not ((images["width"] == 32).all() and (images["height"] == 32).all()):
         raise DataError(f"{path} holds images that are not 32x32 (e.g. {images['width'][0]}x{images['height'][0]}); "
                         f"fastcifar trains on CIFAR-10's 32x32 images")
+    labels = reader.metadata[f"f{list(reader.handlers).index('label')}"]
+    if reader.num_samples and (int(labels.min()) < 0 or int(labels.max()) >= 10):
+        raise DataError(f"{path} has labels {int(labels.min())}..{int(labels.max())}, not CIFAR-10's 0..9 (another "
+                        f"data set?); " + REBUILD.format(data_dir=path.parent))
     table = reader.alloc_table
     if len(table) and int((table["ptr"] + table["size"]).max()) > path.stat().st_size:
         raise DataError(f"{path} is truncated (samples point past its end); "

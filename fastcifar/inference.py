@@ -3,6 +3,7 @@ needs of them (accuracy, confusion, per-class accuracy, the first misclassified 
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from fastcifar.data import BatchLoader
+from fastcifar.errors import FastCifarError, numpy_load_error
 from fastcifar.rundir import atomic_write
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -57,8 +59,21 @@ class Predictions:
 
     @classmethod
     def load(cls, path: Path) -> Predictions:
-        with np.load(path) as f:
-            return cls(f["probs"].astype(np.float32), f["labels"], f["wrong_images"], f["wrong_index"])
+        """The predictions a run saved, checked: the four arrays, of matching lengths and shapes; anything else is
+        one FastCifarError line (never numpy's advice to load it with pickles)."""
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                probs, labels = f["probs"].astype(np.float32), f["labels"]
+                wrong_images, wrong_index = f["wrong_images"], f["wrong_index"]
+            n = len(labels)
+            if (probs.ndim != 2 or probs.shape[0] != n or labels.ndim != 1 or wrong_index.ndim != 1
+                    or len(wrong_images) != len(wrong_index) or (len(wrong_index) and wrong_index.max() >= n)):
+                raise ValueError("arrays of mismatched shapes")
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            raise FastCifarError(f"{path} is not a predictions file written by fastcifar ({numpy_load_error(err)}); "
+                                 f"delete it, and the report is written without the misclassified images and the "
+                                 f"confusion matrix") from None
+        return cls(probs, labels, wrong_images, wrong_index)
 
 
 def _view_logits(model: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:

@@ -32,6 +32,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -151,6 +152,9 @@ def suggest_from_sweep(rows: list[dict], min_lr_divisor: float) -> dict:
             "rule": f"max_lr = LR of the highest train accuracy after one epoch; min_lr = max_lr / {min_lr_divisor:g}"}
 
 
+FINDER_FILES = ("find_lr.json", "find_lr.png", "lr_sweep.json", "lr_sweep.png")
+
+
 def find_lr(cfg: Config, log: Callable[[str], None] = print) -> dict:
     """Run the range test (or the epoch-wise sweep) that `cfg.lr_finder` describes; writes JSON + PNG
     into the run directory and returns what it wrote."""
@@ -162,6 +166,10 @@ def find_lr(cfg: Config, log: Callable[[str], None] = print) -> dict:
         cfg = cfg.override({"data.train_subset": f.sweep_images})
     if epochs and f.sweep_weight_decay >= 0:
         cfg = cfg.override({"optim.weight_decay": f.sweep_weight_decay})
+    earlier = [name for name in FINDER_FILES if (Path(cfg.run.out_dir) / cfg.run.name / name).exists()]
+    if earlier and cfg.run.name and not cfg.run.overwrite:  # as train refuses a finished run's folder
+        raise FastCifarError(f"{Path(cfg.run.out_dir) / cfg.run.name} already holds an LR test ({earlier[0]}); choose "
+                             f"another --name or pass --overwrite")
     session = Session.open(cfg, log)
     trainer, train = session.trainer, session.loaders.train
     out = session.run_dir

@@ -27,6 +27,7 @@ from fastcifar.checkpoint import CHECKPOINT, recipe_differences
 from fastcifar.cli import Parser, add_config_arguments, config_from_args
 from fastcifar.config import Config, ConfigError, read_config_file
 from fastcifar.errors import FastCifarError, run_cli
+from fastcifar.interrupt import TrainingInterrupted
 from fastcifar.training import time_to, train
 
 STATS = ("final_test_acc", "best_test_acc", "total_seconds")
@@ -78,7 +79,11 @@ def run_seeds(cfg: Config, seeds: Sequence[int], target: float | None = None,
     for seed in seeds:
         seed_cfg = cfg.override({"run.seed": seed, "run.out_dir": str(sweep_dir), "run.name": f"seed{seed}"})
         log(f"--- seed {seed} ({len(runs) + 1} of {len(seeds)}) -> {sweep_dir / f'seed{seed}'}")
-        metrics, results = _run_one(seed_cfg, log)
+        try:
+            metrics, results = _run_one(seed_cfg, log)
+        except TrainingInterrupted as stopped:  # its checkpoint is saved; this command, not --resume, continues it
+            raise TrainingInterrupted(f"{RERUN_HINT} (seed {seed} stopped with its checkpoint saved)",
+                                      stopped.exit_code - 128) from None
         row = {"seed": seed, "run_dir": str(sweep_dir / f"seed{seed}")} | results
         if target is not None:
             row["target"] = target

@@ -13,6 +13,7 @@ names and renamed on success, and a manifest (`betons.json`) written last marks 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -26,6 +27,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,10 +175,23 @@ def extract_batches(archive: Path, workdir: Path) -> dict[str, bytes]:
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):  # our disk, not the archive
             raise DataError(os_error_message(err, "cannot extract the archive into", workdir)) from None
-        raise DataError(f"{archive} is not a readable tar.gz archive ({err}); re-download it") from None
+        raise DataError(f"{archive} is not a readable tar.gz archive ({err.strerror or err}); re-download it") from None
     except (tarfile.TarError, EOFError, ValueError) as err:  # zlib errors are OSError/EOFError
-        raise DataError(f"{archive} is not a readable tar.gz archive ({err}); re-download it") from None
+        raise DataError(f"{archive} is not a readable tar.gz archive ({_tar_problem(archive, err)}); re-download it "
+                        f"(the CIFAR-10 python version)") from None
     return {name: (workdir / _BATCH_DIR / name).read_bytes() for name in _NEEDED}
+
+
+def _tar_problem(archive: Path, err: BaseException) -> str:
+    """What is wrong with a file that tarfile cannot open, in a few words (tarfile's own message lists every
+    compression it tried, one per line)."""
+    with contextlib.suppress(OSError):
+        if archive.stat().st_size == 0:
+            return "the file is empty"
+        if zipfile.is_zipfile(archive):
+            return "it is a zip archive, not a tar.gz"
+    text = str(err).splitlines()[0].rstrip(":") if str(err) else ""
+    return "neither gzip nor tar data" if not text or "could not be opened" in text else text
 
 
 def _split(batches: list[dict], names: list[str]) -> Split:
@@ -244,6 +259,8 @@ def _has(manifest: dict, betons: bool) -> bool:
 
 
 def _require_writable(data_dir: Path) -> None:
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"data directory {data_dir} is a file, not a folder; choose another with --data-dir")
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=data_dir):

@@ -21,6 +21,7 @@ import platform
 import subprocess
 import tempfile
 import uuid
+import zipfile
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -38,7 +39,7 @@ CHECKPOINT_FORMAT = 1
 # anything, so that nothing of the old run (a checkpoint to resume, weights, figures) survives into the new one.
 RUN_FILES = ("config.json", "env.json", "metrics.jsonl", "results.json", "checkpoint.pt", "best.pt", "model.pt",
              "predictions.npz", "curves.png", "lr_schedule.png", "misclassified.png", "confusion.png", "summary.md",
-             "tta.json")
+             "tta.json", "find_lr.json", "find_lr.png", "lr_sweep.json", "lr_sweep.png")
 LOCK = ".lock"
 _HELD: dict[Path, Any] = {}  # run directory -> its open lock file, held until the process ends
 
@@ -48,11 +49,7 @@ def create_run_dir(out_dir: str, name: str, preset: str, overwrite: bool) -> Pat
     directory that holds a finished or an unfinished run (without --overwrite) or that another process uses."""
     name = name or f"{dt.datetime.now():%Y%m%d-%H%M%S}-{preset}"
     run_dir = Path(out_dir) / name
-    if not overwrite and (run_dir / "results.json").exists():
-        raise FastCifarError(f"{run_dir} already holds a finished run; choose another --name or pass --overwrite")
-    if not overwrite and (run_dir / "checkpoint.pt").exists():
-        raise FastCifarError(f"{run_dir} holds an unfinished run; continue it with: python -m fastcifar.train "
-                             f"--resume {run_dir} (or pass --overwrite to start over)")
+    check_new_run_dir(run_dir, overwrite)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=run_dir):
@@ -63,6 +60,45 @@ def create_run_dir(out_dir: str, name: str, preset: str, overwrite: bool) -> Pat
     for stale in RUN_FILES:  # an overwritten run leaves nothing behind (and a plain new one has none of them)
         (run_dir / stale).unlink(missing_ok=True)
     return run_dir
+
+
+def check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Everything that would refuse `run_dir` for a new run, checked without creating anything (so that a command
+    can say it in its first second, before it reads data): in use by a running training (which process), a finished
+    or an unfinished run there (without --overwrite), or a place that cannot be written."""
+    owner = lock_owner(run_dir)
+    if owner:
+        raise FastCifarError(f"{run_dir} is in use by a training that is still running ({owner}); wait for it, "
+                             f"stop it, or choose another --name")
+    if not overwrite and (run_dir / "results.json").exists():
+        raise FastCifarError(f"{run_dir} already holds a finished run; choose another --name or pass --overwrite")
+    if not overwrite and (run_dir / "checkpoint.pt").exists():
+        raise FastCifarError(f"{run_dir} holds an unfinished run; continue it with: python -m fastcifar.train "
+                             f"--resume {run_dir} (or pass --overwrite to start over)")
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:  # where the folders would be made
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise FastCifarError(f"{existing} is a file, not a folder; choose another --out-dir or --name")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FastCifarError(f"cannot write to {existing} (permission denied); choose another --out-dir")
+
+
+def lock_owner(run_dir: Path) -> str:
+    """Who holds RUN_DIR's lock ('pid 1234'), or "" when no running process does."""
+    import fcntl
+
+    if run_dir.resolve() in _HELD or not (run_dir / LOCK).exists():
+        return ""
+    try:
+        with open(run_dir / LOCK) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return handle.read().strip() or "another process"
+    except OSError:
+        return ""
+    return ""
 
 
 def reopen_run_dir(run_dir: Path) -> Path:
@@ -217,6 +253,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     """A checkpoint written by `save_checkpoint`, loaded with weights_only=True: tensors and plain values
     only, so a malicious file cannot run code. Errors say what is wrong in one line."""
+    if Path(path).is_file() and not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise FastCifarError(f"{path} is not a checkpoint (not a file written by torch.save); pass a model.pt, best.pt "
+                             f"or checkpoint.pt written by fastcifar.train")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

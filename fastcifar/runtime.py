@@ -19,6 +19,9 @@ def resolve_device(name: str) -> torch.device:
     """auto: CUDA when available, else the CPU; an explicit CUDA device must exist."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    head, _, index = name.partition(":")
+    if head not in ("cpu", "cuda") or index and not index.isdigit() or head == "cpu" and index:
+        raise FastCifarError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FastCifarError(f"device {name} requested but CUDA is not available; use --device cpu")

@@ -126,6 +126,8 @@ class Session:
         if device.type == "cpu" and cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         check_step_memory(local_batch, cfg.model.widths, device)  # before the data: a batch that cannot fit
+        if dist.is_main:  # the run directory's refusals too, in the first second rather than after the data
+            _check_run_dir(cfg, resume)
         amp = Amp(device, resolve_precision(cfg.run.precision, device))
         compiled = resolve_compile(cfg.run.compile, device)
         seed_everything(cfg.run.seed, cfg.run.deterministic, device)  # same initial weights on every rank
@@ -208,6 +210,15 @@ def _whiten_init(model: CustomResNet, cfg: Config, device: torch.device, count: 
 
 def quiet(_: str) -> None:
     """The log of ranks other than 0: only rank 0 prints."""
+
+
+def _check_run_dir(cfg: Config, resume: bool) -> None:
+    target = Path(cfg.run.out_dir) / (cfg.run.name or "(a new run)")  # a new time-stamped name is always free
+    if not resume:
+        rundir.check_new_run_dir(target, cfg.run.overwrite)
+    elif owner := rundir.lock_owner(target):
+        raise FastCifarError(f"{target} is in use by a training that is still running ({owner}); wait for it or stop "
+                             f"it before resuming")
 
 
 def _open_run_dir(cfg: Config, resume: bool, dist: Dist) -> Path:

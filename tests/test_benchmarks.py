@@ -249,3 +249,10 @@ def test_the_test_pass_benchmark_runs_in_the_chosen_precision(monkeypatch, capsy
     test_pass.main(["--batch-size", "4", "--rounds", "1", "--dtype", "bf16"])
     out = capsys.readouterr().out
     assert "bfloat16 | 8 BNs folded" in out and out.count("images/s") == 4
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "cpu:1"])
+def test_an_unknown_device_is_one_line(tmp_path, device, capsys):
+    assert bench.main(["--device", device, "--out-dir", str(tmp_path), "--markdown", ""]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"unknown device {device!r}: use auto, cpu, cuda or cuda:N" in err

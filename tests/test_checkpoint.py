@@ -152,7 +152,7 @@ def test_resume_refuses_another_recipe_naming_the_setting(tiny_run):
     ("missing", "no such run directory"),
     ("empty", "has no checkpoint.pt"),
     ("weights", "weights only, not a training state"),
-    ("garbage", "not a loadable fastcifar checkpoint"),
+    ("garbage", "is not a checkpoint \\(not a file written by torch.save\\)"),
     ("future", "checkpoint format 99"),
     ("unchecked", "has no checksum: it was not written by fastcifar"),
     ("partial", "not a complete training state \\(no 'model'\\)"),

@@ -131,13 +131,15 @@ def test_truncated_beton_is_reported(synthetic, tmp_path):
         make_loader(tmp_path / "test.beton", 8, 1, CPU, train=False)
 
 
-@pytest.mark.parametrize(("kind", "fragment"), [("size", "not 32x32"), ("schema", "not CIFAR-10's image")])
+@pytest.mark.parametrize(("kind", "fragment"), [("size", "not 32x32"), ("schema", "not CIFAR-10's image"),
+                                                ("cifar100", "has labels 0..99, not CIFAR-10's 0..9")])
 def test_beton_of_the_wrong_kind_is_reported(tmp_path, kind, fragment):
+    """Another data set in the same schema (CIFAR-100's labels) is refused when opened, not at the first loss."""
     from ffcv.fields import FloatField, IntField, RGBImageField
 
     side = 40 if kind == "size" else 32
-    rows = [(np.zeros((side, side, 3), np.uint8), i % 10) for i in range(4)]
-    label = IntField() if kind == "size" else FloatField()
+    rows = [(np.zeros((side, side, 3), np.uint8), i * 33 % 100 if kind == "cifar100" else i % 10) for i in range(4)]
+    label = FloatField() if kind == "schema" else IntField()
     _write(tmp_path / "x.beton", {"image": RGBImageField(write_mode="raw"), "label": label}, rows)
     with pytest.raises(DataError, match=fragment):
         make_loader(tmp_path / "x.beton", 8, 1, CPU, train=False)
@@ -238,3 +240,17 @@ def test_swapped_files_are_caught_by_the_manifest(synthetic, tmp_path):
         (data_dir / "x").rename(data_dir / b)
         with pytest.raises(DataError, match=r"holds 200 images but betons.json says 1,000: the files were swapped"):
             make_loaders(data_config(data_dir, kind), CPU)
+
+
+def test_a_random_npz_gets_no_advice_to_unpickle_it(tmp_path):
+    (tmp_path / "test.npz").write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(DataError) as err:
+        read_arrays(tmp_path / "test.npz")
+    assert "allow_pickle" not in str(err.value) and "pickle.load" not in str(err.value)
+    assert "not a numpy .npz archive of arrays" in str(err.value)
+
+
+def test_a_data_dir_that_is_a_file_is_named_as_such(tmp_path):
+    (tmp_path / "data").write_text("a file")
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        make_loaders(data_config(tmp_path / "data", "resident"), CPU)

@@ -25,7 +25,7 @@ def _state(session):
 
 def test_range_test_returns_a_growing_lr_curve_and_restores_everything(session):
     before_weights, before_groups = _state(session)
-    cfg = LRFinderConfig(start_lr=1e-3, end_lr=1e-1, steps=20, diverge_factor=1e9)
+    cfg = LRFinderConfig(start_lr=1e-3, end_lr=1e-1, steps=20, diverge_factor=1e6)
     curve = range_test(session.trainer, session.loaders.train, cfg)
     assert len(curve["lrs"]) == 20 and not curve["diverged"]
     np.testing.assert_allclose(curve["lrs"], np.geomspace(1e-3, 1e-1, 20))
@@ -114,3 +114,12 @@ def test_the_seeds_sweep_runs_at_its_own_weight_decay_beside_the_seeds_output(sy
     assert result["weight_decay"] == 0.05 and result["config"]["optim"]["weight_decay"] == 0.05
     assert [r["lr"] for r in result["seed_sweep"]] == [r["lr"] for r in result["sweep"]]
     assert len(result["sweep"]) == 10
+
+
+def test_a_second_test_under_one_name_is_refused_unless_overwritten(synthetic, tmp_path):
+    cfg = tiny_config(synthetic, tmp_path, **{"run.name": "lr", "lr_finder.steps": 20, "lr_finder.start_lr": 1e-3,
+                                              "lr_finder.end_lr": 0.1, "lr_finder.diverge_factor": 1e6})
+    find_lr(cfg, log=lambda _: None)
+    with pytest.raises(FastCifarError, match="already holds an LR test \\(find_lr.json\\); choose another --name"):
+        find_lr(cfg, log=lambda _: None)
+    assert len(find_lr(cfg.override({"run.overwrite": True}), log=lambda _: None)["lrs"]) == 20

@@ -421,3 +421,25 @@ def test_sweep_removes_only_what_dead_writers_left(tmp_path, monkeypatch):
     assert removed == sorted([f".train.beton.{dead}.tmp", f".train.npz.{dead}.tmp", f"fastcifar_beton_{dead}_1"])
     assert sorted(p.name for p in shm.iterdir()) == sorted([f"fastcifar_beton_{live}_1", "other_app_segment",
                                                             "psm_1234"])
+
+
+@pytest.mark.parametrize(("content", "fragment"), [
+    (b"", "the file is empty"), (bytes(range(256)) * 8, "neither gzip nor tar data"), ("zip", "it is a zip archive")])
+def test_archives_that_are_not_tar_gz_are_one_line(tmp_path, content, fragment, capsys):
+    import zipfile
+
+    path = tmp_path / "cifar-10-python.tar.gz"
+    if content == "zip":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("data_batch_1", b"x")
+    else:
+        path.write_bytes(content)
+    assert wb.main(["--archive", str(path), "--data-dir", str(tmp_path / "data")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and fragment in err, err
+
+
+def test_a_data_dir_that_is_a_file_is_named_as_such(tmp_path, archive, capsys):
+    (tmp_path / "data").write_text("a file")
+    assert wb.main(["--archive", str(archive), "--data-dir", str(tmp_path / "data"), "--expect-counts", "any"]) == 1
+    assert "is a file, not a folder; choose another with --data-dir" in capsys.readouterr().err

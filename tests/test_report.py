@@ -116,3 +116,17 @@ def test_reports_say_how_test_numbers_were_measured(run_dir, overrides, method, 
     assert fig.axes[0].get_ylabel() == loss
     test_label = f"test ({method})" if method else "test"
     assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == ["train (augmented)", test_label]
+
+
+def test_a_corrupt_predictions_file_is_one_line_and_the_report_works_without_it(run_dir, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "predictions.npz").write_bytes(bytes(range(256)) * 40)
+    assert report.main([str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a predictions file written by fastcifar" in err
+    assert "allow_pickle" not in err
+    (copy / "predictions.npz").unlink()
+    assert report.main([str(copy)]) == 0

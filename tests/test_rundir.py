@@ -4,6 +4,7 @@ the old run behind."""
 
 import errno
 import json
+import os
 import subprocess
 import sys
 
@@ -138,3 +139,51 @@ def test_cpu_kind_tells_the_bf16_hardware_apart(flags, kind):
 def test_cpu_kind_without_bf16_names_the_vector_unit_and_without_flags_says_unknown():
     assert rundir.cpu_kind("flags\t: fpu avx2 fma\n").endswith(", no bf16 instructions")
     assert rundir.cpu_kind("") == "unknown"
+
+
+def test_a_directory_in_use_is_named_as_such_and_before_any_data_is_read(tmp_path):
+    """A running training's folder (it has a checkpoint, as every running CPU training does) is "in use, by which
+    process", not "unfinished: --resume"; and the refusal comes first, even with no data at all."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pt").write_bytes(b"being written by the running training")
+    rundir.lock_run_dir(run_dir)
+    try:
+        for extra in ([], ["--resume", str(run_dir)]):
+            args = ["--data-dir", str(tmp_path / "no-data"), "--out-dir", str(tmp_path), "--name", "run"]
+            proc = subprocess.run([sys.executable, "-m", "fastcifar.train", *(extra or args)], capture_output=True,
+                                  text=True, timeout=300, cwd=REPO)
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+            assert f"is in use by a training that is still running (pid {os.getpid()})" in lines[0], lines
+    finally:
+        rundir.release_run_dir(run_dir)
+
+
+@pytest.mark.parametrize(("setup", "fragment"), [
+    ("file", "is a file, not a folder; choose another --out-dir"),
+    ("readonly", "permission denied"),
+])
+def test_an_unusable_out_dir_is_refused_before_the_data(tmp_path, setup, fragment):
+    from fastcifar.cli import config_from_args
+    from fastcifar.training import build_parser
+
+    out = tmp_path / "out"
+    if setup == "file":
+        out.write_text("not a folder")
+    else:
+        out.mkdir()
+        out.chmod(0o500)
+    cfg = config_from_args(build_parser().parse_args(["--data-dir", str(tmp_path / "no-data"), "--out-dir", str(out),
+                                                      "--name", "x", "--run.device", "cpu"]))
+    if setup == "readonly" and os.access(out, os.W_OK):  # root writes anywhere: nothing to refuse there
+        pytest.skip("running as root: a read-only folder is still writable")
+    with pytest.raises(FastCifarError, match=fragment):
+        train(cfg, **QUIET)
+
+
+def test_random_bytes_are_not_called_a_pickle_risk(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(os.urandom(4000))
+    with pytest.raises(FastCifarError, match=r"is not a checkpoint \(not a file written by torch.save\)"):
+        rundir.load_checkpoint_file(path)
