@@ -21,7 +21,7 @@ from fastcifar.errors import FastCifarError, require_output_folder, run_cli
 from fastcifar.evaluation import read_tta_accuracy
 from fastcifar.reporting import comparison_markdown, load_history, plot_comparison, run_label, save_figure
 from fastcifar.seed import plot_seed_comparison, seed_comparison_markdown
-from fastcifar.tables import results_table
+from fastcifar.tables import results_table, write_block
 
 
 def compare(run_dirs: list[str], out: str | None = None, seed: bool = False) -> str:
@@ -50,10 +50,18 @@ def compare(run_dirs: list[str], out: str | None = None, seed: bool = False) -> 
 
 
 def _print_comparison(args: argparse.Namespace) -> None:
+    if args.markdown and not args.table:
+        raise ConfigError("--markdown goes with --table")
     if args.table:
         if args.out or args.seed:
             raise ConfigError("--table prints the results table only; give --out/--seed without it")
-        print(results_table(args.run_dirs), end="")
+        table = results_table(args.run_dirs)
+        if args.markdown:
+            command = "python -m fastcifar.compare --table " + " ".join(args.run_dirs)
+            write_block(Path(args.markdown), table, command)
+            print(f"wrote the results table into {args.markdown}")
+        else:
+            print(table, end="")
         return
     print(compare(args.run_dirs, args.out, args.seed), end="")
     if args.out:
@@ -68,6 +76,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m fastcifar.compare
                         "(the run this project reproduces; fastcifar/seed_log.json)")
     parser.add_argument("--table", action="store_true", help="the finished runs grouped by recipe: mean ± sd over "
                         "seeds, seconds per epoch and time to 91%% per machine kind (README's results tables)")
+    parser.add_argument("--markdown", metavar="FILE", help="with --table: write it into FILE's results block "
+                        "(between <!-- results:begin ... --> and <!-- results:end -->), e.g. README.md")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     return run_cli(lambda: _print_comparison(args))
 

@@ -171,3 +171,18 @@ def results_table(run_dirs: list[str]) -> str:
                      f"{_mean_sd([r.test_acc for r in row.runs])} ({', '.join(methods)}) | {trans} | "
                      f"{_per_machine(row.runs, 'epoch')} | {_per_machine(row.runs, 'target')} |")
     return "\n".join(lines) + "\n"
+
+
+BLOCK_BEGIN, BLOCK_END = "<!-- results:begin", "<!-- results:end -->"
+
+
+def write_block(path: Path, table: str, command: str) -> None:
+    """Replace the results block of a markdown file (from its `<!-- results:begin ...` line to `<!-- results:end -->`)
+    with `table`, its begin line naming `command`; an error if the file has no such block."""
+    text = path.read_text()
+    start, end = text.find(BLOCK_BEGIN), text.find(BLOCK_END)
+    if start < 0 or end < start:
+        raise FastCifarError(f"{path} has no results block ({BLOCK_BEGIN} ... {BLOCK_END}); add the two marker lines "
+                             f"where the table goes")
+    block = f"{BLOCK_BEGIN} ({command}) -->\n{table}"
+    path.write_text(text[:start] + block + text[end:])

@@ -88,3 +88,16 @@ def test_the_command_prints_it(tmp_path, capsys):
     assert "| fast10 | 10 | 1 (0) |" in capsys.readouterr().out
     assert main(["--table", "--seed", run]) == 2
     assert json.dumps("--table prints the results table only")[1:-1] in capsys.readouterr().err
+
+
+def test_the_table_goes_into_a_markdown_files_results_block_and_nothing_else_changes(tmp_path):
+    from fastcifar.compare import main
+    run = make_run(tmp_path / "r", Config.from_preset("fast16"), 0.915, EPYC)
+    doc = tmp_path / "README.md"
+    doc.write_text("# title\n\n<!-- results:begin (old) -->\nold table\n<!-- results:end -->\n\nafter\n")
+    assert main(["--table", run, "--markdown", str(doc)]) == 0
+    text = doc.read_text()
+    assert text.startswith("# title\n\n<!-- results:begin (python -m fastcifar.compare --table ") and "old" not in text
+    assert "| fast16 | 16 | 1 (0) |" in text and text.endswith("<!-- results:end -->\n\nafter\n")
+    (tmp_path / "plain.md").write_text("no block\n")
+    assert main(["--table", run, "--markdown", str(tmp_path / "plain.md")]) == 1
