@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from fastcifar.errors import run_cli
+
 # command -> (module holding its main(argv, prog), one line of what it does)
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("fastcifar.prepare", "write the data: CIFAR-10 (download or --archive) -> data/*.beton and *.npz"),
@@ -33,8 +35,8 @@ def usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
-        return 0 if argv else 2
+        code = run_cli(lambda: print(usage()))  # (run_cli: `| head` ends quietly)
+        return code or (0 if argv else 2)
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}; choose one of: {', '.join(COMMANDS)} (see: {PROG} --help)",

@@ -50,3 +50,10 @@ def test_python_dash_m_fastcifar_runs_it():
     proc = subprocess.run([sys.executable, "-m", "fastcifar", "--help"], capture_output=True, text=True, timeout=300,
                           cwd=REPO)
     assert proc.returncode == 0 and "find-lr" in proc.stdout, proc.stderr
+
+
+@pytest.mark.slow
+def test_help_into_a_closed_pipe_ends_quietly():
+    proc = subprocess.run(f"{sys.executable} -m fastcifar --help | head -1", shell=True, capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    assert proc.stdout.startswith("usage: ") and "Traceback" not in proc.stderr, proc.stderr
