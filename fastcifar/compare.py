@@ -64,8 +64,8 @@ def _print_comparison(args: argparse.Namespace) -> None:
             print(table, end="")
         return
     print(compare(args.run_dirs, args.out, args.seed), end="")
-    if args.out:
-        print(f"wrote {args.out}")
+    if args.out:  # to stderr: stdout stays the table alone, ready to redirect into a .md file
+        print(f"wrote {args.out}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m fastcifar.compare") -> int:

@@ -59,7 +59,9 @@ def test_cli_writes_the_figure(tmp_path, capsys):
     out = tmp_path / "cmp.png"
     assert cmp.main([str(run), "--out", str(out)]) == 0
     assert out.read_bytes().startswith(PNG)
-    assert f"wrote {out}" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert f"wrote {out}" in captured.err
+    assert "wrote" not in captured.out  # stdout is the table alone, so `> table.md` captures nothing else
 
 
 @pytest.mark.parametrize(("setup", "args", "message"), [
