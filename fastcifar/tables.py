@@ -5,8 +5,9 @@ setting in which they differ from that preset as it is defined now; the seed and
 names, threads, how often it tested or checkpointed) do not split a group. One row per recipe gives the final test
 accuracy as mean ± sd over its runs (as the runs measured it: plain, flip TTA or translation TTA), the
 translation-TTA accuracy of the final weights where `evaluate --tta --translate 1 --save tta-translate1.json`
-left its file, and per machine kind the seconds per epoch and the time to 91% from the command's start (set-up,
-warm-up and every test pass the run made included), each with how many runs it averages.
+left its file, and per machine kind the seconds per epoch (each run's median epoch, so that an epoch paused or
+shared with other work does not stand for the recipe; averaged over runs) and the time to 91% from the command's
+start (set-up, warm-up and every test pass the run made included), each with how many runs it averages.
 
 README's tables are this command's output: rerun it to refresh them.
 """
@@ -17,7 +18,7 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import mean, stdev
+from statistics import mean, median, stdev
 from typing import Any
 
 from fastcifar.config import Config, ConfigError, read_config_file
@@ -121,7 +122,7 @@ def read_run(path: Path) -> Run | None:
             translate = float(saved["test_acc"]) if saved.get("translate") else None
         return Run(path, recipe_label(cfg), int(results["epochs"]), cfg.run.seed, float(results["final_test_acc"]),
                    test_method(cfg) or "plain", machine_kind(env, cfg),
-                   mean(float(m["epoch_s"]) for m in metrics), target, translate)
+                   median(float(m["epoch_s"]) for m in metrics), target, translate)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError) as err:
         raise FastCifarError(f"{path}: cannot read its results ({type(err).__name__}: {err})") from None
 
@@ -160,7 +161,7 @@ def results_table(run_dirs: list[str]) -> str:
     runs = [run for run in (read_run(path) for path in unique) if run is not None]
     if not runs:
         raise FastCifarError("none of these runs has finished (no results.json); nothing to tabulate")
-    lines = ["| recipe | epochs | n (seeds) | final test acc (as tested) | + translation TTA | s per epoch | "
+    lines = ["| recipe | epochs | n (seeds) | final test acc (as tested) | + translation TTA | s per epoch (median) | "
              f"time to {TARGET:.0%} |", "|---|---:|---|---|---|---|---|"]
     for row in group(runs):
         methods = sorted({r.method for r in row.runs})

@@ -43,6 +43,16 @@ def test_runs_of_one_recipe_are_one_row_with_mean_sd_and_per_machine_times(tmp_p
     assert cells[6] == "50.0 min (EPYC AVX512-BF16, bf16, 1 of 2); 25.0 min (Xeon AMX, bf16, 1 of 1)"
 
 
+def test_seconds_per_epoch_is_the_median_epoch_so_a_paused_epoch_does_not_count(tmp_path):
+    cfg = Config.from_preset("fast10")
+    run = make_run(tmp_path / "a", cfg, 0.90, EPYC, 300)
+    lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    paused = [json.dumps({**json.loads(line), "epoch_s": 1500.0}) if i in (3, 4) else line
+              for i, line in enumerate(lines)]  # two epochs that shared the CPU (mean 540 s)
+    (tmp_path / "a" / "metrics.jsonl").write_text("\n".join(paused) + "\n")
+    assert "| 300 s (EPYC AVX512-BF16, bf16, n=1) |" in results_table([run])
+
+
 def test_a_changed_setting_is_another_recipe_named_after_the_nearest_preset(tmp_path):
     base = Config.from_preset("fast", {"schedule.epochs": 10, "schedule.peak_epoch": 2.08})  # = fast10's recipe
     dirs = [make_run(tmp_path / "a", base, 0.90, EPYC),
