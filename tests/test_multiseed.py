@@ -12,6 +12,7 @@ from tests.conftest import tiny_config
 
 multiseed = importlib.import_module("fastcifar.multiseed")
 QUIET = {"log": lambda _: None}
+TARGET = 0.15
 
 
 @pytest.mark.parametrize(("text", "seeds"), [("3", [0, 1, 2]), ("1", [0]), ("4,0,9", [4, 0, 9])])
@@ -34,7 +35,9 @@ def test_statistics():
 @pytest.fixture(scope="module")
 def sweep(synthetic, tmp_path_factory):
     cfg = tiny_config(synthetic, tmp_path_factory.mktemp("sweep"), **{"schedule.epochs": 2, "run.name": "s"})
-    return cfg, run_seeds(cfg, [0, 1], target=0.3, **QUIET)
+    # a target just above chance (0.1): after 2 tiny epochs on the synthetic data one seed reaches 0.42 and the other
+    # only 0.21 on the AMX Xeon in bf16 (both 0.2 after epoch 1), so a higher one is reached or not by machine
+    return cfg, run_seeds(cfg, [0, 1], target=TARGET, **QUIET)
 
 
 def test_one_run_per_seed_and_their_statistics(sweep):
@@ -44,7 +47,11 @@ def test_one_run_per_seed_and_their_statistics(sweep):
     for r in result.runs:
         saved = json.loads((result.sweep_dir / f"seed{r['seed']}" / "config.json").read_text())
         assert saved["run"]["seed"] == r["seed"]
-        assert r["epochs_to_target"] in (1, 2)
+        metrics = [json.loads(line) for line in
+                   (result.sweep_dir / f"seed{r['seed']}" / "metrics.jsonl").read_text().splitlines()]
+        reached = [m["epoch"] for m in metrics if m["test_acc"] >= TARGET]
+        assert reached, "the tiny run should beat the near-chance target"
+        assert r["epochs_to_target"] == reached[0]  # the first epoch at the target, from the run's own metrics
     first_epochs = [json.loads((result.sweep_dir / f"seed{s}" / "metrics.jsonl").read_text().splitlines()[0])
                     for s in (0, 1)]
     assert first_epochs[0]["train_loss"] != first_epochs[1]["train_loss"]  # other seed, other run
@@ -63,7 +70,7 @@ def test_rerun_reuses_finished_seeds_and_refuses_another_recipe(sweep, monkeypat
         raise AssertionError("a finished seed was trained again")
 
     monkeypatch.setattr(multiseed, "train", no_training)
-    again = run_seeds(cfg, [0, 1], target=0.3, **QUIET)
+    again = run_seeds(cfg, [0, 1], target=TARGET, **QUIET)
     assert again.runs == first.runs and again.stats == first.stats
     wd = cfg.optim.weight_decay
     with pytest.raises(FastCifarError, match=rf"another recipe \(optim.weight_decay {wd!r} -> 0.001\)"):
