@@ -349,7 +349,8 @@ def test_a_full_disk_while_writing_a_beton_ends_in_one_line_and_leaves_nothing(t
     data = tmp_path / "data"
     data.mkdir()
     out = _in_private_mounts(f"mount -t tmpfs -o size=8m tmpfs {data}\n"
-                             f"timeout -s KILL 150 {_step(archive, data)} >/dev/null 2>err; echo RC $?; cat err\n"
+                             f"timeout -s KILL 150 {_step(archive, data)} >/dev/null 2>{tmp_path}/err; echo RC $?\n"
+                             f"cat {tmp_path}/err\n"
                              + _after(data))
     assert "RC 1" in out, out
     errors = [line for line in out.splitlines() if line.startswith("error:")]
@@ -368,10 +369,10 @@ def test_sigterm_during_a_beton_write_removes_its_own_shared_memory_and_nobody_e
     archive = tmp_path / "cifar-10-python.tar.gz"
     write_archive(archive, per_batch=4000, n_test=2000)  # 20,000 images: a few seconds of writing
     data = tmp_path / "data"
-    out = _in_private_mounts(f"{_step(archive, data)} >/dev/null 2>err & pid=$!\n"
+    out = _in_private_mounts(f"{_step(archive, data)} >/dev/null 2>{tmp_path}/err & pid=$!\n"
                              + _wait_for_the_beton_writer(data) +
                              "ls /dev/shm | grep -c fastcifar_beton_ | sed 's/^/WRITING /'\n"
-                             "kill -TERM $pid; wait $pid; echo RC $?; cat err; sleep 1\n" + _after(data))
+                             f"kill -TERM $pid; wait $pid; echo RC $?; cat {tmp_path}/err; sleep 1\n" + _after(data))
     assert "WRITING 1" in out, out  # the writer's segment existed, under our name
     assert "RC 143" in out and "interrupted: nothing half-written was kept" in out, out
     assert next(line for line in out.splitlines() if line.startswith("SHM")) == "SHM other_app_segment"
