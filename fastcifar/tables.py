@@ -25,6 +25,7 @@ from fastcifar.config import Config, ConfigError, read_config_file
 from fastcifar.errors import FastCifarError
 from fastcifar.presets import PRESETS
 from fastcifar.reporting import test_method
+from fastcifar.rundir import read_jsonl
 
 TRANSLATE_FILE = "tta-translate1.json"
 TARGET = 0.91
@@ -114,7 +115,7 @@ def read_run(path: Path) -> Run | None:
         cfg = read_config_file(path / "config.json", "the run's config")
         results = json.loads((path / "results.json").read_text())
         env = json.loads((path / "env.json").read_text()) if (path / "env.json").exists() else {}
-        metrics = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        metrics = read_jsonl(path / "metrics.jsonl")
         target = results.get("time_to_test_acc", {}).get(f"{TARGET:.2f}", {}).get("seconds")
         translate = None
         if (path / TRANSLATE_FILE).exists():

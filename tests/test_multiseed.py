@@ -8,6 +8,7 @@ import pytest
 from fastcifar.config import Config, ConfigError
 from fastcifar.errors import FastCifarError
 from fastcifar.multiseed import format_table, main, parse_seeds, run_seeds, summarise
+from fastcifar.rundir import read_jsonl
 from tests.conftest import tiny_config
 
 multiseed = importlib.import_module("fastcifar.multiseed")
@@ -44,17 +45,14 @@ def test_one_run_per_seed_and_their_statistics(sweep):
     cfg, result = sweep
     assert [r["seed"] for r in result.runs] == [0, 1]
     accs = [r["final_test_acc"] for r in result.runs]
+    metrics = {s: read_jsonl(result.sweep_dir / f"seed{s}" / "metrics.jsonl") for s in (0, 1)}
     for r in result.runs:
         saved = json.loads((result.sweep_dir / f"seed{r['seed']}" / "config.json").read_text())
         assert saved["run"]["seed"] == r["seed"]
-        metrics = [json.loads(line) for line in
-                   (result.sweep_dir / f"seed{r['seed']}" / "metrics.jsonl").read_text().splitlines()]
-        reached = [m["epoch"] for m in metrics if m["test_acc"] >= TARGET]
+        reached = [m["epoch"] for m in metrics[r["seed"]] if m["test_acc"] >= TARGET]
         assert reached, "the tiny run should beat the near-chance target"
         assert r["epochs_to_target"] == reached[0]  # the first epoch at the target, from the run's own metrics
-    first_epochs = [json.loads((result.sweep_dir / f"seed{s}" / "metrics.jsonl").read_text().splitlines()[0])
-                    for s in (0, 1)]
-    assert first_epochs[0]["train_loss"] != first_epochs[1]["train_loss"]  # other seed, other run
+    assert metrics[0][0]["train_loss"] != metrics[1][0]["train_loss"]  # other seed, other run
     assert result.stats["final_test_acc"] == pytest.approx(summarise(accs))
     record = json.loads((result.sweep_dir / "sweep.json").read_text())
     assert record["seeds"] == [0, 1] and record["stats"] == result.stats and Config.from_dict(record["config"]) == cfg
