@@ -6,7 +6,8 @@ where a run folder holds the tta.json of `python -m fastcifar.evaluate --tta --s
 accuracy per epoch and against hours in training passes. With --seed, the table and figure put each run's train
 and test accuracy per epoch beside the seed's log (fastcifar/seed.py), for the reproduction. With --table, the
 finished runs are grouped by recipe instead: mean ± sd over seeds, seconds per epoch and time to 91% per machine
-kind (fastcifar/tables.py; README's results tables are its output).
+kind (fastcifar/tables.py; README's results tables are its output), and with --baseline each recipe's difference
+against those runs, paired by seed.
 """
 
 from __future__ import annotations
@@ -50,14 +51,16 @@ def compare(run_dirs: list[str], out: str | None = None, seed: bool = False) -> 
 
 
 def _print_comparison(args: argparse.Namespace) -> None:
-    if args.markdown and not args.table:
-        raise ConfigError("--markdown goes with --table")
+    for flag, value in (("--markdown", args.markdown), ("--baseline", args.baseline)):
+        if value and not args.table:
+            raise ConfigError(f"{flag} goes with --table")
     if args.table:
         if args.out or args.seed:
             raise ConfigError("--table prints the results table only; give --out/--seed without it")
-        table = results_table(args.run_dirs)
+        table = results_table(args.run_dirs, args.baseline)
         if args.markdown:
-            command = "python -m fastcifar.compare --table " + " ".join(args.run_dirs)
+            baseline = "".join(f" --baseline {d}" for d in args.baseline or [])
+            command = "python -m fastcifar.compare --table" + baseline + " " + " ".join(args.run_dirs)
             write_block(Path(args.markdown), table, command)
             print(f"wrote the results table into {args.markdown}")
         else:
@@ -76,6 +79,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m fastcifar.compare
                         "(the run this project reproduces; fastcifar/seed_log.json)")
     parser.add_argument("--table", action="store_true", help="the finished runs grouped by recipe: mean ± sd over "
                         "seeds, seconds per epoch and time to 91%% per machine kind (README's results tables)")
+    parser.add_argument("--baseline", metavar="RUN_DIR", action="append", help="with --table: a last column with "
+                        "each recipe's accuracy minus this run's, paired by seed (repeat it, one run per seed)")
     parser.add_argument("--markdown", metavar="FILE", help="with --table: write it into FILE's results block "
                         "(between <!-- results:begin ... --> and <!-- results:end -->), e.g. README.md")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

@@ -9,6 +9,12 @@ left its file, and per machine kind the seconds per epoch (each run's median epo
 shared with other work does not stand for the recipe; averaged over runs) and the time to 91% from the command's
 start (set-up, warm-up and every test pass the run made included), each with how many runs it averages.
 
+With baseline runs (`--baseline RUN_DIR`, repeatable), a last column gives each recipe's difference against them
+paired by seed: for every run whose seed a baseline run shares, its accuracy minus that baseline's, in translation
+TTA where both have it (a run that tested with flip and +-1 px translation TTA has it as its final accuracy), else
+as tested where both tested alike; the mean of the pairs, then each pair. This is how a lever is judged here: a
+difference between seeds is not a difference between recipes.
+
 README's tables are this command's output: rerun it to refresh them.
 """
 
@@ -121,6 +127,8 @@ def read_run(path: Path) -> Run | None:
         if (path / TRANSLATE_FILE).exists():
             saved = json.loads((path / TRANSLATE_FILE).read_text())
             translate = float(saved["test_acc"]) if saved.get("translate") else None
+        elif cfg.data.test_translate == 1 and cfg.data.test_flip and not cfg.optim.ema_decay:
+            translate = float(results["final_test_acc"])  # the run tested as `evaluate --tta --translate 1` does
         return Run(path, recipe_label(cfg), int(results["epochs"]), cfg.run.seed, float(results["final_test_acc"]),
                    test_method(cfg) or "plain", machine_kind(env, cfg),
                    median(float(m["epoch_s"]) for m in metrics), target, translate)
@@ -156,14 +164,51 @@ def _per_machine(runs: list[Run], value: str) -> str:
     return "; ".join(cells)
 
 
-def results_table(run_dirs: list[str]) -> str:
-    """The markdown table of the finished runs among `run_dirs` (see the module docstring)."""
+def _finished(run_dirs: list[str]) -> list[Run]:
     unique = list(dict.fromkeys(Path(d).resolve() for d in run_dirs))  # overlapping globs name a run twice
-    runs = [run for run in (read_run(path) for path in unique) if run is not None]
+    return [run for run in (read_run(path) for path in unique) if run is not None]
+
+
+def _pair(run: Run, base: Run) -> tuple[float, str] | None:
+    """`run`'s accuracy minus `base`'s and how both were measured, or None if they were measured differently."""
+    if run.translate_acc is not None and base.translate_acc is not None:
+        return run.translate_acc - base.translate_acc, "translation TTA"
+    if run.method == base.method:
+        return run.test_acc - base.test_acc, run.method
+    return None
+
+
+def paired_difference(runs: list[Run], baseline: list[Run]) -> str:
+    """'+0.12 pt (translation TTA; seed 0 +0.20, seed 1 +0.04)': the mean difference over the runs that have a
+    baseline run of the same seed, then each pair; '-' where none has."""
+    by_seed = {base.seed: base for base in baseline}
+    pairs = [(run.seed, *pair) for run in sorted(runs, key=lambda r: r.seed)
+             if run.seed in by_seed and (pair := _pair(run, by_seed[run.seed])) is not None]
+    if not pairs:
+        return "-"
+    methods = ", ".join(sorted({method for _, _, method in pairs}))
+    each = ", ".join(f"seed {seed} {100 * diff:+.2f}" for seed, diff, _ in pairs)
+    return f"{100 * mean(diff for _, diff, _ in pairs):+.2f} pt ({methods}; {each})"
+
+
+def results_table(run_dirs: list[str], baseline_dirs: list[str] | None = None) -> str:
+    """The markdown table of the finished runs among `run_dirs`, with a column of paired differences against the
+    runs in `baseline_dirs` if given (see the module docstring)."""
+    runs = _finished(run_dirs)
     if not runs:
         raise FastCifarError("none of these runs has finished (no results.json); nothing to tabulate")
+    baseline = _finished(baseline_dirs or [])
+    if baseline_dirs and not baseline:
+        raise FastCifarError("none of the baseline runs has finished (no results.json); nothing to pair against")
+    seeds = [base.seed for base in baseline]
+    if len(set(seeds)) < len(seeds):
+        raise FastCifarError("two baseline runs share a seed; give one baseline run per seed")
     lines = ["| recipe | epochs | n (seeds) | final test acc (as tested) | + translation TTA | s per epoch (median) | "
              f"time to {TARGET:.0%} |", "|---|---:|---|---|---|---|---|"]
+    if baseline:
+        recipes = {(base.recipe, base.epochs) for base in baseline}
+        label = "{}, {} epochs".format(*recipes.pop()) if len(recipes) == 1 else "the baseline runs"
+        lines = [lines[0] + f" vs {label}, paired by seed |", lines[1] + "---|"]
     for row in group(runs):
         methods = sorted({r.method for r in row.runs})
         seeds = ",".join(str(r.seed) for r in sorted(row.runs, key=lambda r: r.seed))
@@ -171,7 +216,8 @@ def results_table(run_dirs: list[str]) -> str:
         trans = f"{_mean_sd(translate)} (n={len(translate)})" if translate else "-"
         lines.append(f"| {row.recipe} | {row.epochs} | {len(row.runs)} ({seeds}) | "
                      f"{_mean_sd([r.test_acc for r in row.runs])} ({', '.join(methods)}) | {trans} | "
-                     f"{_per_machine(row.runs, 'epoch')} | {_per_machine(row.runs, 'target')} |")
+                     f"{_per_machine(row.runs, 'epoch')} | {_per_machine(row.runs, 'target')} |"
+                     + (f" {paired_difference(row.runs, baseline)} |" if baseline else ""))
     return "\n".join(lines) + "\n"
 
 

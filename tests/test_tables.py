@@ -111,3 +111,52 @@ def test_the_table_goes_into_a_markdown_files_results_block_and_nothing_else_cha
     assert "| fast16 | 16 | 1 (0) |" in text and text.endswith("<!-- results:end -->\n\nafter\n")
     (tmp_path / "plain.md").write_text("no block\n")
     assert main(["--table", run, "--markdown", str(tmp_path / "plain.md")]) == 1
+
+
+def test_a_baseline_gives_each_recipe_its_difference_paired_by_seed(tmp_path):
+    twelve = Config.from_preset("fast", {"schedule.epochs": 12, "schedule.peak_epoch": 2.5})
+    base = [make_run(tmp_path / f"base{s}", twelve.override({"run.seed": s}), 0.90, EPYC, translate=0.905 + s / 100)
+            for s in (0, 1)]
+    # the lever tested with translation TTA inside the run: its final accuracy is the one to pair
+    lever = twelve.override({"optim.label_smoothing": 0.1, "data.test_translate": 1})
+    runs = [make_run(tmp_path / f"ls{s}", lever.override({"run.seed": s}), acc, XEON)
+            for s, acc in ((0, 0.910), (1, 0.913), (2, 0.99))]  # seed 2 has no baseline run: not paired
+    table = results_table(runs, base)
+    header, _, row = table.splitlines()
+    assert header.endswith("| vs fast + schedule.epochs=12, schedule.peak_epoch=2.5, 12 epochs, paired by seed |")
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4] == "93.77 ± 4.53% (n=3)"  # the in-run translation TTA counts as one
+    assert cells[-1] == "+0.15 pt (translation TTA; seed 0 +0.50, seed 1 -0.20)"
+
+
+def test_a_pair_measured_differently_is_not_compared(tmp_path):
+    plain = Config.from_preset("reference")
+    base = make_run(tmp_path / "base", Config.from_preset("fast10"), 0.90, EPYC)  # flip TTA, no translation file
+    run = make_run(tmp_path / "run", plain, 0.85, EPYC)  # plain
+    assert results_table([run], [base]).splitlines()[2].endswith("| - |")
+    same = make_run(tmp_path / "same", Config.from_preset("fast16"), 0.915, EPYC)
+    assert results_table([same], [base]).splitlines()[2].endswith("| +1.50 pt (flip TTA; seed 0 +1.50) |")
+
+
+def test_bad_baselines_are_one_line_errors(tmp_path, capsys):
+    from fastcifar.compare import main
+    run = make_run(tmp_path / "r", Config.from_preset("fast10"), 0.9, EPYC)
+    twice = [make_run(tmp_path / name, Config.from_preset("fast10"), 0.9, EPYC) for name in ("b0", "b0-again")]
+    with pytest.raises(FastCifarError, match="two baseline runs share a seed"):
+        results_table([run], twice)
+    make_run(tmp_path / "half", Config(), 0.5, EPYC, finished=False)
+    with pytest.raises(FastCifarError, match="none of the baseline runs has finished"):
+        results_table([run], [str(tmp_path / "half")])
+    assert main(["--baseline", run, run]) == 2
+    assert "--baseline goes with --table" in capsys.readouterr().err
+
+
+def test_the_baseline_is_named_in_the_markdown_blocks_command(tmp_path):
+    from fastcifar.compare import main
+    base = make_run(tmp_path / "base", Config.from_preset("fast10"), 0.9, EPYC)
+    run = make_run(tmp_path / "r", Config.from_preset("fast16"), 0.915, EPYC)
+    doc = tmp_path / "log.md"
+    doc.write_text("<!-- results:begin -->\n<!-- results:end -->\n")
+    assert main(["--table", "--baseline", base, run, "--markdown", str(doc)]) == 0
+    assert f"compare --table --baseline {base} {run}) -->" in doc.read_text()
+    assert "| +1.50 pt (flip TTA; seed 0 +1.50) |" in doc.read_text()
