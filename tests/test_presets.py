@@ -25,7 +25,7 @@ def test_the_base_is_the_default_preset():
 
 
 def test_an_unknown_preset_names_the_known_ones():
-    with pytest.raises(ConfigError, match="unknown preset 'fastest'; choose one of: fast, fast10"):
+    with pytest.raises(ConfigError, match="unknown preset 'fastest'; choose one of: fast12, fast, fast10"):
         Config.from_preset("fastest")
 
 
@@ -69,11 +69,25 @@ def test_short_fast_presets_are_fast_with_the_peak_at_the_same_fraction(name, ep
     assert short.schedule.peak_epoch / epochs == pytest.approx(fast.schedule.peak_epoch / 24, abs=1e-3)
 
 
+def test_the_default_fast12_is_fast_in_12_epochs_at_a_higher_lr_less_smoothing_tested_once():
+    fast, fast12 = Config.from_preset("fast"), Config()
+    assert fast12.preset == "fast12" and DEFAULT_PRESET == "fast12"
+    assert _differing(fast, fast12) == {
+        ("schedule", "epochs"), ("schedule", "peak_epoch"), ("schedule", "min_lr"), ("schedule", "max_lr"),
+        ("optim", "label_smoothing"), ("data", "test_translate"), ("run", "test_every")}
+    assert (fast12.schedule.epochs, fast12.schedule.max_lr, fast12.optim.label_smoothing) == (12, 0.6, 0.1)
+    assert fast12.schedule.peak_epoch / 12 == pytest.approx(fast.schedule.peak_epoch / 24, abs=1e-3)
+    assert fast12.schedule.min_lr / fast12.schedule.max_lr == fast.schedule.min_lr / fast.schedule.max_lr
+    # one test pass, at the end, with flip and +-1 px translation TTA
+    assert (fast12.run.test_every, fast12.data.test_flip, fast12.data.test_translate) == (0, True, 1)
+
+
 def test_fast_carries_the_levers_measured_at_full_length():
     cfg = Config.from_preset("fast")  # candidate B + alternating flips (docs/experiments.md)
     assert (cfg.model.whiten_init, cfg.model.whiten_frozen, cfg.model.bn_weight_frozen) == (True, True, True)
     assert (cfg.optim.bn_lr_scale, cfg.optim.bn_wd_scale, cfg.data.flip_mode) == (64.0, 1 / 64, "alternate")
     assert (cfg.schedule.max_lr, cfg.schedule.end_lr, cfg.optim.nesterov, cfg.data.test_flip) == (0.4, 0, True, True)
+    assert (cfg.schedule.epochs, cfg.optim.label_smoothing, cfg.data.test_translate, cfg.run.test_every) == (24, 0.2, 0, 1)
 
 
 def test_smoke_is_the_reference_recipe_made_tiny():

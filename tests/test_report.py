@@ -77,7 +77,7 @@ def test_misclassified_mosaic_shows_each_image_under_its_classes(run_dir, count)
 
 
 def test_schedule_plot_has_its_peak_at_the_end_of_epoch_5():
-    cfg = Config().override({"schedule.end_lr": -1})  # no annihilation: never below min_lr
+    cfg = Config.from_preset("fast", {"schedule.end_lr": -1})  # no annihilation: never below min_lr
     fig = report.plot_schedule(cfg, 98)
     xs, ys = fig.axes[0].lines[0].get_data()
     assert xs[np.argmax(ys)] == 5 * 98 and max(ys) == pytest.approx(cfg.schedule.max_lr)

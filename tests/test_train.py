@@ -153,8 +153,9 @@ def test_cli_runs_end_to_end_as_a_module(synthetic, tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Total params" in proc.stdout and "train_img_s" in proc.stdout
-    # a number measured with flip TTA says so where the run starts and where it ends
-    assert "| test accuracy with flip TTA" in proc.stdout and "final test accuracy with flip TTA " in proc.stdout
+    # a number measured with TTA says so where the run starts and where it ends (the default: flip and translation)
+    method = "flip TTA, +-1 px translation TTA"
+    assert f"| test accuracy with {method}" in proc.stdout and f"final test accuracy with {method} " in proc.stdout
     assert (tmp_path / "cli" / "model.pt").is_file()
 
 
