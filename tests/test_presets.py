@@ -87,7 +87,8 @@ def test_fast_carries_the_levers_measured_at_full_length():
     assert (cfg.model.whiten_init, cfg.model.whiten_frozen, cfg.model.bn_weight_frozen) == (True, True, True)
     assert (cfg.optim.bn_lr_scale, cfg.optim.bn_wd_scale, cfg.data.flip_mode) == (64.0, 1 / 64, "alternate")
     assert (cfg.schedule.max_lr, cfg.schedule.end_lr, cfg.optim.nesterov, cfg.data.test_flip) == (0.4, 0, True, True)
-    assert (cfg.schedule.epochs, cfg.optim.label_smoothing, cfg.data.test_translate, cfg.run.test_every) == (24, 0.2, 0, 1)
+    schedule, data = cfg.schedule, cfg.data
+    assert (schedule.epochs, cfg.optim.label_smoothing, data.test_translate, cfg.run.test_every) == (24, 0.2, 0, 1)
 
 
 def test_smoke_is_the_reference_recipe_made_tiny():
