@@ -186,7 +186,7 @@ def test_runner_runs_every_section_and_records_them(synthetic, tmp_path, capsys)
     assert len(record["e2e"]) == 3 and all(0 < r["overhead"] < 1 for r in record["e2e"])  # usual, ffcv, resident
     assert [r["name"].endswith(f"{kind} loader)") for r, kind in zip(record["e2e"][1:], ("ffcv", "resident"),
                                                                       strict=True)] == [True, True]
-    assert all("2 test views" in r["name"] for r in record["e2e"][1:])  # the default preset's flip-TTA test pass
+    assert all("2 test views" in r["name"] for r in record["e2e"][1:])  # a flip-TTA test pass, as `fast` tests
     physics_record = record["physics"]
     assert physics_record["flops"]["train_step"] > 2 * physics_record["flops"]["forward"]
     # the share of the peak is given twice: over the counted FLOPs, and over those that are not zero padding
