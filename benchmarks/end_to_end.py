@@ -56,6 +56,17 @@ class _TimedAugment:
     def __init__(self, inner: BatchAugment) -> None:
         self.inner, self.seconds = inner, 0.0
 
+    def __getattr__(self, name: str) -> object:  # generator, normalize, side_at...: the wrapped augmentation's
+        return getattr(self.inner, name)
+
+    @property
+    def epoch(self) -> int:
+        return self.inner.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:  # the warm-up and the epoch set it on the augmentation itself
+        self.inner.epoch = value
+
     def train(self, images: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
         out = self.inner.train(images)

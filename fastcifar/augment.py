@@ -13,6 +13,10 @@ the same order as the three separate functions and gives exactly their result wi
 the batch (a development micro-benchmark, not in the repo, gave ~1.4x for augmentation + normalisation);
 the separate functions stay as the readable reference that the tests compare it with.
 
+Progressive resizing (`data.low_res_size` for the first `data.low_res_epochs` epochs) makes each augmented image
+smaller in one of two ways: `random_window` (crop mode: a random window, folded into the same gather as the rest)
+or `scale_down` (scale mode: the whole image resized, after normalisation).
+
 Cutout runs before normalisation and fills with the dataset's mean colour, which is what a
 zero fill after normalisation would give (up to uint8 rounding): both mean "no information".
 """
@@ -117,6 +121,43 @@ def cutout(images: torch.Tensor, size: int, generator: torch.Generator, fill: to
     return torch.where(inside[:, None], fill.view(1, c, 1, 1).to(images.dtype), images)
 
 
+def window_offsets(n: int, side: int, size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Top and left corners [2, N, 1] of a random `size` x `size` window in each `side` x `side` image, uniform over
+    the positions that keep the window inside the image."""
+    return torch.randint(0, side - size + 1, (2, n, 1), generator=generator, device=device)
+
+
+def take_window(maps: torch.Tensor, offsets: torch.Tensor, size: int) -> torch.Tensor:
+    """The `size` x `size` window at `offsets` (from `window_offsets`) of each map [N, ..., H, W] (images or
+    index maps), as a new tensor [N, ..., size, size]."""
+    span = torch.arange(size, device=maps.device)
+    rows, cols = offsets[0] + span, offsets[1] + span  # [N, size] each
+    extra = maps.dim() - 3  # leading dims between N and H (the channels of images)
+    n, w = maps.shape[0], maps.shape[-1]
+    rows = rows.view(n, *([1] * extra), size, 1).expand(*maps.shape[:-2], size, w)
+    out = maps.gather(-2, rows)
+    cols = cols.view(n, *([1] * extra), 1, size).expand(*maps.shape[:-2], size, size)
+    return out.gather(-1, cols)
+
+
+def random_window(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """A random `size` x `size` window of each image (progressive resizing's crop mode: the objects keep the scale
+    of the test images, the window shows less of them)."""
+    n, _, h, w = images.shape
+    if size >= min(h, w):
+        return images
+    return take_window(images, window_offsets(n, h, size, generator, images.device), size)
+
+
+def scale_down(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Each (float) image resized to `size` x `size`, bilinear with antialiasing (progressive resizing's scale mode:
+    the whole image at a lower resolution)."""
+    if size >= images.shape[-1]:
+        return images
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True,
+                                           align_corners=False)
+
+
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """uint8 0..255 -> (x / 255 - mean) / std in `dtype`; mean/std are [C] on the 0..1 scale."""
     c = images.shape[1]
@@ -128,10 +169,11 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype
 def crop_flip_cutout(images: torch.Tensor, padding: int, pad_mode: str, flip: bool, cutout_size: int,
                      generator: torch.Generator, fill: torch.Tensor,
                      mirror: torch.Tensor | None = None, cutout_place: str = "centre", cutout_max_holes: int = 1,
-                     cutout_p: float = 1.0) -> torch.Tensor:
-    """random_crop -> random_flip -> cutout in one gather (same draws, same result as calling them in turn).
-    `mirror` (bool [N]), when given, says which images to flip instead of a random draw. The cutout_* arguments
-    are `cutout_squares`'.
+                     cutout_p: float = 1.0, window: int = 0) -> torch.Tensor:
+    """random_crop -> random_flip -> cutout [-> random_window] in one gather (same draws, same result as calling
+    them in turn). `mirror` (bool [N]), when given, says which images to flip instead of a random draw. The cutout_*
+    arguments are `cutout_squares`'. `window` > 0 (smaller than the image) returns a random window of that side of
+    each augmented image (progressive resizing's crop mode); 0 = the whole image.
 
     Works for uint8 RGB batches: each pixel's 3 bytes plus one spare byte are read as one int32, so the
     gather moves whole pixels (one index per pixel instead of one per channel value)."""
@@ -161,17 +203,21 @@ def crop_flip_cutout(images: torch.Tensor, padding: int, pad_mode: str, flip: bo
     if cutout_size:
         square = cutout_squares(n, h, w, cutout_size, generator, dev, cutout_place, cutout_max_holes, cutout_p)
         source.masked_fill_(square, fill_pixel)
+    out_h, out_w = h, w
+    if 0 < window < min(h, w):  # the window of the index map: the gather then reads only the window's pixels
+        source = take_window(source, window_offsets(n, h, window, generator, dev), window)
+        out_h = out_w = window
     table = torch.zeros(n, h * w + 2, 4, dtype=torch.uint8, device=dev)  # RGB + a spare byte per pixel
     table[:, :pad_pixel, :3] = images.permute(0, 2, 3, 1).reshape(n, h * w, c)
     table[:, fill_pixel, :3] = fill
-    out = table.view(torch.int32).view(n, h * w + 2).gather(1, source.view(n, h * w))
+    out = table.view(torch.int32).view(n, h * w + 2).gather(1, source.reshape(n, out_h * out_w))
     # Dropping the spare byte makes a dense channels_last batch again (strided input slows what follows).
-    return out.view(torch.uint8).view(n, h, w, 4)[..., :3].contiguous().permute(0, 3, 1, 2)
+    return out.view(torch.uint8).view(n, out_h, out_w, 4)[..., :3].contiguous().permute(0, 3, 1, 2)
 
 
 class BatchAugment:
-    """Training augmentation as the data config says (crop_padding, pad_mode, flip, flip_mode, cutout_*) and
-    normalisation, for batches on one device, with its own seeded generator."""
+    """Training augmentation as the data config says (crop_padding, pad_mode, flip, flip_mode, cutout_*, low_res_*)
+    and normalisation, for batches on one device, with its own seeded generator."""
 
     def __init__(self, data: DataConfig, device: torch.device, seed: int, dtype: torch.dtype,
                  channels_last: bool = True) -> None:
@@ -185,6 +231,12 @@ class BatchAugment:
         self.fill = (self.mean * 255).round().to(torch.uint8)
         self.epoch = 0  # 0-based training epoch; the training loop sets it (alternating flips depend on it)
 
+    def side_at(self, epoch: int, full: int = 32) -> int:
+        """The side of the training images in `epoch` (0-based) for images of side `full`: low_res_size in the first
+        low_res_epochs epochs (progressive resizing), else `full`."""
+        s = self.settings
+        return s.low_res_size if epoch < s.low_res_epochs and s.low_res_size < full else full
+
     def train(self, images: torch.Tensor) -> torch.Tensor:
         s = self.settings
         mirror = None
@@ -192,8 +244,14 @@ class BatchAugment:
             mirror = alternating_mirror(images, self.epoch)
         elif s.flip and s.flip_mode == "always":
             mirror = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+        full = images.shape[-1]
+        side = self.side_at(self.epoch, full)
+        window = side if side < full and s.low_res_mode == "crop" else 0
         images = crop_flip_cutout(images, s.crop_padding, s.pad_mode, s.flip, s.cutout_size, self.generator,
-                                  self.fill, mirror, s.cutout_place, s.cutout_max_holes, s.cutout_p)
+                                  self.fill, mirror, s.cutout_place, s.cutout_max_holes, s.cutout_p, window)
+        if images.shape[-1] > side:  # scale mode: resize the normalised image (interpolating uint8 is CPU-only)
+            out = scale_down(normalize(images, self.mean, self.std, torch.float32), side).to(self.dtype)
+            return out.contiguous(memory_format=self.memory_format)
         return self.normalize(images)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:

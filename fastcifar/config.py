@@ -105,6 +105,15 @@ class DataConfig:
                                 within(1, 16))
     cutout_p: float = opt(1.0, "probability that an image gets its cutout squares (the seed's code as it ran: 0.8)",
                           within(0, 1))
+    # Progressive resizing (FFCV's ImageNet examples, fast.ai; MosaicML Composer's two modes): the early epochs on
+    # smaller images cost less per step (a 24x24 step is ~56% of a 32x32 one); the last ones at 32x32, the test size.
+    low_res_size: int = opt(32, "side of the training images in the first low_res_epochs epochs (progressive "
+                            "resizing; 32 = full size, off)", within(8, 32))
+    low_res_epochs: int = opt(0, "epochs trained at low_res_size before the rest at 32x32 (0 = off); testing is "
+                              "always at 32x32", within(0, 10_000))
+    low_res_mode: str = opt("crop", "how a low-res image is made from the augmented 32x32 one: crop (a random "
+                            "low_res_size window: the test images' scale, less of the image) or scale (the whole "
+                            "image resized down, antialiased bilinear)", one_of("crop", "scale"))
     test_flip: bool = opt(True, "flip TTA in every test pass: mean logits of each image and its mirror")
     # fast12 tests once, at the end, so translation TTA's 3x test pass is paid once (+0.29 pt over 20 runs).
     test_translate: int = opt(1, "translation TTA: also average copies shifted by this many pixels (reflect-"
@@ -329,6 +338,8 @@ RELATIONS = [
     else f"schedule.end_lr must be -1 (= min_lr) or in [0, max_lr], got {c.schedule.end_lr}",
     lambda c: "" if not c.optim.nesterov or c.optim.momentum > 0 else "optim.nesterov needs optim.momentum > 0",
     lambda c: "" if c.lr_finder.start_lr < c.lr_finder.end_lr else "need lr_finder.start_lr < lr_finder.end_lr",
+    lambda c: "" if c.data.low_res_epochs <= c.schedule.epochs
+    else f"data.low_res_epochs must be at most schedule.epochs={c.schedule.epochs}, got {c.data.low_res_epochs}",
     lambda c: "" if c.model.whiten_init or not c.model.whiten_frozen
     else "model.whiten_frozen needs model.whiten_init true (it freezes the whitened prep conv)",
     lambda c: "" if not (c.model.ghost_batch and c.run.sync_bn)

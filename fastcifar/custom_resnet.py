@@ -6,6 +6,9 @@
     layer3  X = Conv3x3 -> MaxPool2 -> BN -> ReLU; out = X + ResBlock(X)   [512]
     head    MaxPool(4) -> flatten -> Linear(512, 10)  -> logits (softmax: `predict_proba`)
 
+The head's max-pool spans the whole 4x4 map of a 32x32 image (`GlobalMaxPool`: the same op, MaxPool2d(4), at
+32x32), so that the network also takes the smaller images of progressive resizing (`data.low_res_size`).
+
 ResBlock = (Conv3x3 -> BN -> ReLU) x 2. Convolutions and the linear layer have no bias (every conv
 is followed by BN, which has its own shift). `python -m fastcifar.custom_resnet` prints a summary.
 """
@@ -93,6 +96,14 @@ class Residual(nn.Module):
         return x + self.res(x)
 
 
+class GlobalMaxPool(nn.Module):
+    """Max over each channel's whole map: MaxPool2d(4) on the 4x4 map of a 32x32 image (the same kernel, so the
+    same values and gradients bit for bit), MaxPool2d(3) on the 3x3 map of a 24x24 or 28x28 one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.max_pool2d(x, kernel_size=x.shape[-2:])
+
+
 class CustomResNet(nn.Module):
     def __init__(self, config: ModelConfig | None = None) -> None:
         super().__init__()
@@ -103,7 +114,7 @@ class CustomResNet(nn.Module):
         self.layer1 = Residual(w0, w1, norm)
         self.layer2 = conv_bn(w1, w2, norm, pool=True)
         self.layer3 = Residual(w2, w3, norm)
-        self.pool = nn.MaxPool2d(4)
+        self.pool = GlobalMaxPool()
         self.fc = nn.Linear(w3, cfg.num_classes, bias=False)
         self.logit_scale = cfg.logit_scale
         if cfg.dirac_init:
@@ -112,7 +123,8 @@ class CustomResNet(nn.Module):
             freeze_bn_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits [N, num_classes] for images [N, 3, 32, 32]; CrossEntropyLoss applies log-softmax."""
+        """Logits [N, num_classes] for images [N, 3, 32, 32] (or smaller, down to 8x8); CrossEntropyLoss applies
+        log-softmax."""
         x = self.layer3(self.layer2(self.layer1(self.prep(x))))
         logits = self.fc(torch.flatten(self.pool(x), 1))
         return logits if self.logit_scale == 1.0 else logits * self.logit_scale

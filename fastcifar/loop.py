@@ -128,6 +128,9 @@ class PassThrough:
 
     epoch = 0
 
+    def side_at(self, epoch: int, full: int = 32) -> int:
+        return full
+
     def train(self, images: torch.Tensor) -> torch.Tensor:
         return images
 
@@ -209,10 +212,12 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, saved: tuple[dic
     optimizer.load_state_dict(saved[1])
 
 
-def warm_up(trainer: Trainer, train_shapes: list[int], test_shapes: list[int], repeats: int = 1) -> float:
-    """Run `train_step` on every batch shape the epoch will see (random uint8 images), then the test model in
-    eval mode, `repeats` times each, so that torch.compile builds its graphs now; then put back weights, BN
-    statistics, optimizer, GradScaler and augmentation generator. Returns the seconds it took (compile time)."""
+def warm_up(trainer: Trainer, train_shapes: list[int], test_shapes: list[int], repeats: int = 1,
+            epochs: tuple[int, ...] = (0,)) -> float:
+    """Run `train_step` on every batch shape the run will see (random uint8 images; with the augmentation set to each
+    of `epochs`, 0-based, one per image size of progressive resizing), then the test model in eval mode, `repeats`
+    times each, so that torch.compile builds its graphs now; then put back weights, BN statistics, optimizer,
+    GradScaler, augmentation generator and epoch. Returns the seconds it took (compile time)."""
     t, amp = trainer, trainer.amp
     start = time.perf_counter()
     saved = snapshot(t.module, t.optimizer)
@@ -224,10 +229,14 @@ def warm_up(trainer: Trainer, train_shapes: list[int], test_shapes: list[int], r
         return x.permute(0, 3, 1, 2), torch.randint(0, 10, (n,), generator=gen, device=amp.device)
 
     t.model.train()
-    for n in train_shapes:
-        images, labels = batch(n)
-        for _ in range(repeats):
-            train_step(t, images, labels)
+    epoch_was = t.augment.epoch
+    for epoch in epochs:
+        t.augment.epoch = epoch
+        for n in train_shapes:
+            images, labels = batch(n)
+            for _ in range(repeats):
+                train_step(t, images, labels)
+    t.augment.epoch = epoch_was
     t.eval_model.eval()
     with torch.no_grad():
         for n in test_shapes:

@@ -189,8 +189,11 @@ class Session:
             shard = math.ceil(self.loaders.train_size / self.dist.world_size)
             test_shard = math.ceil(self.loaders.test_size / self.dist.world_size)
             repeats = 3 if self.cfg.run.compile_mode in ("reduce-overhead", "max-autotune") else 1
+            d = self.cfg.data
+            # one epoch per training image size: the low-res epochs of progressive resizing, then the full-size ones
+            epochs = (0, d.low_res_epochs) if 0 < d.low_res_epochs < self.cfg.schedule.epochs else (0,)
             warm_up(self.trainer, batch_shapes(shard, self.batch_size),
-                    batch_shapes(test_shard, self.cfg.data.test_batch_size), repeats=repeats)
+                    batch_shapes(test_shard, d.test_batch_size), repeats=repeats, epochs=epochs)
         return time.perf_counter() - start
 
 

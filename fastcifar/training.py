@@ -269,7 +269,7 @@ def run_epoch(trainer: Trainer, train: BatchLoader, ep: int, epochs: int, *, tes
     row = {"epoch": ep, "lr": lr, "lr_end": t.scheduler.get_last_lr()[0], "train_loss": tr.loss,
            "train_acc": tr.accuracy, "test_loss": None, "test_acc": None, "train_s": tr.seconds, "test_s": 0.0,
            "epoch_s": tr.seconds, "train_img_s": tr.images / tr.seconds, "test_img_s": None,
-           "skipped_steps": skipped}
+           "skipped_steps": skipped, "train_side": t.augment.side_at(ep - 1)}
     if te is not None:  # else an epoch without a test pass (run.test_every): its test fields stay None
         te = _over_ranks(te, dist, amp.device)
         row |= {"test_loss": te.loss, "test_acc": te.accuracy, "test_s": te.seconds,
@@ -338,6 +338,9 @@ def _summarise(metrics: list[dict], compile_seconds: float, parameters: int, set
     total = sum(m["epoch_s"] for m in metrics)
     train_s = sum(m["train_s"] for m in metrics)
     images = sum(m["train_img_s"] * m["train_s"] for m in metrics)
+    # The work apart from the machine's speed: images forwarded and backpropagated (every training image is both),
+    # and the same weighted by their pixels against a 32x32 image (progressive resizing's low-res epochs weigh less).
+    equivalent = sum(m["train_img_s"] * m["train_s"] * (m.get("train_side") or 32) ** 2 / 32 ** 2 for m in metrics)
     return {
         "epochs": len(metrics),
         "final_test_acc": metrics[-1]["test_acc"],
@@ -348,6 +351,8 @@ def _summarise(metrics: list[dict], compile_seconds: float, parameters: int, set
         "compile_seconds": compile_seconds,  # the warm-up before epoch 1 (loaders' first batch, compilation)
         "setup_seconds": setup_seconds,  # from train() to the warm-up: session, data onto the device, inits
         "mean_train_img_s": images / train_s,
+        "train_images": round(images),
+        "train_images_32px": round(equivalent),
         "parameters": parameters,
         # the first tested epoch whose test accuracy reaches each mark, and the seconds to it: set-up, warm-up,
         # and every epoch up to it with its test pass (with run.test_every > 1, an untested epoch before it may

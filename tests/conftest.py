@@ -76,7 +76,8 @@ LEVERS = {"optim.ema_decay": 0.9, "data.flip_mode": "alternate", "data.test_flip
           "model.logit_scale": 0.5, "optim.nesterov": True, "optim.label_smoothing": 0.1, "data.pad_mode": "reflect",
           "schedule.end_lr": 0.0, "model.whiten_frozen": True, "model.bn_weight_frozen": True,
           "model.dirac_init": True, "optim.lookahead_every": 2, "data.test_translate": 1, "optim.optimizer": "muon",
-          "optim.muon_lr": 0.1, "optim.bn_wd_scale": 0.5, "model.ghost_batch": 16}
+          "optim.muon_lr": 0.1, "optim.bn_wd_scale": 0.5, "model.ghost_batch": 16, "data.low_res_size": 24,
+          "data.low_res_epochs": 1}
 
 
 @pytest.fixture(scope="session")

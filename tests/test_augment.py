@@ -13,6 +13,8 @@ from fastcifar.augment import (
     normalize,
     random_crop,
     random_flip,
+    random_window,
+    scale_down,
 )
 from fastcifar.config import DataConfig
 
@@ -217,3 +219,69 @@ def test_batch_augment_always_mode_mirrors_every_image():
     plain = BatchAugment(DataConfig(crop_padding=0, cutout_size=0, flip=False), torch.device("cpu"), 0,
                          torch.float32)
     assert torch.equal(always.train(x), plain.train(x).flip(-1))
+
+
+@pytest.mark.parametrize("size", [8, 24, 31])
+def test_random_window_is_a_window_of_each_image_at_its_own_place(size):
+    x = batch(32)
+    out = random_window(x, size, gen())
+    assert out.shape == (32, 3, size, size) and out.dtype == torch.uint8
+    places = set()
+    for i in range(len(x)):
+        matches = [(dy, dx) for dy in range(33 - size) for dx in range(33 - size)
+                   if torch.equal(x[i, :, dy:dy + size, dx:dx + size], out[i])]
+        assert matches, f"image {i} is not a window of its input"
+        places.add(matches[0])
+    assert len(places) > 1
+
+
+def test_a_full_size_window_or_scale_is_the_image_itself():
+    x = batch()
+    assert random_window(x, 32, gen()) is x
+    assert torch.equal(scale_down(x.float(), 32), x.float())
+
+
+@pytest.mark.parametrize("pad_mode", ["zeros", "reflect"])
+@pytest.mark.parametrize("window", [16, 24, 28])
+def test_fused_path_with_a_window_equals_the_separate_functions(pad_mode, window):
+    x, fill = batch(), torch.tensor([125, 123, 114], dtype=torch.uint8)
+    fused = crop_flip_cutout(x, 4, pad_mode, True, 8, gen(3), fill, window=window)
+    g = gen(3)
+    expected = random_window(cutout(random_flip(random_crop(x, 4, g, pad_mode), g), 8, g, fill), window, g)
+    assert torch.equal(fused, expected)
+    assert fused.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_scale_down_keeps_a_flat_image_flat_and_averages():
+    flat = torch.full((2, 3, 32, 32), 0.25)
+    assert torch.allclose(scale_down(flat, 24), torch.full((2, 3, 24, 24), 0.25))
+    stripes = torch.zeros(1, 1, 32, 32)
+    stripes[..., ::2] = 1.0  # antialiasing averages the 1-pixel stripes instead of picking some of them
+    inner = scale_down(stripes, 24)[..., 1:-1]
+    aliased = F.interpolate(stripes, size=(24, 24), mode="bilinear")[..., 1:-1]
+    assert inner.max() - inner.min() < 0.5 * (aliased.max() - aliased.min())
+    assert torch.allclose(scale_down(stripes, 16)[..., 1:-1], torch.full((1, 1, 16, 14), 0.5), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["crop", "scale"])
+def test_low_res_epochs_train_small_images_then_full_size_ones(mode):
+    cfg = DataConfig(low_res_size=24, low_res_epochs=2, low_res_mode=mode)
+    aug = BatchAugment(cfg, torch.device("cpu"), 0, torch.bfloat16)
+    sides = []
+    for epoch in range(4):
+        aug.epoch = epoch
+        out = aug.train(batch())
+        assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+        assert out.shape[-1] == out.shape[-2] == aug.side_at(epoch)
+        sides.append(out.shape[-1])
+    assert sides == [24, 24, 32, 32]
+
+
+def test_without_low_res_epochs_the_augmentation_draws_what_it_drew_before():
+    x = batch()
+    plain = BatchAugment(DataConfig(), torch.device("cpu"), 5, torch.float32)
+    off = BatchAugment(DataConfig(low_res_size=24, low_res_epochs=0), torch.device("cpu"), 5, torch.float32)
+    ended = BatchAugment(DataConfig(low_res_size=24, low_res_epochs=1), torch.device("cpu"), 5, torch.float32)
+    plain.epoch = off.epoch = ended.epoch = 1  # after the low-res epoch: the full-size path, the same draws
+    expected = plain.train(x)
+    assert torch.equal(expected, off.train(x)) and torch.equal(expected, ended.train(x))

@@ -5,6 +5,7 @@ from fastcifar.config import ModelConfig
 from fastcifar.custom_resnet import (
     CustomResNet,
     GhostBatchNorm2d,
+    GlobalMaxPool,
     count_parameters,
     dirac_init,
     freeze_prep_conv,
@@ -206,3 +207,21 @@ def test_under_bf16_autocast_batch_norm_sees_and_returns_bf16_activations():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)).sum().backward()
     assert len(seen) == 8 and set(seen) == {(torch.bfloat16, torch.bfloat16, torch.float32)}
+
+
+@pytest.mark.parametrize("side", [8, 20, 24, 28])
+def test_the_network_takes_smaller_images_with_the_same_parameters(side):
+    model = CustomResNet()
+    logits = model(torch.randn(2, 3, side, side))
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    assert count_parameters(model) == 6_573_120
+
+
+def test_the_global_max_pool_is_the_specs_4x4_max_pool_at_32x32():
+    x = torch.randn(4, 512, 4, 4, requires_grad=True)
+    y = x.detach().clone().requires_grad_()
+    torch.manual_seed(0)
+    weights = torch.randn(4, 512, 1, 1)
+    (GlobalMaxPool()(x) * weights).sum().backward()
+    (torch.nn.MaxPool2d(4)(y) * weights).sum().backward()
+    assert torch.equal(GlobalMaxPool()(x), torch.nn.MaxPool2d(4)(y)) and torch.equal(x.grad, y.grad)

@@ -175,6 +175,15 @@ def test_a_run_with_every_lever_learns_and_reports_the_ema_weights_with_flip_tta
     assert without.probs.shape == preds.probs.shape and not (without.probs == preds.probs).all()
 
 
+def test_low_res_epochs_are_recorded_with_the_work_they_saved(lever_run):
+    """Progressive resizing (in LEVERS: the first of 3 epochs at 24x24): each row names its image side, and the
+    results count the images trained and their 32x32 equivalent (a 24x24 image weighs 24^2 / 32^2)."""
+    assert [row["train_side"] for row in lever_run.metrics] == [24, 32, 32]
+    images = lever_run.summary["train_images"]
+    assert images == 3 * 1000  # every synthetic training image in each of the 3 epochs
+    assert lever_run.summary["train_images_32px"] == round(1000 * 24 ** 2 / 32 ** 2 + 2 * 1000)
+
+
 def test_the_training_augmentation_is_the_data_configs():
     """No copy of the settings: the session's augmentation reads the data config itself."""
     data = Config.from_preset("fast", {"data.flip_mode": "alternate", "data.cutout_size": 5, "data.crop_padding": 2,
@@ -196,11 +205,14 @@ _ALONE = ["optim.ema_decay", "data.flip_mode", "data.test_flip", "optim.bn_lr_sc
           "optim.lookahead_every", "data.test_translate", "optim.optimizer", "model.ghost_batch"]
 _WITH_BASE = [({"model.whiten_init": True, "model.whiten_frozen": True}, {"model.whiten_init": True}),
               ({"optim.bn_lr_scale": 4.0, "optim.bn_wd_scale": 0.5}, {"optim.bn_lr_scale": 4.0}),
-              ({"optim.optimizer": "muon", "optim.muon_lr": 0.1}, {"optim.optimizer": "muon"})]
+              ({"optim.optimizer": "muon", "optim.muon_lr": 0.1}, {"optim.optimizer": "muon"}),
+              ({"data.low_res_size": 24, "data.low_res_epochs": 1}, None),
+              ({"data.low_res_size": 24, "data.low_res_epochs": 1, "data.low_res_mode": "scale"},
+               {"data.low_res_size": 24, "data.low_res_epochs": 1})]
 
 
 @pytest.mark.parametrize(("lever", "base"), [({k: LEVERS[k]}, None) for k in _ALONE] + _WITH_BASE,
-                         ids=_ALONE + ["whiten_frozen", "bn_wd_scale", "muon_lr"])
+                         ids=_ALONE + ["whiten_frozen", "bn_wd_scale", "muon_lr", "low_res", "low_res_mode"])
 def test_each_lever_reaches_the_run(lever, base, one_epoch_run, synthetic, tmp_path):
     """Same seed, one lever changed: the numbers change (training, or the test pass for the test-time levers)."""
     run = train(tiny_config(synthetic, tmp_path, **ONE_EPOCH, **lever), log=lambda _: None)
