@@ -27,12 +27,13 @@ import sys
 from pathlib import Path
 
 from benchmarks.run import update_markdown
+from fastcifar.calibrate import choose
 from fastcifar.config import Config
 from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.evaluation import evaluate_checkpoint, read_tta_accuracy, report_dict
 from fastcifar.multiseed import RERUN_HINT, parse_seeds, run_seeds, summarise
 from fastcifar.rundir import device_name, write_json
-from fastcifar.runtime import resolve_device, resolve_precision
+from fastcifar.runtime import resolve_device
 
 
 def markers(out_dir: str) -> tuple[str, str]:
@@ -102,7 +103,8 @@ def machine(cfg: Config) -> str:
     """Where and in which precision `cfg` trains, e.g. "AMD EPYC (cpu), float32". Rows of one table share it:
     a lever's paired difference from `fast` means nothing across machines or precisions."""
     device = resolve_device(cfg.run.device)
-    dtype = resolve_precision(cfg.run.precision, device)
+    dtype = choose(cfg.run, cfg.model, device, cfg.data.batch_size, frozen_prep=cfg.model.whiten_frozen,
+                   log=lambda _: None).dtype
     return f"{device_name(device)} ({device.type}), {str(dtype).removeprefix('torch.')}"
 
 

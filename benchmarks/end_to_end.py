@@ -21,11 +21,12 @@ from torch import nn
 from benchmarks.data_paths import torch_loader
 from benchmarks.step_throughput import training_model
 from fastcifar.augment import BatchAugment
+from fastcifar.calibrate import choose
 from fastcifar.config import DEFAULT_PRESET, Config, ModelConfig
 from fastcifar.custom_resnet import CustomResNet
 from fastcifar.data import open_split
 from fastcifar.loop import PassThrough, Trainer, batch_shapes, test_pass, train_step, warm_up
-from fastcifar.runtime import Amp, compile_model, resolve_compile, resolve_precision
+from fastcifar.runtime import Amp, compile_model
 from fastcifar.session import make_trainer
 
 
@@ -133,16 +134,16 @@ def fastcifar_default(data_dir: Path, batch_size: int, steps: int, device: torch
     cfg = Config.from_preset(DEFAULT_PRESET, {"model.widths": ",".join(map(str, widths)), "data.loader": kind,
                                               "data.data_dir": str(data_dir), "data.batch_size": batch_size,
                                               "data.test_translate": 0})
-    amp = Amp(device, resolve_precision(cfg.run.precision, device))
-    compiled = resolve_compile(cfg.run.compile, device)
+    choice = choose(cfg.run, cfg.model, device, batch_size, frozen_prep=cfg.model.whiten_frozen, log=lambda _: None)
+    amp, compiled, im2col = Amp(device, choice.dtype), choice.compile, choice.conv_grad == "im2col"
     torch.manual_seed(0)
-    model, im2col = training_model(cfg, device, amp.dtype)
+    model = training_model(cfg, device, choice.way)
     forward = compile_model(model, cfg.run.compile_mode) if compiled else model
     # num_workers 0: fastcifar's auto; steps 0: the whole epoch (the default on a GPU, where steps are ms)
     test_batch = cfg.data.test_batch_size
     train, test = open_split(cfg.data, "train", device), open_split(cfg.data, "test", device)
     steps = min(steps or len(train), len(train))
-    augment = _TimedAugment(BatchAugment(cfg.data, device, 0, amp.dtype))
+    augment = _TimedAugment(BatchAugment(cfg.data, device, 0, amp.dtype, choice.channels_last))
     trainer = make_trainer(cfg, model, forward, augment, amp, len(train), compiled)
     if compiled:
         warm_up(trainer, batch_shapes(train.images, batch_size), batch_shapes(test.images, test_batch))
@@ -161,7 +162,8 @@ def fastcifar_default(data_dir: Path, batch_size: int, steps: int, device: torch
     test_stats = test_pass(forward, test, normalize=augment.inner.normalize, loss_fn=trainer.loss_fn, amp=amp,
                            flip=cfg.data.test_flip, translate=cfg.data.test_translate)
     views = (2 if cfg.data.test_flip else 1) * (3 if cfg.data.test_translate else 1)  # inference.tta_logits
-    name = (f"fastcifar default ({str(amp.dtype).removeprefix('torch.')}, channels_last, compile={compiled}, "
+    layout = "channels_last" if choice.channels_last else "contiguous"
+    name = (f"fastcifar default ({str(amp.dtype).removeprefix('torch.')}, {layout}, compile={compiled}, "
             f"{'im2col filter grads at 4x4, ' if im2col else ''}{views} test view{'s' if views > 1 else ''}, "
             f"{kind} loader)")
     return EndToEndResult(name, steps, train_s, data_s, augment.seconds, test_stats.seconds, len(train))

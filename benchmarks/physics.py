@@ -17,9 +17,9 @@ from functools import partial
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from fastcifar.calibrate import training_precision
 from fastcifar.config import ModelConfig
 from fastcifar.custom_resnet import CustomResNet
-from fastcifar.runtime import resolve_precision
 
 
 def padding_share(side: int, kernel: int = 3, padding: int = 1) -> float:
@@ -137,8 +137,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated MxKxN")
     parser.add_argument("--calls", type=int, default=5, help="timed calls per shape; the fastest is kept")
     args = parser.parse_args(argv)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype) or resolve_precision("auto",
-                                                                                               torch.device("cpu"))
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype) or training_precision(torch.device("cpu"))
     try:
         shapes = tuple(tuple(int(v) for v in text.split("x")) for text in args.shapes.split(","))
         if any(len(s) != 3 or min(s) < 1 for s in shapes):

@@ -24,26 +24,27 @@ from typing import NamedTuple
 import torch
 
 from fastcifar.augment import BatchAugment
+from fastcifar.calibrate import DTYPES, StepTimer, Way, choose
 from fastcifar.config import DEFAULT_PRESET, Config, ModelConfig, RunConfig
-from fastcifar.conv import apply_conv_grad
+from fastcifar.conv import use_im2col_filter_grad
 from fastcifar.custom_resnet import CustomResNet, freeze_prep_conv
 from fastcifar.loop import PassThrough, Trainer, train_step
-from fastcifar.runtime import Amp, compile_model, resolve_compile, resolve_conv_grad, resolve_precision
+from fastcifar.runtime import Amp, compile_model
 from fastcifar.session import make_trainer
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-NAMES = {v: k for k, v in DTYPES.items()}
 
-
-def default_variant(device: torch.device, run: RunConfig | None = None) -> str:
-    """What the training step runs on `device` with the run settings `run` (default: the default preset's),
-    spelled as a variant: precision, channels_last, im2col filter gradients, compile and its mode."""
-    run = run or Config.from_preset(DEFAULT_PRESET).run
-    dtype = resolve_precision(run.precision, device)
-    im2col = "-im2col" if resolve_conv_grad(run.conv_grad, device, dtype) else ""
-    compiled = resolve_compile(run.compile, device)
-    mode = f":{run.compile_mode}" if compiled and run.compile_mode != "default" else ""
-    return f"{NAMES[dtype]}-cl{im2col}" + (f"-compile{mode}" if compiled else "")
+def default_variant(device: torch.device, run: RunConfig | None = None, batch_size: int = 512,
+                    widths: tuple[int, int, int, int] = ModelConfig.widths, timer: StepTimer | None = None) -> str:
+    """What the training step runs on `device` with the run settings `run` (default: the default preset's) at this
+    batch size and widths, spelled as a variant: the precision, memory format and filter gradient that training
+    takes (fastcifar/calibrate.py: measured where `auto`, or this machine's cached measurement), and compile with
+    its mode. `timer`: calibrate's step timer (tests)."""
+    cfg = Config.from_preset(DEFAULT_PRESET)
+    run = run or cfg.run
+    choice = choose(run, ModelConfig(widths=widths), device, batch_size, frozen_prep=cfg.model.whiten_frozen,
+                    log=lambda _: None, timer=timer)
+    mode = f":{run.compile_mode}" if choice.compile and run.compile_mode != "default" else ""
+    return choice.way.label + (f"-compile{mode}" if choice.compile else "")
 
 
 def default_overrides(variant: str) -> dict[str, str] | None:
@@ -110,7 +111,7 @@ def measure(variant: str, batch_size: int, warmup: int, steps: int, device: torc
     overrides = default_overrides(variant)
     # a default variant with options names what those options resolve to (`default@run.conv_grad=onednn` runs
     # bf16-cl on a bf16 CPU), and its precision and compile come from them
-    resolved = (default_variant(device, Config.from_preset(DEFAULT_PRESET, overrides).run)
+    resolved = (default_variant(device, Config.from_preset(DEFAULT_PRESET, overrides).run, batch_size, widths)
                 if overrides is not None else variant)
     precision, channels_last, compiled, mode, im2col = parse_variant(resolved)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -120,10 +121,12 @@ def measure(variant: str, batch_size: int, warmup: int, steps: int, device: torc
         torch.set_float32_matmul_precision("high")
     torch.manual_seed(0)
     if overrides is not None:
-        step = _training_step(batch_size, device, widths, amp, compiled, overrides)
+        way = Way(precision, channels_last, "im2col" if im2col else "onednn")
+        step = _training_step(batch_size, device, widths, way, compiled, overrides)
     else:
         model = CustomResNet(ModelConfig(widths=widths))
-        apply_conv_grad(model, "im2col" if im2col else "onednn", device, amp.dtype)
+        if im2col:
+            use_im2col_filter_grad(model)
         model = model.to(device=device, memory_format=memory_format)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
         forward = compile_model(model, mode or "default") if compiled else model
@@ -150,26 +153,28 @@ def measure(variant: str, batch_size: int, warmup: int, steps: int, device: torc
     return StepResult(name, warm, steps * batch_size / seconds, seconds / steps)
 
 
-def training_model(cfg: Config, device: torch.device, dtype: torch.dtype) -> tuple[CustomResNet, bool]:
+def training_model(cfg: Config, device: torch.device, way: Way) -> CustomResNet:
     """The network as training builds it from `cfg` (fastcifar.session), with random weights (the whitening init
-    changes values, not the time): the whitening layer frozen where the config says so (no filter gradient), the
-    run.conv_grad choice for `dtype`, channels_last on `device`. Returns the model and whether im2col is on."""
+    changes values, not the time): the whitening layer frozen where the config says so (no filter gradient), and
+    the memory format and filter gradient of `way` (what fastcifar/calibrate.py chose), on `device`."""
     model = CustomResNet(cfg.model)
     if cfg.model.whiten_frozen:
         freeze_prep_conv(model)
-    im2col = apply_conv_grad(model, cfg.run.conv_grad, device, dtype)
-    return model.to(device=device, memory_format=torch.channels_last), im2col
+    if way.conv_grad == "im2col":
+        use_im2col_filter_grad(model)
+    return model.to(device=device, memory_format=torch.channels_last if way.channels_last else torch.contiguous_format)
 
 
-def _training_step(batch_size: int, device: torch.device, widths: tuple[int, int, int, int], amp: Amp,
+def _training_step(batch_size: int, device: torch.device, widths: tuple[int, int, int, int], way: Way,
                    compiled: bool, overrides: dict[str, str] | None = None) -> Callable[[], None]:
     """The step training runs, as the default preset builds it: a uint8 batch through the fused augmentation,
-    the model (compiled when `compiled`), label-smoothed cross-entropy and the preset's optimizer, via
+    the model (compiled when `compiled`) in `way`, label-smoothed cross-entropy and the preset's optimizer, via
     fastcifar.loop.train_step: so that this row and a training run agree. `overrides`: config options changed."""
     cfg = Config.from_preset(DEFAULT_PRESET, {"model.widths": ",".join(map(str, widths)), **(overrides or {})})
-    model, _ = training_model(cfg, device, amp.dtype)
+    model = training_model(cfg, device, way)
+    amp = Amp(device, DTYPES[way.precision])
     forward = compile_model(model, cfg.run.compile_mode) if compiled else model
-    augment = BatchAugment(cfg.data, device, 0, amp.dtype)
+    augment = BatchAugment(cfg.data, device, 0, amp.dtype, way.channels_last)
     trainer = make_trainer(cfg, model, forward, augment, amp, steps_per_epoch=1, compiled=compiled)
     images = torch.randint(0, 256, (batch_size, 32, 32, 3), dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
     labels = torch.randint(0, 10, (batch_size,), device=device)
@@ -191,8 +196,10 @@ def op_shares(batch_size: int, device: torch.device, widths: tuple[int, int, int
     one "other" row."""
     from torch.profiler import ProfilerActivity, profile  # only here: importing it costs ~1 s
 
-    precision, _, compiled, *_ = parse_variant(default_variant(device))
-    step = _training_step(batch_size, device, widths, Amp(device, DTYPES[precision]), compiled)
+    precision, channels_last, compiled, _, im2col = parse_variant(default_variant(device, batch_size=batch_size,
+                                                                                  widths=widths))
+    way = Way(precision, channels_last, "im2col" if im2col else "onednn")
+    step = _training_step(batch_size, device, widths, way, compiled)
     step()
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

@@ -25,9 +25,10 @@ from torch import nn
 
 from benchmarks.physics import best_time
 from fastcifar import allocator
+from fastcifar.calibrate import training_precision
 from fastcifar.config import ModelConfig
 from fastcifar.custom_resnet import CustomResNet
-from fastcifar.runtime import compile_model, resolve_precision
+from fastcifar.runtime import compile_model
 
 
 def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -96,8 +97,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="autocast precision (auto: what training picks on this CPU)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the eval model")
     args = parser.parse_args(argv)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype) or resolve_precision("auto",
-                                                                                               torch.device("cpu"))
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype) or training_precision(torch.device("cpu"))
     model = random_model()
     folded, pairs = fold_batch_norm(model)
     x = torch.randn(args.batch_size, 3, 32, 32).to(memory_format=torch.channels_last)

@@ -23,10 +23,10 @@ from torch import nn
 
 from benchmarks.physics import best_time, matmul_peak
 from fastcifar import allocator
+from fastcifar.calibrate import training_precision
 from fastcifar.config import ModelConfig
 from fastcifar.conv import conv3x3_backward, weight_grad_im2col
 from fastcifar.custom_resnet import CustomResNet
-from fastcifar.runtime import cpu_has_fast_bf16
 
 
 def conv_shapes(widths: tuple[int, int, int, int] = ModelConfig.widths) -> list[tuple[str, int, int, int]]:
@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     formulations = tuple(args.formulations.split(","))
     if unknown := [f for f in formulations if f not in FORMULATIONS]:
         parser.error(f"unknown formulation {unknown[0]!r}; choose from: {', '.join(FORMULATIONS)}")
-    name = args.dtype if args.dtype != "auto" else ("bf16" if cpu_has_fast_bf16() else "fp32")
+    trained = training_precision(torch.device("cpu")) if args.dtype == "auto" else None
+    name = args.dtype if trained is None else ("bf16" if trained == torch.bfloat16 else "fp32")
     dtype = torch.bfloat16 if name == "bf16" else torch.float32
     peak = matmul_peak(dtype, torch.device("cpu"))
     print(f"cpu, {torch.get_num_threads()} threads, {name}, allocator {allocator.describe()}, batch "

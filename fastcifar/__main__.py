@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "find-lr": ("fastcifar.lr_finder", "LR range test: step-wise (Smith) or epoch-wise (the seed's)"),
     "seeds": ("fastcifar.multiseed", "one recipe over several seeds: mean, std, min, max"),
     "compare": ("fastcifar.compare", "runs side by side, per epoch (--seed: beside the seed's log)"),
+    "calibrate": ("fastcifar.calibrate", "what --run.* auto picks on this machine: measured once, then cached"),
     "bench": ("benchmarks.run", "the benchmarks: data paths, training step, end to end (from a clone)"),
 }
 PROG = "python -m fastcifar"

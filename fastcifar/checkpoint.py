@@ -42,9 +42,10 @@ KIND = "training-state"
 # Settings that may differ between the interrupted run and its resumption: they change where files are
 # and how fast it runs, not the numbers (compile changes float rounding on some devices, not the recipe).
 RESUMABLE_CHANGES = {
-    "data.data_dir", "data.num_workers", "data.test_batch_size", "run.progress", "run.threads", "run.out_dir",
+    "data.data_dir", "data.num_workers", "data.test_batch_size", "run.progress", "run.summary", "run.threads",
+    "run.out_dir",
     "run.name", "run.overwrite", "run.compile", "run.compile_mode", "run.conv_grad", "run.checkpoint_every",
-    "run.test_every",
+    "run.test_every", "run.recalibrate",
     "run.dist_timeout_s",
     "run.device",  # e.g. auto -> cpu; the resolved device type itself must match the checkpoint's (training.train)
 }
@@ -275,8 +276,10 @@ class Checkpointer:
     accuracy). `metrics` is the run's list of rows, which grows as the run goes."""
 
     def __init__(self, trainer: TrainingParts, cfg: Config, run_dir: Path, dist: Dist, device: torch.device,
-                 metrics: list[dict], compile_seconds: float, setup_seconds: float = 0.0) -> None:
+                 metrics: list[dict], compile_seconds: float, setup_seconds: float = 0.0,
+                 steps_per_epoch: int = 0) -> None:
         self.trainer, self.cfg, self.run_dir, self.dist, self.device = trainer, cfg, run_dir, dist, device
+        self.steps_per_epoch = steps_per_epoch  # for the stop message's "step 92 of 98" (0: not said)
         self.metrics, self.compile_seconds, self.setup_seconds = metrics, compile_seconds, setup_seconds
         self.path = run_dir / CHECKPOINT
         self.best = max((m["test_acc"] for m in metrics if m["test_acc"] is not None), default=-1.0)
@@ -315,10 +318,21 @@ class Checkpointer:
     def interrupt(self, stop: AgreedStop, epochs_done: int, progress: EpochProgress | None) -> NoReturn:
         """Save the state at this point and stop with the command that continues the run."""
         self.save(epochs_done, progress)
-        where = f"after epoch {epochs_done}" + (f", step {progress.step}" if progress else "")
         name = signal.Signals(stop.signum).name
-        raise TrainingInterrupted(f"stopped by {name} {where}; checkpoint saved. Continue with: "
-                                  f"python -m fastcifar.train --resume {self.run_dir}", stop.signum)
+        raise TrainingInterrupted(f"stopped by {name} {where_stopped(epochs_done, progress, self.steps_per_epoch)}; "
+                                  f"checkpoint saved. Continue with: python -m fastcifar train --resume "
+                                  f"{self.run_dir}", stop.signum)
+
+
+def where_stopped(epochs_done: int, progress: EpochProgress | None, steps_per_epoch: int = 0) -> str:
+    """Where a stopped run is, numbered as the epoch table numbers epochs (from 1): "in epoch 3, after step 92 of 98",
+    or "after epoch 2" when only whole epochs are done."""
+    if progress is None:
+        return f"after epoch {epochs_done}"
+    if progress.step == 0:
+        return f"in epoch {epochs_done + 1}, before its first step"
+    of = f" of {steps_per_epoch}" if steps_per_epoch else ""
+    return f"in epoch {epochs_done + 1}, after step {progress.step}{of}"
 
 
 def restore_state(trainer: TrainingParts, state: dict, dist: Dist,

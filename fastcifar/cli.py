@@ -34,9 +34,10 @@ class Parser(argparse.ArgumentParser):
 TRAINING_SECTIONS = ("data", "model", "optim", "schedule", "run")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = TRAINING_SECTIONS) -> None:
-    """Add --preset, the short flags and one dotted flag per field of `sections` to `parser`: a command lists
-    (and accepts) only the fields it uses; the others keep the preset's values."""
+def add_config_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = TRAINING_SECTIONS,
+                         keys: tuple[str, ...] | None = None) -> None:
+    """Add --preset, the short flags and one dotted flag per field of `sections` (or only the dotted `keys`) to
+    `parser`: a command lists (and accepts) only the fields it uses; the others keep the preset's values."""
     # default None, not the name: --resume must tell "no preset given" from an explicit --preset.
     parser.add_argument("--preset", default=None, metavar="NAME",
                         help=f"starting recipe: {', '.join(PRESETS)} (default: {DEFAULT_PRESET})")
@@ -46,7 +47,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections: tuple[str, .
     helps = {f"{s}.{f.name}": f.metadata.get("help", "") for s, c in SECTIONS.items() for f in dataclasses.fields(c)}
     for key in all_keys():
         section, name = key.split(".")
-        if section not in sections:
+        if section not in sections or keys is not None and key not in keys:
             continue
         flags = [f"--{key}"] + ([short[key]] if key in short else [])
         default = getattr(getattr(defaults, section), name)

@@ -76,7 +76,7 @@ def opt(default: Any, help: str, check: Check | None = None) -> Any:
 
 @dataclass(frozen=True)
 class DataConfig:
-    data_dir: str = opt("data", "folder holding train.beton / test.beton (see data_prep/write_beton.py)")
+    data_dir: str = opt("data", "folder holding train.beton / test.beton (written by python -m fastcifar prepare)")
     loader: str = opt("auto", "ffcv (betons), resident (the split on the device as one tensor; needs no FFCV) "
                       "or auto (ffcv where installed)", one_of(*LOADER_KINDS))
     batch_size: int = opt(512, "training batch size (global: split over torchrun ranks)",
@@ -221,15 +221,19 @@ class LRFinderConfig:
 class RunConfig:
     device: str = opt("auto", "auto, cpu, cuda or cuda:N", Check(lambda v: is_device(v), "must be auto, cpu, cuda "
                                                                    "or cuda:N"))
-    precision: str = opt("auto", "auto (bf16 where the hardware has it, see runtime.py), fp32, bf16 or fp16",
+    # The auto settings below are measured on the machine at hand (fastcifar/calibrate.py, cached per machine).
+    precision: str = opt("auto", "auto (the fastest of the numerically sound ones on this device, measured: bf16 "
+                         "or fp16 under autocast with fp32 weights, or fp32), fp32, bf16 or fp16",
                          one_of("auto", "fp32", "bf16", "fp16"))
-    channels_last: bool = opt(True, "NHWC memory layout (what oneDNN and cuDNN convolutions want)")
+    channels_last: str = opt("auto", "NHWC memory layout (what oneDNN and cuDNN convolutions want): on, off, or auto "
+                             "(measured); true/false read as on/off", one_of("auto", "on", "off"))
     compile: str = opt("auto", "torch.compile: auto (on for CUDA, off for CPU), on or off", one_of("auto", "on", "off"))
     compile_mode: str = opt("default", "torch.compile mode", one_of(*COMPILE_MODES))
     conv_grad: str = opt("auto", "filter gradient of the 3x3 convolutions at 4x4: im2col (one matmul, 3.7x "
-                         "oneDNN's on an AMX Xeon in bf16; fastcifar/conv.py), onednn, or auto (im2col on an AMX "
-                         "CPU training in bf16, where it won; without AMX and in fp32 oneDNN's was "
-                         "faster)", one_of("auto", "im2col", "onednn"))
+                         "oneDNN's on an AMX Xeon in bf16; fastcifar/conv.py), onednn, or auto (measured on a CPU; "
+                         "the library's on a GPU)", one_of("auto", "im2col", "onednn"))
+    recalibrate: bool = opt(False, "measure the auto settings again instead of reading this machine's cached "
+                            "measurement")
     seed: int = opt(0, "random seed (weights, data order, augmentation)", within(0, 2**32 - 1))
     deterministic: bool = opt(False, "torch.use_deterministic_algorithms (slower on CUDA)")
     threads: int = opt(0, "torch intra-op threads on a CPU (0 = all cores)", within(0, 1024, " (0 = all cores)"))
@@ -239,6 +243,8 @@ class RunConfig:
                           "must be a plain directory name of at most 200 characters"))
     overwrite: bool = opt(False, "allow reusing a run directory that holds a finished run")
     progress: str = opt("auto", "progress bar: auto (on a terminal only), on or off", one_of("auto", "on", "off"))
+    summary: bool = opt(True, "print the network's layer table when the run starts (off where it was shown already, "
+                        "e.g. a notebook's model cell)")
     sync_bn: bool = opt(False, "with torchrun on GPUs: BatchNorm statistics over the global batch")
     dist_timeout_s: float = opt(300.0, "how long ranks wait for each other, seconds",
                                   within(0, 86_400, open_low=True))
@@ -301,6 +307,7 @@ class Config:
         sections = {name: getattr(self, name) for name in SECTIONS}
         merged = {**(updates or {}), **{keyword_key(k): v for k, v in keywords.items()}}
         for key, value in merged.items():
+            value = _legacy(key, value)
             section, _, name = key.partition(".")
             hints = _field_types(section)
             if name not in hints:
@@ -320,6 +327,9 @@ class Config:
                 value, check = getattr(values, f.name), f.metadata.get("check")
                 if isinstance(value, float) and not math.isfinite(value):
                     raise ConfigError(f"{section}.{f.name} must be a finite number, got {value!r}")
+                if isinstance(value, str) and not _plain_text(value):
+                    raise ConfigError(f"{section}.{f.name} must be printable text of at most {MAX_TEXT} characters "
+                                      f"(no NUL or control characters), got {shown(value)}")
                 if check is not None and not check.ok(value):
                     raise ConfigError(f"{section}.{f.name} {check.rule}, got {shown(value)}")
         for message in (relation(self) for relation in RELATIONS):
@@ -372,11 +382,44 @@ def all_keys() -> list[str]:
     return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
 
 
+def check_option(flag: str, key: str, value: Any) -> Any:
+    """`value` read as the config field `key` and checked by its rule, for a command's own flag that sets the same
+    thing (evaluate's --batch-size is data.test_batch_size): one type and range per quantity, whichever command
+    takes it. A ConfigError names `flag`."""
+    section, _, name = key.partition(".")
+    try:
+        typed = _coerce(key, value, _field_types(section)[name])
+        Config().override({key: typed})
+    except ConfigError as err:
+        raise ConfigError(str(err).replace(key, flag, 1)) from None
+    return typed
+
+
+MAX_TEXT = 4096  # a path or a name: the longest path Linux takes
+
+
+def _plain_text(value: str) -> bool:
+    """Every string field is a name, a path, a mode or a URL: printable, of a sane length. A NUL would reach the OS
+    (`ValueError: embedded null byte`), and a control character would garble the one-line errors that show it."""
+    return len(value) <= MAX_TEXT and value.isprintable()
+
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
 _JSON_TYPES = {bool: (bool,), int: (int, float), float: (int, float), str: (str,)}
+
+
+def _legacy(key: str, value: Any) -> Any:
+    """Values of earlier versions, read as today's: run.channels_last was a bool until 2026-12-07 (now on, off or
+    auto), so the configs of earlier runs and the flag's true/false keep working."""
+    if key == "run.channels_last":
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return "on" if value.strip().lower() in _TRUE else "off"
+    return value
 
 
 def _coerce(key: str, value: Any, kind: Any) -> Any:

@@ -19,8 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastcifar.runtime import resolve_conv_grad
-
 # The largest input side at which the matmul beats oneDNN's filter gradient (measured: 4; at 8 they tie).
 MAX_SIDE = 4
 
@@ -95,12 +93,3 @@ def use_im2col_filter_grad(model: nn.Module) -> int:
     for m in convs:
         m.__class__ = Im2colGradConv2d
     return len(convs)
-
-
-def apply_conv_grad(model: nn.Module, setting: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """`run.conv_grad` on a model: switch its convolutions when the setting resolves to im2col on this device and
-    training precision (runtime.resolve_conv_grad); returns whether it did."""
-    if not resolve_conv_grad(setting, device, dtype):
-        return False
-    use_im2col_filter_grad(model)
-    return True

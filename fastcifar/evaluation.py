@@ -19,14 +19,15 @@ from typing import Any
 import torch
 
 from fastcifar.augment import BatchAugment
+from fastcifar.calibrate import for_inference
 from fastcifar.cli import Parser
-from fastcifar.config import Config, ConfigError, is_device
+from fastcifar.config import Config, ConfigError, check_option
 from fastcifar.custom_resnet import CustomResNet
 from fastcifar.data import open_split
 from fastcifar.errors import FastCifarError, require_output_folder, run_cli
 from fastcifar.inference import CLASSES, Predictions, predict
-from fastcifar.rundir import load_checkpoint_file, write_json
-from fastcifar.runtime import Amp, resolve_device, resolve_precision
+from fastcifar.rundir import load_checkpoint_file, read_json_object, write_json
+from fastcifar.runtime import Amp, resolve_device
 
 
 def load_checkpoint(path: str | Path) -> tuple[CustomResNet, Config, dict]:
@@ -52,14 +53,15 @@ def evaluate_checkpoint(path: str | Path, tta: bool = False, data_dir: str | Non
                         batch_size: int = 1000, num_workers: int = 0, translate: int = 0) -> Predictions:
     model, cfg, _ = load_checkpoint(path)
     dev = resolve_device(device)
-    amp = Amp(dev, resolve_precision(cfg.run.precision, dev))
-    memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
-    model = model.to(device=dev, memory_format=memory_format)
+    # the run's own precision and layout (its env.json beside the weights), so that its test pass repeats exactly
+    dtype, channels_last = for_inference(cfg.run, dev, read_json_object(Path(path).parent / "env.json"))
+    amp = Amp(dev, dtype)
+    model = model.to(device=dev, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     # auto, not the run's kind: both kinds give the same test images in the same order
     data = dataclasses.replace(cfg.data, data_dir=str(data_dir or cfg.data.data_dir), num_workers=num_workers,
                                loader="auto", test_batch_size=batch_size)
     loader = open_split(data, "test", dev)
-    normalize = BatchAugment(cfg.data, dev, 0, amp.dtype, cfg.run.channels_last).normalize
+    normalize = BatchAugment(cfg.data, dev, 0, amp.dtype, channels_last).normalize
     return predict(model, loader, normalize, amp.autocast, tta, translate)
 
 
@@ -93,17 +95,17 @@ def read_tta_accuracy(path: str | Path) -> float | None:
             return float(saved["tta_test_acc"])
         return float(saved["test_acc"]) if saved["tta"] else None
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise FastCifarError(f"{path} is not a file written by fastcifar.evaluate --tta --save ({err}); "
+        raise FastCifarError(f"{path} is not a file written by python -m fastcifar evaluate --tta --save ({err}); "
                              f"delete it or write it again") from None
 
 
 def _evaluate_and_report(args: argparse.Namespace, argv: list[str]) -> None:
     if args.save:  # checked first: an evaluation takes minutes on a CPU
         require_output_folder(args.save, "--save")
-    if args.batch_size < 1 or not 0 <= args.translate <= 4:
-        raise ConfigError("--batch-size must be >= 1 and --translate in [0, 4]")
-    if not is_device(args.device):
-        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    # the config's rules for the same quantities: the test batch, the translation TTA, the device
+    check_option("--batch-size", "data.test_batch_size", args.batch_size)
+    check_option("--translate", "data.test_translate", args.translate)
+    check_option("--device", "run.device", args.device)
     preds = evaluate_checkpoint(args.checkpoint, args.tta, args.data_dir, args.device, args.batch_size,
                                 translate=args.translate)
     print(format_report(preds))

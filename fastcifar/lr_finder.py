@@ -196,7 +196,7 @@ def find_lr(cfg: Config, log: Callable[[str], None] = print) -> dict:
     log(f"suggested max_lr {s['max_lr']:.4g}, min_lr {s['min_lr']:.4g} (minimum loss at {s['min_loss_lr']:.4g}; "
         f"{len(curve['lrs'])} steps{', stopped on divergence' if curve['diverged'] else ''})")
     log(f"wrote {out / 'find_lr.json'} and {out / 'find_lr.png'}; train with: "
-        f"python -m fastcifar.train --preset {cfg.preset} --lr-from {out / 'find_lr.json'}")  # the recipe it tested
+        f"python -m fastcifar train --preset {cfg.preset} --lr-from {out / 'find_lr.json'}")  # the recipe it tested
     return result
 
 

@@ -73,7 +73,7 @@ def check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
     if not overwrite and (run_dir / "results.json").exists():
         raise FastCifarError(f"{run_dir} already holds a finished run; choose another --name or pass --overwrite")
     if not overwrite and (run_dir / "checkpoint.pt").exists():
-        raise FastCifarError(f"{run_dir} holds an unfinished run; continue it with: python -m fastcifar.train "
+        raise FastCifarError(f"{run_dir} holds an unfinished run; continue it with: python -m fastcifar train "
                              f"--resume {run_dir} (or pass --overwrite to start over)")
     existing = run_dir
     while not existing.exists() and existing != existing.parent:  # where the folders would be made
@@ -214,8 +214,61 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write(path, lambda tmp: tmp.write_text("".join(_json(row) + "\n" for row in rows)))
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or {} where the file is missing, unreadable or not a JSON object (for files whose
+    absence only costs a default: a run's env.json when it resumes)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# metrics.jsonl: one object per epoch. `epoch` is required; the others may be missing (a row of another version,
+# or a number the run did not measure) and read as None; where present they must be numbers or null.
+METRIC_NUMBERS = ("lr", "lr_end", "train_loss", "train_acc", "test_loss", "test_acc", "train_s", "test_s", "epoch_s",
+                  "train_img_s", "test_img_s")
+METRIC_COUNTS = ("skipped_steps", "train_side")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl, checked: each a JSON object with a positive integer `epoch`, every known
+    field a finite number or null (missing ones read as None; unknown ones are kept). A FastCifarError names the file,
+    the line and the field otherwise."""
+    def bad(number: int, what: str) -> FastCifarError:
+        return FastCifarError(f"{path}, line {number}: {what}; not a metrics file as python -m fastcifar train "
+                              f"writes it (rerun the run, or remove the line)")
+
+    def is_number(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise FastCifarError(f"cannot read {path} ({type(err).__name__}: {err})") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise bad(number, f"not JSON ({err})") from None
+        if not isinstance(row, dict):
+            raise bad(number, f"a JSON {type(row).__name__}, not an object")
+        epoch = row.get("epoch")
+        if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1):
+            raise bad(number, f"'epoch' must be a positive integer, got {epoch!r}"[:200])
+        for key in METRIC_NUMBERS + METRIC_COUNTS:
+            value = row.setdefault(key, None)
+            if value is not None and not is_number(value):
+                raise bad(number, f"{key!r} must be a number or null, got {value!r}"[:200])
+        rows.append(row)
+    return rows
 
 
 def state_checksum(state: Any) -> str:
@@ -299,7 +352,7 @@ def _git_commit() -> str | None:
 
 
 @functools.cache
-def _cpuinfo() -> str:
+def read_cpuinfo() -> str:
     """/proc/cpuinfo, read once per process ("" where there is none): the CPU's name and its kind come from it."""
     try:
         return Path("/proc/cpuinfo").read_text()
@@ -307,20 +360,20 @@ def _cpuinfo() -> str:
         return ""
 
 
-def _cpuinfo_field(text: str, key: str) -> str | None:
+def cpuinfo_field(text: str, key: str) -> str | None:
     """The value of the first `key : value` line of a /proc/cpuinfo text."""
     return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith(key)), None)
 
 
-def _cpu_name() -> str:
-    return _cpuinfo_field(_cpuinfo(), "model name") or platform.processor() or platform.machine()
+def cpu_name() -> str:
+    return cpuinfo_field(read_cpuinfo(), "model name") or platform.processor() or platform.machine()
 
 
 def cpu_kind(cpuinfo: str | None = None) -> str:
     """Which of the CPU kinds that train differently this is, from the instruction sets the kernel reports: AMX
     (bf16 matrix units), AVX512-BF16 without AMX (bf16 dot products in the vector units), or neither (PyTorch's
     bf16 kernels are slow there, so fp32 trains). Two CPUs that both call themselves "AMD EPYC" differ this way."""
-    flags = set((_cpuinfo_field(_cpuinfo() if cpuinfo is None else cpuinfo, "flags") or "").split())
+    flags = set((cpuinfo_field(read_cpuinfo() if cpuinfo is None else cpuinfo, "flags") or "").split())
     if "amx_bf16" in flags:
         return "amx_bf16"
     if "avx512_bf16" in flags:
@@ -330,7 +383,7 @@ def cpu_kind(cpuinfo: str | None = None) -> str:
 
 def device_name(device: torch.device) -> str:
     """The GPU's name on CUDA, else the CPU's model name."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -342,7 +395,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "ffcv": _version("ffcv"),
         "numpy": _version("numpy"),
         "platform": platform.platform(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_kind": cpu_kind(),  # amx_bf16 / avx512_bf16 / neither: what decides the CPU's training precision
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

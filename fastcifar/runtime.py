@@ -51,8 +51,10 @@ def cuda_has_native_bf16(device: torch.device) -> bool:
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on GPUs with native bf16 (sm80+), else fp16 + GradScaler; on a CPU, bf16 only where oneDNN
-    has fast bf16 kernels for it, else fp32."""
+    """The precision by the hardware's features alone. auto: bf16 on GPUs with native bf16 (sm80+), else fp16 +
+    GradScaler; on a CPU, bf16 where oneDNN has bf16 kernels for it, else fp32. Training measures instead
+    (fastcifar/calibrate.py: on a Xeon with AMX hidden, bf16 has the kernels and is the slower path); this rule is
+    what runs recorded before that trained with, and what evaluating their weights repeats."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
@@ -72,15 +74,6 @@ def cpu_has_amx() -> bool:
     """Intel AMX (bf16 matrix tiles, `amx_bf16`), as PyTorch's CPU probe reports it."""
     capabilities = getattr(torch.cpu, "get_capabilities", None)  # absent from older torch: then no AMX is assumed
     return bool(capabilities is not None and capabilities().get("amx_bf16", False))
-
-
-def resolve_conv_grad(setting: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the 4x4 convolutions take the im2col filter gradient (fastcifar/conv.py). auto: on a CPU with AMX
-    training in bf16, where the step gained 1.21x (AMX Xeon; BENCHMARKS.md). On the AVX512-BF16 EPYC without AMX
-    oneDNN's own gradient was ~1.3% faster in the step (7 of 7 interleaved pairs, 2026-12-05); in fp32 it was faster
-    at every size; GPUs keep their library's until measured there."""
-    return setting == "im2col" or (setting == "auto" and device.type == "cpu" and dtype == torch.bfloat16
-                                   and cpu_has_amx())
 
 
 @dataclass

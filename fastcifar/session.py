@@ -17,8 +17,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastcifar import reporting, rundir
 from fastcifar.augment import BatchAugment
+from fastcifar.calibrate import Choice, choose, recorded
 from fastcifar.config import Config, ConfigError
-from fastcifar.conv import apply_conv_grad
+from fastcifar.conv import use_im2col_filter_grad
 from fastcifar.custom_resnet import CustomResNet, freeze_prep_conv, summary, whiten_init
 from fastcifar.data import Loaders, make_loaders, open_split, resolve_kind
 from fastcifar.distributed import Dist, broadcast, from_env, split_batch
@@ -32,9 +33,7 @@ from fastcifar.runtime import (
     check_gpu_index,
     check_step_memory,
     compile_model,
-    resolve_compile,
     resolve_device,
-    resolve_precision,
     seed_everything,
 )
 from fastcifar.schedule import make_scheduler, one_cycle_lr
@@ -128,12 +127,14 @@ class Session:
         check_step_memory(local_batch, cfg.model.widths, device)  # before the data: a batch that cannot fit
         if dist.is_main:  # the run directory's refusals too, in the first second rather than after the data
             _check_run_dir(cfg, resume)
-        amp = Amp(device, resolve_precision(cfg.run.precision, device))
-        compiled = resolve_compile(cfg.run.compile, device)
-        seed_everything(cfg.run.seed, cfg.run.deterministic, device)  # same initial weights on every rank
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmuls/convs left
         start_group(dist, device, cfg.run.dist_timeout_s)
+        # Before the loaders start their threads: the measurement has the machine to itself. Rank 0 decides for all.
+        choice = broadcast(_choose(cfg, device, local_batch, resume, log) if dist.is_main else None, dist)
+        amp = Amp(device, choice.dtype)
+        compiled = choice.compile
+        seed_everything(cfg.run.seed, cfg.run.deterministic, device)  # same initial weights on every rank
         d = cfg.data
         loaders = make_loaders(d, device, cfg.run.seed, batch_size=local_batch, distributed=dist.enabled)
         if dist.enabled and loaders.test_size % dist.world_size:
@@ -141,9 +142,11 @@ class Session:
                               "rank's shard would be padded with repeats, which the test accuracy would count; use "
                               "a world size that divides it (or --data.test_subset)")
         run_dir = _open_run_dir(cfg, resume, dist)
-        env = rundir.environment(device) | {"world_size": dist.world_size, "loader": resolve_kind(d.loader)}
+        env = rundir.environment(device) | {"world_size": dist.world_size, "loader": resolve_kind(d.loader),
+                                            "auto": choice.record()}
         model = CustomResNet(cfg.model)
-        log(summary(model))
+        if cfg.run.summary:
+            log(summary(model))
         if cfg.model.whiten_init and not resume:
             count = min(loaders.train_size, WHITEN_IMAGES)
             log(f"whitening init: {_whiten_init(model, cfg, device, count)} prep filters set from the 3x3 patches "
@@ -152,18 +155,18 @@ class Session:
             freeze_prep_conv(model)  # also on resume: the optimizer's groups depend on it
         if cfg.run.sync_bn and dist.enabled:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        im2col = apply_conv_grad(model, cfg.run.conv_grad, device, amp.dtype)  # before DDP and compile see it
-        model = model.to(device=device, memory_format=_memory_format(cfg))
+        im2col = choice.conv_grad == "im2col" and use_im2col_filter_grad(model) > 0  # before DDP and compile
+        model = model.to(device=device, memory_format=choice.memory_format)
         # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets (no copy in and out of them)
         wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                           gradient_as_bucket_view=True) if dist.enabled else model
         mode = cfg.run.compile_mode
         forward = compile_model(wrapped, mode) if compiled else wrapped
         # Each rank draws its own augmentations (rank 0 keeps the single-process stream).
-        augment = BatchAugment(d, device, cfg.run.seed + 1_000_003 * dist.rank, amp.dtype, cfg.run.channels_last)
+        augment = BatchAugment(d, device, cfg.run.seed + 1_000_003 * dist.rank, amp.dtype, choice.channels_last)
         ranks = f" | {dist.world_size} ranks x {local_batch} images/step" if dist.enabled else ""
         log(f"run dir {run_dir} | device {env['device_name']} ({device}) | {str(amp.dtype).removeprefix('torch.')} "
-            f"| channels_last={cfg.run.channels_last} | compile={compiled} | "
+            f"| channels_last={choice.channels_last} | compile={compiled} | "
             f"conv_grad={'im2col' if im2col else 'library'} | threads {torch.get_num_threads()} | "
             f"allocator {env['allocator'].split(' (')[0]} | "
             f"{env['loader']} loader, {loaders.train_size:,} train / {loaders.test_size:,} test images, "
@@ -195,6 +198,21 @@ class Session:
             warm_up(self.trainer, batch_shapes(shard, self.batch_size),
                     batch_shapes(test_shard, d.test_batch_size), repeats=repeats, epochs=epochs)
         return time.perf_counter() - start
+
+
+def _choose(cfg: Config, device: torch.device, batch: int, resume: bool, log: Callable[[str], None]) -> Choice:
+    """The run's precision, memory format and conv gradient (fastcifar/calibrate.py): a resumed run keeps what it
+    chose when it started (its env.json), so that its numbers continue exactly; a new one measures, or reads this
+    machine's cached measurement. Logged with the reason."""
+    choice = None
+    if resume:
+        env = rundir.read_json_object(Path(cfg.run.out_dir) / cfg.run.name / "env.json")
+        choice = recorded(env, cfg.run, device)
+    if choice is None:
+        choice = choose(cfg.run, cfg.model, device, batch, frozen_prep=cfg.model.whiten_frozen, log=log)
+    if choice.source != "given":
+        log(f"auto settings: {choice.reason}")
+    return choice
 
 
 WHITEN_IMAGES = 5000  # training images whose 3x3 patches set the whitening init
@@ -239,10 +257,6 @@ def _open_run_dir(cfg: Config, resume: bool, dist: Dist) -> Path:
     if error:
         raise FastCifarError(error)
     return path
-
-
-def _memory_format(cfg: Config) -> torch.memory_format:
-    return torch.channels_last if cfg.run.channels_last else torch.contiguous_format
 
 
 def _test_schedule(every: int, epochs: int) -> str:

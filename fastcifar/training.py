@@ -150,7 +150,7 @@ def _train(session: Session, state: dict | None, log: Callable[[str], None], beg
             + (f", with the LR levels lowered to max {s.max_lr:g} / min {s.min_lr:g}" if lower_lr else ""))
 
     ckpt = Checkpointer(trainer, session.cfg, run_dir, session.dist, session.device, metrics, compile_seconds,
-                        setup_seconds)
+                        setup_seconds, steps_per_epoch=len(session.loaders.train))
     table = EpochTable()
     log(table.header())
     for row in metrics:
@@ -173,7 +173,7 @@ def _train(session: Session, state: dict | None, log: Callable[[str], None], beg
                 kept = (f"the last checkpoint ({ckpt.path}) is intact" if ckpt.path.exists()
                         else "no checkpoint was written")
                 raise NonFiniteLoss(f"training diverged in epoch {ep}: {err}; {kept}. Lower --max-lr (see python -m "
-                                    f"fastcifar.find_lr), use --precision fp32, or add --model.logit_scale 0.125"
+                                    f"fastcifar find-lr), use --precision fp32, or add --model.logit_scale 0.125"
                                     f"{_continue_hint(ckpt, session)}") from None
             progress = None
             metrics.append(row)
@@ -285,7 +285,7 @@ def is_test_epoch(ep: int, epochs: int, every: int) -> bool:
 def _continue_hint(ckpt: Checkpointer, session: Session) -> str:
     if not ckpt.path.exists():
         return ""
-    return (f"; or continue from that checkpoint: python -m fastcifar.train --resume {session.run_dir} "
+    return (f"; or continue from that checkpoint: python -m fastcifar train --resume {session.run_dir} "
             f"--lower-lr --max-lr {session.cfg.schedule.max_lr / 2:.4g}")
 
 

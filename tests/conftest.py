@@ -18,6 +18,20 @@ from tests.synthetic import write_archive
 
 REPO = Path(__file__).resolve().parents[1]
 _SHARED_ARCHIVE = REPO.parent / "shared" / "data" / "cifar-10-python.tar.gz"
+@pytest.fixture(scope="session", autouse=True)
+def calibration_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The suite's own calibration cache (fastcifar/calibrate.py), never the user's; commands run as subprocesses
+    inherit it."""
+    folder = tmp_path_factory.mktemp("cache")
+    previous = os.environ.get("FASTCIFAR_CACHE_DIR")
+    os.environ["FASTCIFAR_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("FASTCIFAR_CACHE_DIR", None)
+    else:
+        os.environ["FASTCIFAR_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Archive (1,000 train / 200 test images), the arrays in it, and a data dir holding its betons."""
@@ -40,6 +54,8 @@ def real_archive() -> Path | None:
 TINY = {"model.widths": "8,16,32,64", "data.batch_size": 64, "data.test_batch_size": 64, "data.num_workers": 1,
         "schedule.epochs": 3, "schedule.peak_epoch": 1, "schedule.max_lr": 0.05, "schedule.min_lr": 0.005,
         "run.compile": "off", "run.precision": "fp32", "run.progress": "off",
+        # given, not measured: the runs of the suite compare numbers across runs (tests/test_calibrate.py measures)
+        "run.channels_last": "on", "run.conv_grad": "onednn",
         "run.device": "cpu"}  # the CPU suite stays on the CPU on a GPU host too (tests/test_cuda.py is the GPU's)
 
 

@@ -11,10 +11,11 @@ from benchmarks import physics, step_throughput, test_pass
 from benchmarks import run as bench
 from benchmarks.data_paths import AugmentedCifar
 from benchmarks.step_throughput import default_overrides, default_variant, measure, parse_variant
+from fastcifar import calibrate
 from fastcifar.augment import CIFAR10_MEAN, CIFAR10_STD
 from fastcifar.config import DEFAULT_PRESET, Config, ConfigError
 from fastcifar.errors import FastCifarError
-from fastcifar.runtime import cpu_has_amx, cpu_has_fast_bf16
+from fastcifar.runtime import cpu_has_fast_bf16
 
 
 def test_the_cpu_matmul_peak_is_the_fastest_call(monkeypatch):
@@ -74,14 +75,16 @@ def test_the_step_flops_split_into_convolutions_and_their_padding():
 def test_step_throughput_measures_a_positive_rate(variant):
     r = measure(variant, batch_size=2, warmup=1, steps=1, device=torch.device("cpu"), widths=(4, 8, 8, 16))
     assert r.warmup_s > 0 and r.images_per_s > 0 and r.step_s > 0
-    # the default names what it resolved to on this CPU: fp32-cl, or bf16-cl where oneDNN has bf16 kernels (AMX)
-    assert r.variant == (f"default ({default_variant(torch.device('cpu'))})" if variant == "default" else variant)
+    # the default names what training would take at these shapes on this CPU (calibrated once, then cached)
+    resolved = default_variant(torch.device("cpu"), batch_size=2, widths=(4, 8, 8, 16))
+    assert r.variant == (f"default ({resolved})" if variant == "default" else variant)
 
 
 def test_a_default_variant_with_config_options_runs_the_changed_step():
     r = measure("default@model.ghost_batch=2", batch_size=4, warmup=1, steps=1, device=torch.device("cpu"),
                 widths=(4, 8, 8, 16))
-    assert r.images_per_s > 0 and r.variant == f"default@model.ghost_batch=2 ({default_variant(torch.device('cpu'))})"
+    resolved = default_variant(torch.device("cpu"), batch_size=4, widths=(4, 8, 8, 16))
+    assert r.images_per_s > 0 and r.variant == f"default@model.ghost_batch=2 ({resolved})"
     assert default_overrides("default@model.ghost_batch=32@optim.ema_decay=0.9") == {
         "model.ghost_batch": "32", "optim.ema_decay": "0.9"}
     assert default_overrides("default") == {} and default_overrides("bf16-cl") is None
@@ -123,26 +126,32 @@ def test_bad_variant_names_are_refused(text):
         parse_variant(text)
 
 
-def test_default_variant_on_a_cpu_is_channels_last_eager_in_the_auto_precision():
-    im2col = "-im2col" if cpu_has_amx() else ""
-    expected = f"bf16-cl{im2col}" if cpu_has_fast_bf16() else "fp32-cl"
-    assert default_variant(torch.device("cpu")) == expected
+@pytest.mark.parametrize(("fastest", "expected"), [("fp32-cl", "fp32-cl"), ("bf16-cl", "bf16-cl")])
+def test_the_default_variant_is_what_the_calibration_chooses(monkeypatch, fastest, expected):
+    monkeypatch.setattr(calibrate, "cpu_has_fast_bf16", lambda: True)
+
+    def timer(way, batch, steps, limit=float("inf")):  # the named way runs at 100 images/s, the others at 50
+        return batch / (100.0 if way.label == fastest else 50.0)
+
+    assert default_variant(torch.device("cpu"), timer=timer) == expected
 
 
 def test_a_default_variant_is_named_for_what_its_options_resolve_to():
     cpu = torch.device("cpu")
-    run = Config.from_preset(DEFAULT_PRESET, {"run.conv_grad": "im2col", "run.precision": "fp32"}).run
+    given = {"run.conv_grad": "im2col", "run.precision": "fp32", "run.channels_last": "on"}
+    run = Config.from_preset(DEFAULT_PRESET, given).run
     assert default_variant(cpu, run) == "fp32-cl-im2col"
-    run = Config.from_preset(DEFAULT_PRESET, {"run.compile": "on", "run.compile_mode": "max-autotune"}).run
+    run = Config.from_preset(DEFAULT_PRESET, given | {"run.compile": "on", "run.compile_mode": "max-autotune"}).run
     assert default_variant(cpu, run).endswith("-compile:max-autotune")
-    r = measure("default@run.conv_grad=im2col@run.precision=fp32", batch_size=2, warmup=1, steps=1, device=cpu,
-                widths=(4, 8, 8, 16))
-    assert r.variant == "default@run.conv_grad=im2col@run.precision=fp32 (fp32-cl-im2col)"
+    r = measure("default@run.conv_grad=im2col@run.precision=fp32@run.channels_last=on", batch_size=2, warmup=1,
+                steps=1, device=cpu, widths=(4, 8, 8, 16))
+    assert r.variant == "default@run.conv_grad=im2col@run.precision=fp32@run.channels_last=on (fp32-cl-im2col)"
 
 
 @pytest.mark.parametrize(("fast_bf16", "compiled"), [(True, "bf16-cl"), (False, "fp32-cl")])
 def test_compile_variants_on_a_cpu_run_in_the_precision_that_trains_there(monkeypatch, fast_bf16, compiled):
-    monkeypatch.setattr(bench, "cpu_has_fast_bf16", lambda: fast_bf16)
+    trained = torch.bfloat16 if fast_bf16 else torch.float32  # what the calibration measured fastest
+    monkeypatch.setattr(bench, "training_precision", lambda device: trained)
     variants = bench.default_variants(torch.device("cpu"))
     assert [v for v in variants if "compile" in v] == [f"{compiled}-compile", f"{compiled}-compile:max-autotune"]
     assert variants[:4] == ["fp32", "fp32-cl", "bf16-cl", f"{compiled}-im2col"] and variants[-1] == "default"
@@ -219,6 +228,17 @@ def test_markdown_names_the_end_to_end_steps_that_ran(steps, says):
 def test_unknown_section_is_a_one_line_error(tmp_path, capsys):
     assert bench.main(["--sections", "data,nope", "--out-dir", str(tmp_path), "--markdown", ""]) == 1
     assert "unknown section(s) nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--widths", "1,2"], "--widths must be 4 integers in [1, 4096]"),  # was a ValueError from unpacking
+    (["--widths", "a,b,c,d"], "--widths: cannot read 'a,b,c,d'"),
+    (["--batch-size", "99999999"], "--batch-size must be in [1, "),
+])
+def test_the_network_and_batch_flags_follow_the_configs_rules(tmp_path, capsys, args, fragment):
+    assert bench.main(["--sections", "step", "--out-dir", str(tmp_path), "--markdown", "", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and "\n" not in err and not list(tmp_path.iterdir())
 
 
 def test_folding_batch_norm_into_its_convs_keeps_the_outputs():

@@ -52,14 +52,15 @@ def test_interrupted_twice_then_resumed_equals_the_uninterrupted_run(tiny_run, s
     cfg = tiny_config(synthetic, tmp_path)
     run_dir = tmp_path / "run"
     signal_at(monkeypatch, "train_step", 5)  # mid-epoch 1 (16 steps per epoch)
-    with pytest.raises(TrainingInterrupted, match=r"SIGTERM after epoch 0, step 5.*--resume .*run") as info:
+    stopped = r"SIGTERM in epoch 1, after step 5 of 16; checkpoint saved\. Continue with: python -m fastcifar train "
+    with pytest.raises(TrainingInterrupted, match=stopped + r"--resume .*run") as info:
         train(cfg, **QUIET)
     assert info.value.exit_code == 128 + signal.SIGTERM
     state = load_training_state(run_dir)
     assert state["epoch"] == 0 and state["progress"]["step"] == 5 and not (run_dir / "results.json").exists()
     monkeypatch.undo()
     signal_at(monkeypatch, "test_pass", 2)  # during the test pass of epoch 2
-    with pytest.raises(TrainingInterrupted, match="after epoch 1, step 16"):
+    with pytest.raises(TrainingInterrupted, match="in epoch 2, after step 16 of 16"):
         train(cfg, resume=run_dir, **QUIET)
     monkeypatch.undo()
     result = train(cfg, resume=run_dir, **QUIET)
@@ -72,7 +73,7 @@ def test_a_run_with_every_lever_resumes_exactly(lever_run, synthetic, tmp_path, 
     """EMA state, alternating flips (epoch-dependent) and the BN parameter group survive an interruption."""
     cfg = tiny_config(synthetic, tmp_path, **LEVERS)
     signal_at(monkeypatch, "train_step", 21)  # epoch 2, step 5
-    with pytest.raises(TrainingInterrupted, match="after epoch 1, step 5"):
+    with pytest.raises(TrainingInterrupted, match="in epoch 2, after step 5 of 16"):
         train(cfg, **QUIET)
     monkeypatch.undo()
     train(cfg, resume=tmp_path / "run", **QUIET)
@@ -84,7 +85,7 @@ def test_the_resident_loader_resumes_mid_epoch_exactly(synthetic, tmp_path, monk
     train(cfg, **QUIET)
     stopped = cfg.override({"run.name": "stopped"})
     signal_at(monkeypatch, "train_step", 21)  # epoch 2, step 5
-    with pytest.raises(TrainingInterrupted, match="after epoch 1, step 5"):
+    with pytest.raises(TrainingInterrupted, match="in epoch 2, after step 5 of 16"):
         train(stopped, **QUIET)
     monkeypatch.undo()
     train(stopped, resume=tmp_path / "stopped", **QUIET)

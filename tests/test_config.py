@@ -50,6 +50,9 @@ def test_override_parses_strings_to_field_types(key, text, expected):
     ("model.num_classes", 5, "model.num_classes must be 10"),
     ("data.loader", "dali", "data.loader must be auto, ffcv or resident"),
     ("model.ghost_batch", -1, "model.ghost_batch must be in [0, 50000]"),
+    ("run.name", "a\x00b", "run.name must be printable text of at most 4096 characters (no NUL"),  # os: embedded NUL
+    ("data.data_dir", "data\nmore", "data.data_dir must be printable text"),
+    ("run.out_dir", "r" * 5000, "run.out_dir must be printable text of at most 4096 characters"),
 ])
 def test_invalid_values_are_rejected_with_the_field_named(key, value, fragment):
     with pytest.raises(ConfigError, match=re.escape(fragment)):
@@ -74,7 +77,7 @@ def test_cli_short_and_dotted_flags_map_onto_the_config():
                                       "--optim.weight_decay", "1e-3", "--run.channels_last", "false", "--overwrite"])
     cfg = config_from_args(args)
     assert (cfg.schedule.epochs, cfg.data.batch_size, cfg.schedule.max_lr) == (3, 64, 0.2)
-    assert cfg.optim.weight_decay == 1e-3 and cfg.run.channels_last is False and cfg.run.overwrite is True
+    assert cfg.optim.weight_decay == 1e-3 and cfg.run.channels_last == "off" and cfg.run.overwrite is True
     assert cfg.model.widths == Config.from_preset("smoke").model.widths  # untouched fields keep the preset's values
 
 

@@ -7,17 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from fastcifar import conv, runtime
+from fastcifar import conv
 from fastcifar.config import ModelConfig
 from fastcifar.conv import (
     Im2colGradConv2d,
-    apply_conv_grad,
     conv3x3_backward,
     use_im2col_filter_grad,
     weight_grad_im2col,
 )
 from fastcifar.custom_resnet import CustomResNet
-from fastcifar.runtime import resolve_conv_grad
 from fastcifar.training import train
 from tests.conftest import tiny_config
 
@@ -116,21 +114,6 @@ def test_the_switch_keeps_the_networks_parameters_state_dict_and_outputs():
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
     fresh = CustomResNet(ModelConfig(widths=(4, 8, 8, 16)))
     fresh.load_state_dict(model.state_dict())  # a model saved from a switched network loads into a plain one
-
-
-@pytest.mark.parametrize(("setting", "device", "dtype", "amx", "expected"), [
-    ("auto", "cpu", torch.bfloat16, True, True), ("auto", "cpu", torch.bfloat16, False, False),
-    ("auto", "cpu", torch.float32, True, False), ("auto", "cuda", torch.bfloat16, True, False),
-    ("im2col", "cpu", torch.float32, False, True), ("im2col", "cuda", torch.float16, False, True),
-    ("onednn", "cpu", torch.bfloat16, True, False)])
-def test_auto_takes_the_im2col_gradient_only_where_it_was_measured_faster(setting, device, dtype, amx, expected,
-                                                                         monkeypatch):
-    # measured faster only on the AMX Xeon in bf16; the AVX512-BF16 EPYC (no AMX) and fp32 keep oneDNN's
-    monkeypatch.setattr(runtime, "cpu_has_amx", lambda: amx)
-    assert resolve_conv_grad(setting, torch.device(device), dtype) is expected
-    model = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, bias=False))
-    assert apply_conv_grad(model, setting, torch.device(device), dtype) is expected
-    assert (type(model[0]) is Im2colGradConv2d) is expected
 
 
 def _losses(dtype: torch.dtype, im2col: bool) -> list[float]:

@@ -72,7 +72,7 @@ def test_the_bottom_layer_imports_nothing_above_it():
 
 
 COMMANDS = ["fastcifar.train", "fastcifar.find_lr", "fastcifar.evaluate", "fastcifar.report", "fastcifar.compare",
-            "fastcifar.seeds", "fastcifar.sweep", "fastcifar.custom_resnet"]
+            "fastcifar.seeds", "fastcifar.sweep", "fastcifar.custom_resnet", "fastcifar.calibrate"]
 
 
 @pytest.mark.slow
