@@ -60,7 +60,7 @@ def _print_comparison(args: argparse.Namespace) -> None:
         table = results_table(args.run_dirs, args.baseline)
         if args.markdown:
             baseline = "".join(f" --baseline {d}" for d in args.baseline or [])
-            command = "python -m fastcifar.compare --table" + baseline + " " + " ".join(args.run_dirs)
+            command = "python -m fastcifar compare --table" + baseline + " " + " ".join(args.run_dirs)
             write_block(Path(args.markdown), table, command)
             print(f"wrote the results table into {args.markdown}")
         else:

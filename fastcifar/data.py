@@ -104,7 +104,7 @@ def open_split(data: DataConfig, split: str, device: torch.device, *, batch_size
     data_dir = Path(data.data_dir)
     if data_dir.exists() and not data_dir.is_dir():
         raise DataError(f"--data-dir {data_dir} is a file, not a folder; give the folder the data step wrote "
-                        f"(python data_prep/write_beton.py --data-dir FOLDER)")
+                        f"(python -m fastcifar prepare --data-dir FOLDER)")
     is_train = split == "train"
     batch_size = batch_size or (data.batch_size if is_train else data.test_batch_size)
     subset = (data.train_subset if is_train else data.test_subset) if subset is None else subset
@@ -118,7 +118,7 @@ def open_split(data: DataConfig, split: str, device: torch.device, *, batch_size
         expected, path = _manifest_count(data_dir, split, arrays=True), data_dir / f"{split}.npz"
     if expected is not None and not subset and loader.images != expected:
         raise DataError(f"{path} holds {loader.images:,} images but {MANIFEST} says {expected:,}: the files were "
-                        f"swapped or replaced; rebuild them with: python data_prep/write_beton.py --data-dir "
+                        f"swapped or replaced; rebuild them with: python -m fastcifar prepare --data-dir "
                         f"{data_dir} --force")
     return loader
 
@@ -159,7 +159,7 @@ def write_arrays(images: np.ndarray, labels: np.ndarray, path: Path) -> None:
 def read_arrays(path: Path, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """The images and labels of a .npz written by `write_arrays`, checked: shape, dtype, matching counts and
     label range; anything else is a DataError that says how to rebuild it."""
-    rebuild = f"rebuild it with: python data_prep/write_beton.py --data-dir {path.parent} --force"
+    rebuild = f"rebuild it with: python -m fastcifar prepare --data-dir {path.parent} --force"
     if not path.is_file():
         raise DataError(f"missing {path}; " + PREPARE_HINT.format(data_dir=path.parent))
     try:

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,17 +25,23 @@ import torch
 from fastcifar.errors import DataError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-REBUILD = "rebuild it with: python data_prep/write_beton.py --data-dir {data_dir} --force"
-PREPARE_HINT = "create it with: python data_prep/write_beton.py --data-dir {data_dir}"
+REBUILD = "rebuild it with: python -m fastcifar prepare --data-dir {data_dir} --force"
+PREPARE_HINT = "create it with: python -m fastcifar prepare --data-dir {data_dir}"
 
 
 @contextlib.contextmanager
 def keep_torch_threads() -> Iterator[None]:
     """FFCV sets torch's intra-op thread count (to 1 on import, to its worker count when a loader or
-    an epoch starts); on a CPU that silently slows training, so put back what the process had."""
+    an epoch starts); on a CPU that silently slows training, so put back what the process had.
+
+    Also silences one warning of FFCV's import: `import ffcv` imports its writer, whose tqdm helpers import
+    `tqdm.auto`, which in a Jupyter kernel without ipywidgets warns "IProgress not found" (with the path of the
+    environment). No FFCV progress bar is shown by these functions, so the warning is about nothing here."""
     threads = torch.get_num_threads()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="IProgress not found")
+            yield
     finally:
         torch.set_num_threads(threads)
 
@@ -255,8 +262,10 @@ def _write_beton_here(images: np.ndarray, labels: np.ndarray, tmp: Path, num_wor
     import threading
     from multiprocessing import shared_memory
 
-    import ffcv.writer  # heavy import (~3 s), only when writing
-    from ffcv.fields import IntField, RGBImageField
+    with warnings.catch_warnings():  # the "IProgress not found" of FFCV's import (keep_torch_threads)
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import ffcv.writer  # heavy import (~3 s), only when writing
+        from ffcv.fields import IntField, RGBImageField
 
     writer_pid, workers = os.getpid(), []
 

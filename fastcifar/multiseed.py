@@ -109,7 +109,7 @@ def _run_one(cfg: Config, log: Callable[[str], None]) -> tuple[list[dict], dict]
             raise FastCifarError(f"{run_dir} holds a finished run of another recipe ({', '.join(differ)}); "
                                  f"choose another --name or pass --overwrite")
         log(f"finished earlier: {run_dir}")
-        metrics = rundir.read_jsonl(run_dir / "metrics.jsonl")
+        metrics = rundir.read_metrics(run_dir / "metrics.jsonl")
         return metrics, json.loads((run_dir / "results.json").read_text())
     resume = run_dir if (run_dir / CHECKPOINT).exists() and not cfg.run.overwrite else None
     result = train(cfg, log=log, resume=resume)
@@ -138,7 +138,7 @@ def build_parser(prog: str = "python -m fastcifar.seeds") -> argparse.ArgumentPa
     parser = Parser(
         prog=prog,
         description="Train one recipe for several seeds and report mean, std, min and max test accuracy.",
-        epilog="Any option of python -m fastcifar.train works here (except --seed: this command sets it).")
+        epilog="Any option of python -m fastcifar train works here (except --seed: this command sets it).")
     parser.add_argument("--seeds", required=True, help="a count (5: seeds 0..4) or a list (0,3,7)")
     parser.add_argument("--target", type=float, help="also report the first epoch (and seconds) reaching this "
                                                      "test accuracy, e.g. 0.91")

@@ -31,15 +31,14 @@ from fastcifar.config import Config, ConfigError, read_config_file
 from fastcifar.errors import FastCifarError
 from fastcifar.presets import PRESETS
 from fastcifar.reporting import test_method
-from fastcifar.rundir import read_jsonl
+from fastcifar.rundir import read_metrics
 
 TRANSLATE_FILE = "tta-translate1.json"
 TARGET = 0.91
 # What a run may set without being another recipe: where it reads and writes, how fast it runs, how often it tests
 # or checkpoints (the last test pass, whose accuracy the table reports, is always there).
 NOT_RECIPE = ("run.", "data.data_dir", "data.num_workers", "data.loader", "data.test_batch_size", "lr_finder.")
-PRECISION = {"amx_bf16": "bf16", "avx512_bf16": "bf16"}
-MACHINES = {"amx_bf16": "Xeon AMX", "avx512_bf16": "EPYC AVX512-BF16"}
+UNKNOWN = "unknown"
 
 
 @dataclass
@@ -50,7 +49,7 @@ class Run:
     seed: int
     test_acc: float
     method: str
-    machine: str
+    machine: str  # UNKNOWN where the run did not record its machine kind
     epoch_s: float
     to_target_s: float | None
     translate_acc: float | None
@@ -91,22 +90,26 @@ def _short(value: Any) -> str:
 
 
 def machine_kind(env: dict, cfg: Config) -> str:
-    """'EPYC AVX512-BF16, bf16', 'Xeon AMX, bf16', 'EPYC AVX2, fp32', or the GPU's name and precision."""
-    if env.get("device") == "cuda" or str(env.get("device", "")).startswith("cuda"):
-        name = env.get("device_name", "GPU")
-        return f"{name}, {cfg.run.precision}"
-    kind = str(env.get("cpu_kind", ""))
-    key = kind.split(",")[0].strip()
-    if key in MACHINES:
-        precision = cfg.run.precision if cfg.run.precision != "auto" else PRECISION[key]
-        return f"{MACHINES[key]}, {precision}"
+    """The machine kind and precision in words: 'AMX Xeon, bf16', 'AVX512-BF16 EPYC, bf16', 'Xeon without AMX, fp32',
+    'AVX2 EPYC, fp32', or the GPU's name and precision; UNKNOWN where env.json did not record the CPU's kind. The
+    precision is what the run recorded choosing (env.json's auto entry), else the one it set, else what `auto` meant
+    on that kind before it was measured."""
+    recorded = env.get("auto") if isinstance(env.get("auto"), dict) else {}
+    given = cfg.run.precision if cfg.run.precision != "auto" else None
+    precision = recorded.get("precision") or given
+    if str(env.get("device", "")).startswith("cuda"):
+        return f"{env.get('device_name', 'GPU')}, {precision or 'bf16'}"
+    kind = str(env.get("cpu_kind", "")).split(",")[0].strip()
+    xeon = "Xeon" in str(env.get("device_name") or env.get("cpu") or "")
+    if kind == "amx_bf16":
+        return f"AMX Xeon, {precision or 'bf16'}"
+    if kind == "avx512_bf16":  # both list avx512_bf16: the model name tells them apart
+        return f"{'Xeon without AMX' if xeon else 'AVX512-BF16 EPYC'}, {precision or 'bf16'}"
     if kind.startswith("avx2"):
-        return f"EPYC AVX2, {'fp32' if cfg.run.precision == 'auto' else cfg.run.precision}"
-    cpu = env.get("device_name") or env.get("cpu") or "unknown CPU"
-    if "Xeon" in cpu:  # before env.json recorded cpu_kind, the Xeons here were the AMX ones
-        return f"Xeon AMX, {cfg.run.precision if cfg.run.precision != 'auto' else 'bf16'}"
-    precision = cfg.run.precision if cfg.run.precision != "auto" else "precision not recorded"
-    return f"{cpu} (kind not recorded), {precision}"
+        return f"AVX2 EPYC, {precision or 'fp32'}"
+    if xeon and "cpu_kind" not in env:  # before env.json recorded the kind, every Xeon here was an AMX one
+        return f"AMX Xeon, {precision or 'bf16'}"
+    return UNKNOWN
 
 
 def read_run(path: Path) -> Run | None:
@@ -121,7 +124,7 @@ def read_run(path: Path) -> Run | None:
         cfg = read_config_file(path / "config.json", "the run's config")
         results = json.loads((path / "results.json").read_text())
         env = json.loads((path / "env.json").read_text()) if (path / "env.json").exists() else {}
-        metrics = read_jsonl(path / "metrics.jsonl")
+        metrics = read_metrics(path / "metrics.jsonl")
         target = results.get("time_to_test_acc", {}).get(f"{TARGET:.2f}", {}).get("seconds")
         translate = None
         if (path / TRANSLATE_FILE).exists():
@@ -149,19 +152,26 @@ def _mean_sd(values: list[float]) -> str:
     return f"{100 * mean(values):.2f} ± {100 * stdev(values):.2f}%"
 
 
-def _per_machine(runs: list[Run], value: str) -> str:
-    by_machine: dict[str, list[Run]] = defaultdict(list)
+def machines(runs: list[Run]) -> list[str]:
+    """The known machine kinds among `runs`, those with the most runs first."""
+    counts: dict[str, int] = defaultdict(int)
     for run in runs:
-        by_machine[run.machine].append(run)
-    cells = []
-    for machine, group_runs in sorted(by_machine.items()):
-        if value == "epoch":
-            cells.append(f"{mean(r.epoch_s for r in group_runs):.0f} s ({machine}, n={len(group_runs)})")
-            continue
-        reached = [r.to_target_s for r in group_runs if r.to_target_s is not None]
-        cells.append(f"{mean(reached) / 60:.1f} min ({machine}, {len(reached)} of {len(group_runs)})" if reached
-                     else f"not reached ({machine}, n={len(group_runs)})")
-    return "; ".join(cells)
+        if run.machine != UNKNOWN:
+            counts[run.machine] += 1
+    return sorted(counts, key=lambda m: (-counts[m], m))
+
+
+def _epoch_cell(runs: list[Run]) -> str:
+    return f"{mean(r.epoch_s for r in runs):.0f} s (n={len(runs)})" if runs else "-"
+
+
+def _target_cell(runs: list[Run]) -> str:
+    if not runs:
+        return "-"
+    reached = [r.to_target_s for r in runs if r.to_target_s is not None]
+    if not reached:
+        return f"not reached (n={len(runs)})"
+    return f"{mean(reached) / 60:.1f} min ({len(reached)} of {len(runs)})"
 
 
 def _finished(run_dirs: list[str]) -> list[Run]:
@@ -203,8 +213,10 @@ def results_table(run_dirs: list[str], baseline_dirs: list[str] | None = None) -
     seeds = [base.seed for base in baseline]
     if len(set(seeds)) < len(seeds):
         raise FastCifarError("two baseline runs share a seed; give one baseline run per seed")
-    lines = ["| recipe | epochs | n (seeds) | final test acc (as tested) | + translation TTA | s per epoch (median) | "
-             f"time to {TARGET:.0%} |", "|---|---:|---|---|---|---|---|"]
+    kinds = machines(runs)
+    speed = [f"s per epoch, {m}" for m in kinds] + [f"time to {TARGET:.0%}, {m}" for m in kinds]
+    lines = ["| recipe | epochs | n (seeds) | final test acc (as tested) | + translation TTA | " + " | ".join(speed)
+             + " |", "|---|---:|---|---|---|" + "---|" * len(speed)]
     if baseline:
         recipes = {(base.recipe, base.epochs) for base in baseline}
         label = "{}, {} epochs".format(*recipes.pop()) if len(recipes) == 1 else "the baseline runs"
@@ -214,10 +226,11 @@ def results_table(run_dirs: list[str], baseline_dirs: list[str] | None = None) -
         seeds = ",".join(str(r.seed) for r in sorted(row.runs, key=lambda r: r.seed))
         translate = [r.translate_acc for r in row.runs if r.translate_acc is not None]
         trans = f"{_mean_sd(translate)} (n={len(translate)})" if translate else "-"
+        on = {m: [r for r in row.runs if r.machine == m] for m in kinds}
+        cells = [_epoch_cell(on[m]) for m in kinds] + [_target_cell(on[m]) for m in kinds]
         lines.append(f"| {row.recipe} | {row.epochs} | {len(row.runs)} ({seeds}) | "
                      f"{_mean_sd([r.test_acc for r in row.runs])} ({', '.join(methods)}) | {trans} | "
-                     f"{_per_machine(row.runs, 'epoch')} | {_per_machine(row.runs, 'target')} |"
-                     + (f" {paired_difference(row.runs, baseline)} |" if baseline else ""))
+                     + " | ".join(cells) + " |" + (f" {paired_difference(row.runs, baseline)} |" if baseline else ""))
     return "\n".join(lines) + "\n"
 
 

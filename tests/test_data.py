@@ -1,4 +1,5 @@
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -107,7 +108,7 @@ def test_torch_thread_count_survives_loaders(loaders):
 
 
 def test_missing_beton_names_the_command(tmp_path):
-    with pytest.raises(DataError, match=r"missing .*train\.beton; create it with: python data_prep/write_beton.py"):
+    with pytest.raises(DataError, match=r"missing .*train\.beton; create it with: python -m fastcifar prepare"):
         make_loaders(data_config(tmp_path, "auto", batch=8), CPU)
 
 
@@ -254,3 +255,17 @@ def test_a_data_dir_that_is_a_file_is_named_as_such(tmp_path):
     (tmp_path / "data").write_text("a file")
     with pytest.raises(DataError, match="is a file, not a folder"):
         make_loaders(data_config(tmp_path / "data", "resident"), CPU)
+
+
+def test_ffcvs_import_warning_about_notebook_widgets_is_silenced_and_no_other():
+    """`import ffcv` pulls in tqdm.auto, which in a kernel without ipywidgets warns with the environment's path."""
+    from fastcifar.ffcv_io import keep_torch_threads
+
+    threads = torch.get_num_threads()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with keep_torch_threads():
+            torch.set_num_threads(1)  # as FFCV's import does
+            warnings.warn("IProgress not found. Please update jupyter and ipywidgets.", UserWarning, stacklevel=1)
+            warnings.warn("another warning", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["another warning"] and torch.get_num_threads() == threads

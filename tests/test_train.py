@@ -83,6 +83,15 @@ def test_bf16_channels_last_path_runs(synthetic, tmp_path):
     assert result.summary["parameters"] == sum(p.numel() for p in result.model.parameters())
 
 
+@pytest.mark.parametrize("shown", [True, False])
+def test_the_layer_table_is_printed_once_at_the_start_unless_switched_off(synthetic, tmp_path, shown):
+    lines = []
+    train(tiny_config(synthetic, tmp_path, **{"schedule.epochs": 1, "schedule.peak_epoch": 1, "data.train_subset": 64,
+                                              "data.test_subset": 64, "run.summary": shown}), log=lines.append)
+    assert sum("Param #" in line for line in lines) == int(shown)
+    assert any(line.startswith("run dir ") for line in lines)  # the start line stays either way
+
+
 @pytest.mark.slow
 def test_compiled_training_matches_shapes_and_learns(synthetic, tmp_path):
     # 960 = 15 x 64 training images: one training graph to compile (~20 s each with an empty inductor cache on a
