@@ -87,8 +87,12 @@ class WriteError(FastCifarError):
 
 
 def require_output_folder(path: str | Path, flag: str) -> None:
-    """Fail at once if the folder of an output file written only at the end of a command does not exist or
-    cannot be written: better than failing after minutes of evaluation or plotting."""
+    """Fail at once if an output file written only at the end of a command cannot be written there: the path is a
+    folder, or its folder does not exist or cannot be written. Better than failing after minutes of evaluation or
+    plotting."""
+    if Path(path).is_dir():
+        raise FastCifarError(f"{flag} {path} is a folder; give the path of the file to write (it may be inside "
+                             f"that folder)")
     folder = Path(path).parent
     if not folder.is_dir():
         raise FastCifarError(f"{flag} {path}: its folder does not exist; create it or pick another path")

@@ -210,9 +210,10 @@ def _split(batches: list[dict], names: list[str]) -> Split:
 def read_cifar10(archive: Path, workdir: Path, counts: tuple[int, int] | None = COUNTS) -> tuple[Split, Split]:
     """Train and test splits of a CIFAR-10 archive, checked by structure (and `counts`, if given)."""
     raw = extract_batches(archive, workdir)
-    meta = load_pickle(raw["batches.meta"], "batches.meta")
-    if len(meta.get(b"label_names", [])) != 10:
-        raise DataError(f"{archive}: batches.meta does not list 10 class names; not CIFAR-10")
+    names = load_pickle(raw["batches.meta"], "batches.meta").get(b"label_names")
+    if not isinstance(names, list) or len(names) != 10 or not all(isinstance(n, bytes | str) for n in names):
+        raise DataError(f"{archive}: batches.meta does not list 10 class names (b'label_names' is "
+                        f"{type(names).__name__ if names is not None else 'missing'}); not CIFAR-10")
     train = _split([load_pickle(raw[n], n) for n in _TRAIN_BATCHES], _TRAIN_BATCHES)
     test = _split([load_pickle(raw["test_batch"], "test_batch")], ["test_batch"])
     for split, name, expected in ((train, "train", counts and counts[0]), (test, "test", counts and counts[1])):

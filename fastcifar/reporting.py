@@ -26,7 +26,7 @@ from fastcifar.cli import Parser
 from fastcifar.config import Config, read_config_file
 from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.inference import CLASSES, Predictions
-from fastcifar.rundir import read_jsonl
+from fastcifar.rundir import read_metrics
 from fastcifar.schedule import one_cycle_lr
 
 FILES = ("curves.png", "lr_schedule.png", "misclassified.png", "confusion.png", "summary.md")
@@ -57,15 +57,21 @@ def tested_epochs(metrics: list[dict]) -> list[dict]:
     return [m for m in metrics if m["test_acc"] is not None]
 
 
+def series(metrics: list[dict], key: str, scale: float = 1.0) -> list[float]:
+    """One field of every row, scaled; a number a row does not hold (None: not measured, or a row of another
+    version) is a gap in the line, not an error."""
+    return [math.nan if m.get(key) is None else scale * m[key] for m in metrics]
+
+
 def plot_curves(metrics: list[dict], loss_label: str = "cross-entropy loss", test_label: str = "test") -> Figure:
     epochs = [m["epoch"] for m in metrics]
     tested = tested_epochs(metrics)  # every epoch, unless run.test_every skipped some test passes
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    loss_ax.plot(epochs, [m["train_loss"] for m in metrics], "o-", label="train")
-    loss_ax.plot([m["epoch"] for m in tested], [m["test_loss"] for m in tested], "s-", label=test_label)
+    loss_ax.plot(epochs, series(metrics, "train_loss"), "o-", label="train")
+    loss_ax.plot([m["epoch"] for m in tested], series(tested, "test_loss"), "s-", label=test_label)
     loss_ax.set(xlabel="epoch", ylabel=loss_label, title="Loss")
-    acc_ax.plot(epochs, [100 * m["train_acc"] for m in metrics], "o-", label="train (augmented)")
-    acc_ax.plot([m["epoch"] for m in tested], [100 * m["test_acc"] for m in tested], "s-", label=test_label)
+    acc_ax.plot(epochs, series(metrics, "train_acc", 100), "o-", label="train (augmented)")
+    acc_ax.plot([m["epoch"] for m in tested], series(tested, "test_acc", 100), "s-", label=test_label)
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
@@ -186,13 +192,11 @@ def load_history(run_dir: str | Path) -> tuple[Config, list[dict]]:
     try:
         cfg = read_config_file(run_dir / "config.json", "the run's config")
         # a run writes metrics.jsonl at the end of its first epoch
-        metrics = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
-        for m in metrics:  # the fields a comparison reads, checked here so that a bad file fails in one line
-            int(m["epoch"]), float(m["train_s"]), m["test_acc"] is None or float(m["test_acc"])
+        metrics = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
         by_epoch = {int(m["epoch"]): m for m in metrics}
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise FastCifarError(f"{run_dir} is not a run directory ({type(err).__name__}: {err}); pass folders "
-                             f"written by python -m fastcifar.train") from None
+                             f"written by python -m fastcifar train") from None
     if not by_epoch:
         raise FastCifarError(f"{run_dir} has no finished epoch yet; compare it after its first epoch")
     return cfg, [by_epoch[e] for e in sorted(by_epoch)]
@@ -208,7 +212,7 @@ def plot_comparison(runs: dict[str, list[dict]]) -> Figure:
     (test passes excluded: they differ with TTA and say nothing about the recipe's speed)."""
     fig, (epoch_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for i, (label, metrics) in enumerate(runs.items()):
-        hours = np.cumsum([m["train_s"] for m in metrics]) / 3600
+        hours = np.cumsum(np.nan_to_num(series(metrics, "train_s"))) / 3600  # a row without its time adds none
         tested = [(m["epoch"], h, 100 * m["test_acc"]) for m, h in zip(metrics, hours, strict=True)
                   if m["test_acc"] is not None]
         epochs, hours, acc = zip(*tested, strict=True)
@@ -274,7 +278,7 @@ def write_report(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     try:
         cfg = read_config_file(run_dir / "config.json", "the run's config")
-        metrics = read_jsonl(run_dir / "metrics.jsonl")
+        metrics = read_metrics(run_dir / "metrics.jsonl")
         results = json.loads((run_dir / "results.json").read_text())
         env = json.loads((run_dir / "env.json").read_text())
         if not isinstance(results, dict) or not isinstance(env, dict) or not all(isinstance(m, dict) for m in metrics):

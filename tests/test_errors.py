@@ -37,6 +37,9 @@ def test_a_closed_pipe_ends_quietly():
 def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(tmp_path, monkeypatch):
     with pytest.raises(FastCifarError, match="its folder does not exist"):
         require_output_folder(tmp_path / "nope" / "x.json", "--save")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FastCifarError, match=r"^--out .*taken is a folder; give the path of the file to write"):
+        require_output_folder(tmp_path / "taken", "--out")  # matplotlib would fail on it after the plotting
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")

@@ -171,8 +171,12 @@ def test_checkpoints_that_do_not_fit_are_one_line(tmp_path):
         load_checkpoint(tmp_path / "bare.pt")
 
 
-@pytest.mark.parametrize(("args", "fragment"), [(["--device", "mps"], "--device must be"),
-                                                (["--batch-size", "0"], "--batch-size must be >= 1")])
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--device", "mps"], "--device must be auto, cpu, cuda or cuda:N, got 'mps'"),
+    (["--batch-size", "0"], "--batch-size must be in [1, 10000]"),
+    (["--batch-size", "100000000"], "--batch-size must be in [1, 10000] (the test set), got 100000000"),  # 1.5 TB
+    (["--translate", "9"], "--translate must be in [0, 4]"),
+])
 def test_evaluate_refuses_bad_options_in_one_line(tmp_path, capsys, args, fragment):
     assert main(["--checkpoint", str(tmp_path / "x.pt"), *args]) == 2
     assert fragment in capsys.readouterr().err

@@ -103,6 +103,15 @@ def test_unsafe_or_foreign_archives_are_refused(tmp_path, members, links, fragme
     assert not (tmp_path / "evil").exists() and list(work.iterdir()) == []
 
 
+@pytest.mark.parametrize("meta", [{b"label_names": 5}, {b"label_names": [b"a"] * 9}, {b"label_names": [1] * 10},
+                                  {b"num_vis": 3072}])
+def test_a_batches_meta_without_ten_class_names_is_one_line(tmp_path, meta):
+    path = tmp_path / "a.tar.gz"  # the later member of the same name is the one extracted
+    write_archive(path, per_batch=10, n_test=20, extra={"cifar-10-batches-py/batches.meta": pickle.dumps(meta)})
+    with pytest.raises(DataError, match=r"batches.meta does not list 10 class names \(b'label_names' is \w+\)"):
+        wb.read_cifar10(path, tmp_path, counts=None)
+
+
 def test_a_file_that_is_not_an_archive_is_refused(tmp_path):
     path = tmp_path / "cifar-10-python.tar.gz"
     path.write_bytes(b"\x1f\x8b" + os.urandom(1000))

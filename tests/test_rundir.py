@@ -5,6 +5,7 @@ the old run behind."""
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -187,3 +188,30 @@ def test_random_bytes_are_not_called_a_pickle_risk(tmp_path):
     path.write_bytes(os.urandom(4000))
     with pytest.raises(FastCifarError, match=r"is not a checkpoint \(not a file written by torch.save\)"):
         rundir.load_checkpoint_file(path)
+
+
+def test_metrics_rows_of_another_version_read_with_their_missing_numbers_as_none(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1, "train_loss": 1.5, "future_field": "kept"}\n\n{"epoch": 2, "test_acc": null}\n')
+    first, second = rundir.read_metrics(path)
+    assert first["test_acc"] is None and first["train_loss"] == 1.5 and first["future_field"] == "kept"
+    assert second["epoch"] == 2 and second["train_s"] is None
+
+
+@pytest.mark.parametrize(("line", "fragment"), [
+    ("{not json", "line 2: not JSON"),
+    ("[1, 2]", "line 2: a JSON list, not an object"),
+    ('{"train_loss": 1.0}', "line 2: 'epoch' must be a positive integer, got None"),
+    ('{"epoch": 0}', "'epoch' must be a positive integer, got 0"),
+    ('{"epoch": "2"}', "'epoch' must be a positive integer, got '2'"),
+    ('{"epoch": true}', "'epoch' must be a positive integer, got True"),
+    ('{"epoch": 2, "test_acc": "91%"}', "'test_acc' must be a number or null, got '91%'"),
+    ('{"epoch": 2, "train_s": NaN}', "'train_s' must be a number or null, got nan"),
+    ('{"epoch": 2, "test_acc": [0.9]}', "'test_acc' must be a number or null"),
+])
+def test_a_bad_metrics_row_is_named_by_file_line_and_field(tmp_path, line, fragment):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1}\n' + line + "\n")
+    with pytest.raises(FastCifarError, match=re.escape(fragment)) as err:
+        rundir.read_metrics(path)
+    assert str(err.value).startswith(f"{path}, line 2: ") and "\n" not in str(err.value)
