@@ -16,6 +16,8 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+from fastcifar import allocator
+
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
 
 
@@ -26,8 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs", help="where its runs go (default: %(default)s)")
     parser.add_argument("--timeout", type=int, default=4 * 3600, help="seconds per cell (default: %(default)s)")
     args = parser.parse_args(argv)
+    for name, value in (("--data", args.data), ("--out", args.out)):
+        if Path(value).is_absolute():  # it would be printed in the committed outputs: no paths of this machine there
+            parser.error(f"{name} must be a path relative to the current folder, got {value}")
     os.environ |= {"FASTCIFAR_NOTEBOOK_PRESET": args.preset, "FASTCIFAR_NOTEBOOK_DATA": args.data,
                    "FASTCIFAR_NOTEBOOK_OUT": args.out, "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+    # The kernel gets the allocator the commands preload themselves (fastcifar/allocator.py), as the notebook tells
+    # its readers to start Jupyter: the committed outputs show the speed of a kernel started that way.
+    library = allocator.choose(os.environ.get(allocator.ENV, "auto"), allocator.library_dirs(os.environ))
+    if library is not None:
+        os.environ["LD_PRELOAD"] = " ".join(filter(None, [str(library), os.environ.get("LD_PRELOAD")]))
     os.environ.pop("FASTCIFAR_NOTEBOOK_EPOCHS", None)
     nb = nbformat.read(NOTEBOOK, as_version=4)
     install = [c for c in nb.cells if "install" in c.metadata.get("tags", [])]
