@@ -215,6 +215,8 @@ def plot_comparison(runs: dict[str, list[dict]]) -> Figure:
         hours = np.cumsum(np.nan_to_num(series(metrics, "train_s"))) / 3600  # a row without its time adds none
         tested = [(m["epoch"], h, 100 * m["test_acc"]) for m, h in zip(metrics, hours, strict=True)
                   if m["test_acc"] is not None]
+        if not tested:  # a run that tests only at the end, still training: nothing to draw yet
+            continue
         epochs, hours, acc = zip(*tested, strict=True)
         epoch_ax.plot(epochs, acc, "o-", color=f"C{i}", label=label, markersize=3)
         time_ax.plot(hours, acc, "o-", color=f"C{i}", label=label, markersize=3)
@@ -241,7 +243,8 @@ def comparison_markdown(runs: dict[str, list[dict]], tta: dict[str, float] | Non
     if tta:
         lines.append("| final weights, flip TTA | " + " | ".join(
             f"{100 * tta[label]:.2f}%" if label in tta else "" for label in labels) + " |")
-    hours = [f"{sum(m['train_s'] for m in metrics) / 3600:.2f}" for metrics in runs.values()]
+    hours = [f"{sum(m['train_s'] for m in metrics) / 3600:.2f}" if all(m["train_s"] is not None for m in metrics)
+             else "-" for metrics in runs.values()]  # "-": a row of another version did not record its time
     lines.append("| hours in training passes | " + " | ".join(hours) + " |")
     return "\n".join(lines) + "\n"
 

@@ -127,8 +127,9 @@ def test_bad_variant_names_are_refused(text):
 
 
 @pytest.mark.parametrize(("fastest", "expected"), [("fp32-cl", "fp32-cl"), ("bf16-cl", "bf16-cl")])
-def test_the_default_variant_is_what_the_calibration_chooses(monkeypatch, fastest, expected):
+def test_the_default_variant_is_what_the_calibration_chooses(monkeypatch, tmp_path, fastest, expected):
     monkeypatch.setattr(calibrate, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setenv("FASTCIFAR_CACHE_DIR", str(tmp_path))  # a stubbed answer must not reach the suite's cache
 
     def timer(way, batch, steps, limit=float("inf")):  # the named way runs at 100 images/s, the others at 50
         return batch / (100.0 if way.label == fastest else 50.0)

@@ -70,8 +70,8 @@ def test_cli_writes_the_figure(tmp_path, capsys):
     (lambda p: make_run(p / "run"), ["run", "run"], "is given twice"),
     (lambda p: make_run(p / "run"), ["run", "--out", "no/such/folder/x.png"], "its folder does not exist"),
     (lambda p: (make_run(p / "run"), (p / "run" / "tta.json").write_text("{")), ["run"], "delete it or write it"),
-    (lambda p: (make_run(p / "run"), (p / "run" / "metrics.jsonl").write_text('{"epoch": 1}\n')), ["run"],
-     "is not a run directory (KeyError"),
+    (lambda p: (make_run(p / "run"), (p / "run" / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": "x"}\n')),
+     ["run"], "metrics.jsonl, line 1: 'test_acc' must be a number or null, got 'x'"),
 ])
 def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path, capsys, monkeypatch, setup, args, message):
     setup(tmp_path)
@@ -79,6 +79,14 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path, capsys, monkeypatch,
     assert cmp.main(args) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and not (tmp_path / "no").exists()
+
+
+def test_rows_of_another_version_without_times_or_tests_still_compare(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2, "train_s": 5.0}\n')
+    assert cmp.main([str(run), "--out", str(tmp_path / "c.png")]) == 0
+    table = capsys.readouterr().out
+    assert "| 2 |  |" in table and table.rstrip().endswith("| hours in training passes | - |")
 
 
 def test_seed_mode_puts_the_runs_beside_the_seeds_log(tmp_path):

@@ -193,7 +193,7 @@ def _good_arrays(n=4):
 
 
 @pytest.mark.parametrize(("case", "fragment"), [
-    ("missing", r"missing .*train\.npz; create it with: python data_prep/write_beton.py"),
+    ("missing", r"missing .*train\.npz; create it with: python -m fastcifar prepare"),
     ("truncated", "not a readable CIFAR-10 array file"),
     ("foreign", "not a readable CIFAR-10 array file"),
     ("shape", r"not uint8 \[N, 32, 32, 3\]"),

@@ -71,7 +71,7 @@ def test_saved_tta_accuracy_is_read_back(tmp_path, content, expected):
 @pytest.mark.parametrize("text", ["{", "[]", '{"test_acc": 0.9}', '{"tta": true, "test_acc": "high"}'])
 def test_a_broken_tta_file_is_named_in_the_error(tmp_path, text):
     (tmp_path / "tta.json").write_text(text)
-    with pytest.raises(FastCifarError, match="tta.json is not a file written by fastcifar.evaluate"):
+    with pytest.raises(FastCifarError, match="tta.json is not a file written by python -m fastcifar evaluate"):
         read_tta_accuracy(tmp_path / "tta.json")
 
 

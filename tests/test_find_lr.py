@@ -73,7 +73,7 @@ def test_find_lr_writes_json_and_png_and_train_takes_it(synthetic, tmp_path):
     result = find_lr(cfg, log=logs.append)
     path = tmp_path / "lr" / "find_lr.json"
     # the suggested command names the preset it tested: the default preset is another recipe
-    assert logs[-1].endswith(f"train with: python -m fastcifar.train --preset reference --lr-from {path}")
+    assert logs[-1].endswith(f"train with: python -m fastcifar train --preset reference --lr-from {path}")
     saved = json.loads(path.read_text())
     assert saved["suggestion"] == result["suggestion"] and saved["batch_size"] == 64
     assert (tmp_path / "lr" / "find_lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
