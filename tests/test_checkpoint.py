@@ -16,7 +16,7 @@ from fastcifar.config import Config, ConfigError
 from fastcifar.custom_resnet import CustomResNet
 from fastcifar.errors import FastCifarError
 from fastcifar.interrupt import TrainingInterrupted
-from fastcifar.rundir import save_checkpoint
+from fastcifar.rundir import read_metrics, save_checkpoint
 from fastcifar.schedule import one_cycle_lr
 from fastcifar.training import main, train
 from tests.conftest import LEVERS, signal_at, sigterm_after_first_epoch, tiny_cli_args, tiny_config
@@ -121,7 +121,8 @@ def test_a_non_finite_test_loss_or_bn_statistic_stops_the_run_and_keeps_the_last
         train(tiny_config(synthetic, tmp_path), **QUIET)
     state = load_training_state(tmp_path / "run")
     assert state["epoch"] == 1  # the checkpoint of epoch 1, not a diverged one
-    assert "NaN" not in (tmp_path / "run" / "metrics.jsonl").read_text()
+    # the diverged epoch left no row: the file ends with the checkpointed epoch (a NaN would be written as null)
+    assert [row["epoch"] for row in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1]
     monkeypatch.undo()
     with torch.no_grad():  # a model whose BatchNorm statistics went NaN is never saved as "intact"
         from fastcifar.checkpoint import non_finite_state
@@ -290,22 +291,31 @@ def test_kill_9_at_random_moments_then_resume_ends_bit_identical(tiny_run, synth
         started = (run_dir / "checkpoint.pt").exists() or (run_dir / "results.json").exists()
         return resume if started else fresh
 
-    kills = 0
+    kills, finisher = 0, None  # finisher: the command of the attempt that wrote results.json
     for _ in range(8):
         if (run_dir / "results.json").exists() or kills == 4:
             break
-        proc = subprocess.Popen(next_command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        command = next_command()
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(3.0, 15.0))
         if proc.poll() is None:
             proc.kill()
             kills += 1
         proc.wait(timeout=60)
+        if finisher is None and (run_dir / "results.json").exists():
+            finisher = command
     # What a user does next: --resume, which trains on, or finishes a report that a kill after results.json cut
     # short; a complete run answers "nothing to resume" (exit 1).
     if not all((run_dir / name).exists() for name in ("results.json", *reporting.FILES)):
-        proc = subprocess.run(next_command(), capture_output=True, text=True, timeout=600)
+        command = next_command()
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr
+        finisher = finisher or command
     assert kills >= 1
+    # A run finished by --resume continued from a checkpoint the killed attempts wrote: its env.json records it.
+    resumes = json.loads((run_dir / "env.json").read_text()).get("resumes", [])
+    if finisher is resume:  # (else every kill came before the first checkpoint, and a fresh start finished it)
+        assert len(resumes) >= 1
     _same_run(tiny_run.run_dir, run_dir)
     assert all((run_dir / name).is_file() for name in reporting.FILES)
     assert not list(run_dir.glob(".*.tmp"))

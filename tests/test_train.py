@@ -288,3 +288,29 @@ def test_without_ffcv_the_data_step_and_a_training_run_work_end_to_end(synthetic
     assert sorted(p.name for p in data_dir.iterdir()) == ["betons.json", "test.npz", "train.npz"]
     env = json.loads((tmp_path / "run" / "env.json").read_text())
     assert (tmp_path / "run" / "results.json").is_file() and env["loader"] == "resident"
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_the_data_is_read(synthetic, tmp_path, monkeypatch, capsys):
+    """README: a step that cannot fit in memory is one line at the start, before the data (here: a missing folder,
+    which would otherwise be the first error) and before any output folder."""
+    monkeypatch.setattr("fastcifar.runtime.available_memory", lambda device: 10**9)  # 1 GB free
+    args = tiny_cli_args(synthetic, tmp_path, **{"data.data_dir": str(tmp_path / "no-data"),
+                                                  "model.widths": "64,128,256,512", "data.batch_size": "512"})
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: a training step of 512 images needs about 2 GB, and cpu has 1 GB free")
+    assert err.count("\n") == 1 and list(tmp_path.iterdir()) == []  # no run folder either
+
+
+@pytest.mark.parametrize(("free", "refused"), [(10**12, False), (2 * 10**9, True), (None, False)])
+def test_the_memory_check_scales_with_the_batch_and_the_widths(monkeypatch, free, refused):
+    from fastcifar import runtime
+
+    monkeypatch.setattr(runtime, "available_memory", lambda device: free)
+    cpu = torch.device("cpu")
+    runtime.check_step_memory(512, (4, 8, 8, 16), cpu)  # a narrow network's step fits in 2 GB
+    if refused:
+        with pytest.raises(FastCifarError, match="use a smaller --batch-size"):
+            runtime.check_step_memory(512, (64, 128, 256, 512), cpu)  # ~2.4 GB
+    else:
+        runtime.check_step_memory(512, (64, 128, 256, 512), cpu)  # unknown free memory: no refusal on a guess
