@@ -210,7 +210,7 @@ def _auto(kind: Kind) -> str:
         return "not calibrated yet"
     started, _, record = max(kind.calibrations, key=lambda c: c[0])
     choice = record["choice"]
-    rates = {k: v for k, v in (choice.get("rates") or {}).items()}
+    rates = {k: v for k, v in (choice.get("rates") or {}).items() if "@" not in k}  # at the batch in use only
     shown = " > ".join(f"{k} {v:.0f}" for k, v in sorted(rates.items(), key=lambda kv: -kv[1])[:4])
     return f"**{choice['precision']}**, {'channels_last' if choice['channels_last'] else 'contiguous'}, " \
            f"{choice['conv_grad']} filter gradient ({shown} img/s) [{started[:10]}]"
