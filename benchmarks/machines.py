@@ -28,7 +28,7 @@ from typing import Any
 
 from fastcifar.config import Config, ConfigError, read_config_file
 from fastcifar.errors import FastCifarError, run_cli
-from fastcifar.rundir import read_metrics
+from fastcifar.rundir import read_json_object, read_metrics
 from fastcifar.tables import UNKNOWN, machine_kind
 
 BEGIN, END = "<!-- machines:begin", "<!-- machines:end -->"
@@ -99,9 +99,7 @@ def _add_run(records: Records, folder: Path) -> None:
     epochs = [float(row["epoch_s"]) for row in read_metrics(folder / "metrics.jsonl") if row.get("epoch_s")]
     if not specified or not epochs:
         return
-    env_file = folder / "env.json"
-    env = json.loads(env_file.read_text()) if env_file.exists() else {}
-    kind = records.kind(env, folder)
+    kind = records.kind(read_json_object(folder / "env.json"), folder)  # none or broken: the kind is unknown
     if kind is not None:
         (kind.epochs_every if cfg.run.test_every == 1 else kind.epochs_once).append(median(epochs))
 
@@ -117,7 +115,16 @@ def _add_file(records: Records, path: Path) -> None:
         return
     if "choice" not in record and not is_full_run(record):
         return
-    default = next((r["variant"] for r in record.get("step") or [] if r["variant"].startswith("default")), "")
+    try:  # the fields the cells read, checked here: a record of another shape is one line, not a traceback
+        default = next((r["variant"] for r in record.get("step") or [] if r["variant"].startswith("default")), "")
+        for row in record.get("step") or []:
+            float(row["images_per_s"])
+        for row in record.get("e2e") or []:
+            str(row["name"]), float(row["epoch_s"])
+        dict(record.get("physics") or {}), dict(record.get("ratios") or {})
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise FastCifarError(f"{path} is not a record as python -m benchmarks.run writes it ({type(err).__name__}: "
+                             f"{err}); fix or remove it") from None
     kind = records.kind(machine, path, default.partition("(")[2].rstrip(")"))
     if kind is None:
         return

@@ -1,5 +1,6 @@
 """BENCHMARKS.md's per-machine table, generated from records: benchmark runs, calibrations and training runs."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -104,7 +105,7 @@ def test_the_command_writes_its_block_and_keeps_the_rest(results, tmp_path, caps
     assert "updated" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("problem", ["no block", "missing path", "broken record"])
+@pytest.mark.parametrize("problem", ["no block", "missing path", "broken record", "record of another shape"])
 def test_bad_input_is_one_line_and_writes_nothing(results, tmp_path, capsys, problem):
     doc = tmp_path / "BENCHMARKS.md"
     doc.write_text("# B\n" if problem == "no block" else "<!-- machines:begin -->\n<!-- machines:end -->\n")
@@ -114,6 +115,10 @@ def test_bad_input_is_one_line_and_writes_nothing(results, tmp_path, capsys, pro
         path = tmp_path / "nowhere"
     elif problem == "broken record":
         (results / "xeon" / "benchmarks-cpu-4.json").write_text("{not json")
+    elif problem == "record of another shape":
+        record = json.loads((results / "xeon" / "benchmarks-cpu-4.json").read_text())
+        record["step"] = [{"variant": "default (bf16-cl)"}]  # no rate
+        write_json(results / "xeon" / "benchmarks-cpu-4.json", record)
     assert machines.main([str(path), "--markdown", str(doc)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and doc.read_text() == before
