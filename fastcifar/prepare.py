@@ -13,6 +13,7 @@ names and renamed on success, and a manifest (`betons.json`) written last marks 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import hashlib
@@ -36,7 +37,7 @@ import torch
 
 from fastcifar import data, rundir
 from fastcifar.cli import Parser
-from fastcifar.config import DataConfig
+from fastcifar.config import MAX_TEXT, ConfigError, DataConfig, check_option
 from fastcifar.errors import DataError, os_error_message, run_cli
 from fastcifar.ffcv_io import sweep_stale
 
@@ -345,7 +346,24 @@ def _counts(text: str) -> tuple[int, int] | None:
     if text == "any":
         return None
     train, _, test = text.partition(",")
-    return int(train), int(test)
+    counts = int(train), int(test)
+    if not all(1 <= c <= 10**7 for c in counts):
+        raise ValueError(text)  # argparse: "invalid value", one line, exit 2
+    return counts
+
+
+MAX_WRITERS = 64
+
+
+def _checked(args: argparse.Namespace) -> argparse.Namespace:
+    """The flags by the config's rules where the config has the quantity (the data folder), else by their own."""
+    check_option("--data-dir", "data.data_dir", args.data_dir)
+    for flag, text in (("--archive", args.archive), ("--url", args.url), ("--md5", args.md5)):
+        if text is not None and not (text.isprintable() and len(text) <= MAX_TEXT):
+            raise ConfigError(f"{flag} must be printable text of at most {MAX_TEXT} characters, got {text[:60]!r}")
+    if not 1 <= args.workers <= MAX_WRITERS:
+        raise ConfigError(f"--workers must be in [1, {MAX_WRITERS}] writer processes, got {args.workers}")
+    return args
 
 
 def main(argv: list[str] | None = None, prog: str = "python data_prep/write_beton.py") -> int:
@@ -360,7 +378,7 @@ def main(argv: list[str] | None = None, prog: str = "python data_prep/write_beto
     parser.add_argument("--expect-counts", type=_counts, default=COUNTS, metavar="TRAIN,TEST",
                         help="image counts the archive must hold, or 'any' (default: 50000,10000)")
     args = parser.parse_args(argv)
-    return run_cli(lambda: prepare(Path(args.data_dir), args.archive, args.force, args.url, args.md5,
+    return run_cli(lambda: prepare(Path(_checked(args).data_dir), args.archive, args.force, args.url, args.md5,
                                    args.expect_counts, args.workers),
                    interrupted="interrupted: nothing half-written was kept")
 

@@ -453,3 +453,23 @@ def test_a_data_dir_that_is_a_file_is_named_as_such(tmp_path, archive, capsys):
     (tmp_path / "data").write_text("a file")
     assert wb.main(["--archive", str(archive), "--data-dir", str(tmp_path / "data"), "--expect-counts", "any"]) == 1
     assert "is a file, not a folder; choose another with --data-dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--workers", "0"], "--workers must be in [1, 64] writer processes, got 0"),
+    (["--workers", "100000"], "--workers must be in [1, 64]"),
+    (["--data-dir", "da\x00ta"], "--data-dir must be printable text"),
+    (["--archive", "a\nb.tar.gz"], "--archive must be printable text"),
+])
+def test_the_data_steps_flags_are_checked_before_any_work(tmp_path, monkeypatch, capsys, args, fragment):
+    monkeypatch.chdir(tmp_path)
+    assert wb.main(args) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("counts", ["0,10000", "50000", "-1,5", "x,y"])
+def test_expected_counts_must_be_two_positive_numbers(capsys, counts):
+    with pytest.raises(SystemExit) as refused:
+        wb.main(["--expect-counts", counts])
+    assert refused.value.code == 2 and "--expect-counts" in capsys.readouterr().err
