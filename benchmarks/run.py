@@ -29,7 +29,7 @@ import torch
 
 from benchmarks import data_paths, end_to_end, physics, step_throughput
 from fastcifar.calibrate import training_precision
-from fastcifar.config import check_option
+from fastcifar.config import ConfigError, check_option
 from fastcifar.data import ffcv_available, read_arrays
 from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.rundir import environment, write_json
@@ -302,11 +302,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks.run") 
     args.argv = argv
 
     def action() -> None:
-        given = [v for v in (args.batch_size, args.workers, args.data_epochs, args.steps, args.e2e_steps,
-                             args.repeats) if v is not None]  # None: the device's default
-        if min(given) < 1 or (args.step_warmup is not None and args.step_warmup < 0):
-            raise FastCifarError("--batch-size, --workers, --data-epochs, --steps, --e2e-steps, --repeats must be >= 1 "
-                                 "(--step-warmup >= 0)")
+        counts = {"--workers": (args.workers, 1, 64), "--data-epochs": (args.data_epochs, 1, 100),
+                  "--steps": (args.steps, 1, 10_000), "--e2e-steps": (args.e2e_steps, 1, 100_000),
+                  "--repeats": (args.repeats, 1, 100), "--step-warmup": (args.step_warmup, 0, 1_000)}
+        for flag, (value, low, high) in counts.items():  # None: the device's default
+            if value is not None and not low <= value <= high:
+                raise ConfigError(f"{flag} must be in [{low}, {high}], got {value}")
         # the config's rules for the network and the batch: the benchmarks build the same model and step
         widths = check_option("--widths", "model.widths", args.widths)
         batch = check_option("--batch-size", "data.batch_size", args.batch_size)

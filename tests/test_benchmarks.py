@@ -235,6 +235,10 @@ def test_unknown_section_is_a_one_line_error(tmp_path, capsys):
     (["--widths", "1,2"], "--widths must be 4 integers in [1, 4096]"),  # was a ValueError from unpacking
     (["--widths", "a,b,c,d"], "--widths: cannot read 'a,b,c,d'"),
     (["--batch-size", "99999999"], "--batch-size must be in [1, "),
+    (["--steps", "0"], "--steps must be in [1, 10000], got 0"),
+    (["--steps", "1000000000000"], "--steps must be in [1, 10000]"),  # would never end
+    (["--step-warmup", "-1"], "--step-warmup must be in [0, 1000]"),
+    (["--workers", "1000"], "--workers must be in [1, 64]"),
 ])
 def test_the_network_and_batch_flags_follow_the_configs_rules(tmp_path, capsys, args, fragment):
     assert bench.main(["--sections", "step", "--out-dir", str(tmp_path), "--markdown", "", *args]) == 2
