@@ -33,6 +33,7 @@ from fastcifar.distributed import AgreedStop, Dist, gather
 from fastcifar.ema import Lookahead, WeightEMA
 from fastcifar.errors import FastCifarError
 from fastcifar.interrupt import TrainingInterrupted
+from fastcifar.prune import EasyPruner
 from fastcifar.rundir import load_checkpoint_file, lock_owner, save_checkpoint
 from fastcifar.runtime import Amp
 
@@ -96,7 +97,8 @@ def save_training_state(path: Path, *, cfg: Config, model: torch.nn.Module, opti
                         augment_generator: torch.Generator, epochs_done: int, progress: EpochProgress | None,
                         metrics: list[dict], compile_seconds: float, ranks: list[dict] | None = None,
                         setup_seconds: float = 0.0, device: str = "",
-                        ema: dict | None = None, lookahead: dict | None = None) -> None:
+                        ema: dict | None = None, lookahead: dict | None = None,
+                        pruner: dict | None = None) -> None:
     """`ranks`: every rank's {"rng", "progress"} in a distributed run (each rank resumes its own stream);
     `ema`: the weight average's state (optim.ema_decay > 0); `lookahead`: its slow weights."""
     save_checkpoint(path, {
@@ -117,6 +119,7 @@ def save_training_state(path: Path, *, cfg: Config, model: torch.nn.Module, opti
         "ranks": ranks if ranks and len(ranks) > 1 else None,
         "ema": ema,
         "lookahead": lookahead,
+        "pruner": pruner,  # data.prune_fraction: the per-example losses and the current epoch's kept examples
     })
 
 
@@ -148,6 +151,7 @@ _STATE_PARTS: dict[str, type | tuple[type, ...]] = {
     "config": dict, "model": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "epoch": int,
     "progress": (dict, type(None)), "metrics": list, "compile_seconds": (int, float), "rng": dict,
     "world_size": int, "ranks": (list, type(None)), "ema": (dict, type(None)), "lookahead": (dict, type(None)),
+    "pruner": (dict, type(None)),
 }
 _RNG_PARTS = ("torch", "cuda", "numpy", "python", "augment")
 
@@ -156,7 +160,7 @@ def training_state_problem(state: dict[str, Any]) -> str:
     """What is wrong with a loaded training state, or "": every part there with its type, the config valid, the
     weights those of the network the config describes, the optimizer's groups and the random generators complete."""
     for key, kind in _STATE_PARTS.items():
-        if key not in state and key not in ("ema", "lookahead", "ranks"):
+        if key not in state and key not in ("ema", "lookahead", "ranks", "pruner"):
             return f"no {key!r}"
         if key in state and not isinstance(state[key], kind):
             return f"{key!r} is a {type(state[key]).__name__}"
@@ -182,6 +186,8 @@ def training_state_problem(state: dict[str, Any]) -> str:
         return "its config averages the weights (optim.ema_decay) but it holds no average"
     if cfg.optim.lookahead_every and not isinstance(state.get("lookahead"), dict):
         return "its config uses lookahead but it holds no slow weights"
+    if cfg.data.prune_fraction and cfg.data.prune_epochs and not isinstance(state.get("pruner"), dict):
+        return "its config prunes easy examples but it holds no per-example losses"
     ranks = state.get("ranks")
     if state["world_size"] > 1 and (not isinstance(ranks, list) or len(ranks) != state["world_size"]):
         return f"it was saved by {state['world_size']} ranks but holds the states of another number"
@@ -245,6 +251,7 @@ class TrainingParts(Protocol):
     amp: Amp
     ema: WeightEMA | None
     lookahead: Lookahead | None
+    pruner: EasyPruner | None
 
     @property
     def tested(self) -> nn.Module: ...
@@ -300,7 +307,8 @@ class Checkpointer:
                                 compile_seconds=self.compile_seconds, setup_seconds=self.setup_seconds,
                                 device=self.device.type, ranks=ranks,
                                 ema=t.ema.state_dict() if t.ema is not None else None,
-                                lookahead=t.lookahead.state_dict() if t.lookahead is not None else None)
+                                lookahead=t.lookahead.state_dict() if t.lookahead is not None else None,
+                                pruner=t.pruner.state_dict() if t.pruner is not None else None)
 
     def end_of_epoch(self, ep: int, test_acc: float | None) -> None:
         """The checkpoint this epoch is due (run.checkpoint_every), and best.pt when it was tested and the best."""
@@ -358,6 +366,8 @@ def restore_state(trainer: TrainingParts, state: dict, dist: Dist,
         t.ema.load_state_dict(state["ema"])
     if t.lookahead is not None:
         t.lookahead.load_state_dict(state["lookahead"])
+    if t.pruner is not None:
+        t.pruner.load_state_dict(state["pruner"])
     world = state.get("world_size", 1)
     if world != dist.world_size:
         raise ConfigError(f"the run was saved with {world} rank(s); resume it with {world}, not {dist.world_size}")

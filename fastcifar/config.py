@@ -114,6 +114,13 @@ class DataConfig:
     low_res_mode: str = opt("crop", "how a low-res image is made from the augmented 32x32 one: crop (a random "
                             "low_res_size window: the test images' scale, less of the image) or scale (the whole "
                             "image resized down, antialiased bilinear)", one_of("crop", "scale"))
+    # Skipping easy examples (InfoBatch, Qin et al. 2024; fastcifar/prune.py): each pruned epoch leaves out a random
+    # share of the examples whose last loss was below the mean, and scales up the kept ones' losses to match.
+    prune_fraction: float = opt(0.0, "share of the below-mean-loss examples that each pruned epoch leaves out (their "
+                                "kept peers' losses are scaled by 1/(1-share): the same expected gradient); 0 = off; "
+                                "needs the resident loader", within(0, 0.9))
+    prune_epochs: int = opt(0, "epochs that leave easy examples out, from the 2nd on (the 1st has no losses yet; the "
+                            "rest train on every image)", within(0, 10_000))
     test_flip: bool = opt(True, "flip TTA in every test pass: mean logits of each image and its mirror")
     # fast12 tests once, at the end, so translation TTA's 3x test pass is paid once (+0.29 pt over 20 runs).
     test_translate: int = opt(1, "translation TTA: also average copies shifted by this many pixels (reflect-"
@@ -350,6 +357,12 @@ RELATIONS = [
     lambda c: "" if c.lr_finder.start_lr < c.lr_finder.end_lr else "need lr_finder.start_lr < lr_finder.end_lr",
     lambda c: "" if c.data.low_res_epochs <= c.schedule.epochs
     else f"data.low_res_epochs must be at most schedule.epochs={c.schedule.epochs}, got {c.data.low_res_epochs}",
+    lambda c: "" if c.data.prune_fraction == 0 or c.data.prune_epochs < c.schedule.epochs
+    else f"data.prune_epochs must be below schedule.epochs={c.schedule.epochs} (the 1st epoch is full), got "
+         f"{c.data.prune_epochs}",
+    lambda c: "" if c.data.prune_fraction == 0 or c.data.loader != "ffcv"
+    else "data.prune_fraction needs --data.loader resident or auto (FFCV reads whole betons: it cannot leave "
+         "examples out)",
     lambda c: "" if c.model.whiten_init or not c.model.whiten_frozen
     else "model.whiten_frozen needs model.whiten_init true (it freezes the whitened prep conv)",
     lambda c: "" if not (c.model.ghost_batch and c.run.sync_bn)

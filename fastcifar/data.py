@@ -210,9 +210,12 @@ class ResidentLoader:
 
     def _batches(self, order: torch.Tensor, skip: int) -> Iterator[Batch]:
         for start in range(skip * self.batch_size, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            # NHWC rows gathered -> a dense channels_last [B, 3, 32, 32] view, as FFCV delivers it
-            yield self._images.index_select(0, idx).permute(0, 3, 1, 2), self._labels.index_select(0, idx)
+            yield self.gather(order[start:start + self.batch_size])
+
+    def gather(self, index: torch.Tensor) -> Batch:
+        """The examples at `index`: NHWC rows gathered -> a dense channels_last [B, 3, 32, 32] view, as FFCV
+        delivers it, and their labels."""
+        return self._images.index_select(0, index).permute(0, 3, 1, 2), self._labels.index_select(0, index)
 
 
 def make_resident_loader(path: Path, batch_size: int, device: torch.device, train: bool, subset: int = 0,

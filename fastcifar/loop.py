@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -26,6 +27,7 @@ from fastcifar.checkpoint import EpochProgress, NonFiniteLoss
 from fastcifar.data import BatchLoader
 from fastcifar.ema import Lookahead, WeightEMA
 from fastcifar.inference import tta_logits
+from fastcifar.prune import EasyPruner
 from fastcifar.runtime import Amp, sync
 
 PROGRESS_EVERY = 10  # steps between progress-bar updates (each one is a host-device sync on a GPU)
@@ -111,6 +113,7 @@ class Trainer:
     lookahead: Lookahead | None = None
     total_steps: int = 0
     lr_at: Callable[[int], float] = field(default=lambda step: float("nan"))
+    pruner: EasyPruner | None = None  # data.prune_fraction: the per-example losses and each epoch's kept examples
 
     def __post_init__(self) -> None:
         if self.eval_model is None:
@@ -138,14 +141,20 @@ class PassThrough:
         return images
 
 
-def train_step(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor,
+               weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """THE training step: augment, forward, backward and one optimizer step; returns (loss, logits), still on the
-    device (reading them is a host sync). The caller steps the schedule and the weight averages."""
+    device (reading them is a host sync). The caller steps the schedule and the weight averages. `weights`: each
+    example's loss weight (pruning's rescaled kept examples); the loss is then the weighted per-example mean."""
     t = trainer
     inputs = t.augment.train(images)
     with t.amp.autocast():
         logits = t.model(inputs)
-        loss = t.loss_fn(logits, labels)
+        if weights is None:
+            loss = t.loss_fn(logits, labels)
+        else:
+            per_example = F.cross_entropy(logits, labels, label_smoothing=t.loss_fn.label_smoothing, reduction="none")
+            loss = (per_example * weights).mean()
     t.optimizer.zero_grad(set_to_none=True)
     t.amp.scaler.scale(loss).backward()
     t.amp.scaler.step(t.optimizer)

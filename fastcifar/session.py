@@ -4,6 +4,7 @@ schedule, loss and augmentation. Used by training, the LR finder and the GPU che
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -28,6 +29,7 @@ from fastcifar.ema import Lookahead, WeightEMA
 from fastcifar.errors import FastCifarError
 from fastcifar.loop import Trainer, batch_shapes, warm_up
 from fastcifar.muon import MuonSGD
+from fastcifar.prune import EasyPruner, PrunedLoader
 from fastcifar.runtime import (
     Amp,
     check_gpu_index,
@@ -136,13 +138,23 @@ class Session:
         compiled = choice.compile
         seed_everything(cfg.run.seed, cfg.run.deterministic, device)  # same initial weights on every rank
         d = cfg.data
-        loaders = make_loaders(d, device, cfg.run.seed, batch_size=local_batch, distributed=dist.enabled)
+        pruning = d.prune_fraction > 0 and d.prune_epochs > 0
+        if pruning and dist.enabled:
+            raise ConfigError("data.prune_fraction runs in one process: each rank would need every example's loss")
+        # pruning leaves examples out by index: the resident loader (data.loader auto picks it then)
+        loader_kind = "resident" if pruning else resolve_kind(d.loader)
+        loaders = make_loaders(dataclasses.replace(d, loader=loader_kind), device, cfg.run.seed,
+                               batch_size=local_batch, distributed=dist.enabled)
+        pruner = None
+        if pruning:
+            pruner = EasyPruner(loaders.train_size, d.prune_fraction, d.prune_epochs, cfg.run.seed, device)
+            loaders = Loaders(PrunedLoader(loaders.train, pruner), loaders.test)
         if dist.enabled and loaders.test_size % dist.world_size:
             raise ConfigError(f"{dist.world_size} ranks do not divide the {loaders.test_size:,} test images: each "
                               "rank's shard would be padded with repeats, which the test accuracy would count; use "
                               "a world size that divides it (or --data.test_subset)")
         run_dir = _open_run_dir(cfg, resume, dist)
-        env = rundir.environment(device) | {"world_size": dist.world_size, "loader": resolve_kind(d.loader),
+        env = rundir.environment(device) | {"world_size": dist.world_size, "loader": loader_kind,
                                             "auto": choice.record()}
         model = CustomResNet(cfg.model)
         if cfg.run.summary:
@@ -177,6 +189,7 @@ class Session:
             rundir.write_json(run_dir / "config.json", cfg.to_dict())
             rundir.record_environment(run_dir / "env.json", env, resumed=resume)
         trainer = make_trainer(cfg, model, forward, augment, amp, len(loaders.train), compiled)
+        trainer.pruner = pruner
         return cls(cfg, device, loaders, run_dir, env, trainer, compiled, dist, local_batch)
 
     def warm_up(self) -> float:

@@ -208,8 +208,14 @@ def run_epoch(trainer: Trainer, train: BatchLoader, ep: int, epochs: int, *, tes
     batch on. When `stop()` becomes true the epoch ends after the current step, raising EpochInterrupted with how
     far it got. A NaN/inf loss, weight or test loss raises NonFiniteLoss naming where.
     """
-    t, amp, steps = trainer, trainer.amp, len(train)
-    lr = float(t.lr_at((ep - 1) * steps))  # at the epoch's first step, also when resuming in its middle
+    t, amp, pruner = trainer, trainer.amp, trainer.pruner
+    if pruner is not None:
+        pruner.plan(ep - 1)  # which examples this epoch trains on (a resumed epoch keeps its saved plan)
+    steps = len(train)
+    # The schedule runs in full epochs' steps; an epoch that leaves examples out walks the same stretch of it in
+    # fewer steps (`advance_schedule`).
+    full = t.total_steps // epochs if pruner is not None else steps
+    lr = float(t.lr_at((ep - 1) * full))  # at the epoch's first step, also when resuming in its middle
     t.model.train()
     t.augment.epoch = ep - 1  # alternating flips depend on it
     start = start or EpochProgress()
@@ -222,13 +228,20 @@ def run_epoch(trainer: Trainer, train: BatchLoader, ep: int, epochs: int, *, tes
         with (train.epoch(ep - 1, skip=start.step) as batches,
               progress_bar(steps, f"epoch {ep}/{epochs}", show_progress) as bar):
             bar.update(start.step)
-            for step, (images, labels) in enumerate(batches, start.step + 1):
+            for step, (images, labels, *index) in enumerate(batches, start.step + 1):
                 lrs[step] = t.scheduler.get_last_lr()[0]
                 scale = scale_before(amp)
-                loss, logits = loop.train_step(t, images, labels)
+                if pruner is None:
+                    loss, logits = loop.train_step(t, images, labels)
+                else:  # the pruned loader's batches carry their dataset indices
+                    loss, logits = loop.train_step(t, images, labels, pruner.weights[index[0]])
+                    pruner.record(index[0], logits, labels)
                 if scale is not None:  # fp16: the GradScaler lowered its scale = it skipped this step (on device)
                     totals.skipped_on_device += (amp.scaler._scale < scale).sum()
-                t.scheduler.step()
+                if steps == full:
+                    t.scheduler.step()
+                else:
+                    advance_schedule(t.scheduler, (ep - 1) * full + round(step * full / steps))
                 if t.lookahead is not None:
                     t.lookahead.step(plain_module(t.model), t.scheduler.last_epoch, t.total_steps)
                 if t.ema is not None:
@@ -275,6 +288,13 @@ def run_epoch(trainer: Trainer, train: BatchLoader, ep: int, epochs: int, *, tes
         row |= {"test_loss": te.loss, "test_acc": te.accuracy, "test_s": te.seconds,
                 "epoch_s": tr.seconds + te.seconds, "test_img_s": te.images / te.seconds}
     return row
+
+
+def advance_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, position: int) -> None:
+    """Set the LR schedule to step `position` of its full-epoch steps (a pruned epoch's step i of m stands for
+    step i * full / m of the epoch). The schedule is a LambdaLR: the LR is a function of the position alone."""
+    scheduler.last_epoch = position - 1
+    scheduler.step()
 
 
 def is_test_epoch(ep: int, epochs: int, every: int) -> bool:
