@@ -80,8 +80,9 @@ def check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
         raise FastCifarError(f"{existing} is a file, not a folder; choose another --out-dir or --name")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise FastCifarError(f"cannot write to {existing} (permission denied); choose another --out-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):  # False on a read-only mount also for root
+        why = "the file system is read-only" if os.statvfs(existing).f_flag & os.ST_RDONLY else "permission denied"
+        raise FastCifarError(f"cannot write to {existing} ({why}); choose another --out-dir")
 
 
 def lock_owner(run_dir: Path) -> str:

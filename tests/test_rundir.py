@@ -177,10 +177,32 @@ def test_an_unusable_out_dir_is_refused_before_the_data(tmp_path, setup, fragmen
         out.chmod(0o500)
     cfg = config_from_args(build_parser().parse_args(["--data-dir", str(tmp_path / "no-data"), "--out-dir", str(out),
                                                       "--name", "x", "--run.device", "cpu"]))
-    if setup == "readonly" and os.access(out, os.W_OK):  # root writes anywhere: nothing to refuse there
-        pytest.skip("running as root: a read-only folder is still writable")
+    if setup == "readonly" and os.access(out, os.W_OK):  # root writes anywhere: the read-only mount test covers it
+        pytest.skip("running as root: a read-only folder is still writable (see test_a_read_only_mount_...)")
     with pytest.raises(FastCifarError, match=fragment):
         train(cfg, **QUIET)
+
+
+def _in_read_only_mount(folder, argv: list[str]) -> subprocess.CompletedProcess:
+    """Run `argv` with `folder` bind-mounted read-only onto itself, in a private mount namespace (as root: CI)."""
+    mount = f"mount --bind {folder} {folder} && mount -o remount,bind,ro {folder} && exec \"$@\""
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, "sh", *argv],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def test_a_read_only_mount_is_refused_before_the_data_also_as_root(tmp_path):
+    """Root writes into a chmod-ed folder, not into a read-only file system: the refusal runs for real here."""
+    out = tmp_path / "out"
+    out.mkdir()
+    probe = _in_read_only_mount(out, ["touch", str(out / "probe")])
+    if os.geteuid() != 0 or probe.returncode == 0 or "Read-only" not in probe.stderr:
+        pytest.skip(f"no private read-only mount here (needs root and unshare): {probe.stderr.strip()[:120]}")
+    proc = _in_read_only_mount(out, [sys.executable, "-m", "fastcifar", "train", "--data-dir", str(tmp_path / "none"),
+                                     "--out-dir", str(out), "--name", "x", "--run.device", "cpu"])
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert "the file system is read-only" in lines[0] and str(out) in lines[0], lines
+    assert not any(out.iterdir())
 
 
 def test_random_bytes_are_not_called_a_pickle_risk(tmp_path):
