@@ -95,7 +95,8 @@ def _add_run(records: Records, folder: Path) -> None:
         return
     specified = (cfg.data.train_subset == 0 and cfg.model.widths == SPECIFIED.model.widths
                  and cfg.data.batch_size == SPECIFIED.data.batch_size and cfg.model.ghost_batch == 0
-                 and cfg.data.low_res_epochs == 0)  # a low-res epoch is not a full one
+                 and cfg.data.low_res_epochs == 0  # a low-res epoch is not a full one
+                 and (cfg.data.prune_fraction == 0 or cfg.data.prune_epochs == 0))  # nor is a pruned one
     epochs = [float(row["epoch_s"]) for row in read_metrics(folder / "metrics.jsonl") if row.get("epoch_s")]
     if not specified or not epochs:
         return

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import statistics
 import sys
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from fastcifar.cli import Parser, add_config_arguments, config_from_args
 from fastcifar.config import Config, ConfigError, read_config_file
 from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.interrupt import TrainingInterrupted
+from fastcifar.runfiles import read_results
 from fastcifar.training import time_to, train
 
 STATS = ("final_test_acc", "best_test_acc", "total_seconds")
@@ -89,7 +89,7 @@ def run_seeds(cfg: Config, seeds: Sequence[int], target: float | None = None,
             row["target"] = target
             row["epochs_to_target"], row["seconds_to_target"] = time_to(metrics, target,
                                                                          results["compile_seconds"]
-                                                                         + results.get("setup_seconds", 0.0))
+                                                                         + (results["setup_seconds"] or 0.0))
         runs.append(row)
     stats = {key: summarise([r[key] for r in runs]) for key in STATS}
     rundir.write_json(sweep_dir / "sweep.json", {"config": cfg.to_dict(), "seeds": list(seeds), "target": target,
@@ -110,7 +110,7 @@ def _run_one(cfg: Config, log: Callable[[str], None]) -> tuple[list[dict], dict]
                                  f"choose another --name or pass --overwrite")
         log(f"finished earlier: {run_dir}")
         metrics = rundir.read_metrics(run_dir / "metrics.jsonl")
-        return metrics, json.loads((run_dir / "results.json").read_text())
+        return metrics, read_results(run_dir / "results.json", needs=(*STATS, "compile_seconds"))
     resume = run_dir if (run_dir / CHECKPOINT).exists() and not cfg.run.overwrite else None
     result = train(cfg, log=log, resume=resume)
     return result.metrics, result.summary

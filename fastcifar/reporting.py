@@ -27,6 +27,7 @@ from fastcifar.config import Config, read_config_file
 from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.inference import CLASSES, Predictions
 from fastcifar.rundir import read_metrics
+from fastcifar.runfiles import read_env, read_results
 from fastcifar.schedule import one_cycle_lr
 
 FILES = ("curves.png", "lr_schedule.png", "misclassified.png", "confusion.png", "summary.md")
@@ -279,19 +280,15 @@ def save_figure(fig: Figure, path: Path) -> None:
 def write_report(run_dir: str | Path) -> list[Path]:
     """(Re)write all report files of `run_dir`; returns their paths."""
     run_dir = Path(run_dir)
-    try:
-        cfg = read_config_file(run_dir / "config.json", "the run's config")
-        metrics = read_metrics(run_dir / "metrics.jsonl")
-        results = json.loads((run_dir / "results.json").read_text())
-        env = json.loads((run_dir / "env.json").read_text())
-        if not isinstance(results, dict) or not isinstance(env, dict) or not all(isinstance(m, dict) for m in metrics):
-            raise ValueError("results.json, env.json and every metrics line must be JSON objects")
-    except (OSError, ValueError) as err:
-        raise FastCifarError(f"{run_dir} is not a finished run directory ({err})") from None
-    missing = [key for key in ("steps_per_epoch", "final_test_acc", "best_test_acc") if key not in results]
-    if missing or not metrics:
-        raise FastCifarError(f"{run_dir}/results.json lacks {', '.join(missing) or 'metrics'}: not a run written by "
-                             f"this fastcifar; retrain or restore the file")
+    if not (run_dir / "results.json").is_file():
+        raise FastCifarError(f"{run_dir} is not a finished run directory (no results.json); pass a folder written by "
+                             f"python -m fastcifar train")
+    cfg = read_config_file(run_dir / "config.json", "the run's config")
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    results = read_results(run_dir / "results.json")
+    env = read_env(run_dir / "env.json")
+    if not metrics:
+        raise FastCifarError(f"{run_dir}/metrics.jsonl holds no rows: not a finished run; retrain or restore the file")
     preds_path = run_dir / "predictions.npz"
     preds = Predictions.load(preds_path) if preds_path.exists() else None
     written = []

@@ -32,6 +32,7 @@ from fastcifar.errors import FastCifarError
 from fastcifar.presets import PRESETS
 from fastcifar.reporting import test_method
 from fastcifar.rundir import read_metrics
+from fastcifar.runfiles import read_env, read_results
 
 TRANSLATE_FILE = "tta-translate1.json"
 TARGET = 0.91
@@ -122,8 +123,8 @@ def read_run(path: Path) -> Run | None:
         return None
     try:
         cfg = read_config_file(path / "config.json", "the run's config")
-        results = json.loads((path / "results.json").read_text())
-        env = json.loads((path / "env.json").read_text()) if (path / "env.json").exists() else {}
+        results = read_results(path / "results.json", needs=("epochs", "final_test_acc"))
+        env = read_env(path / "env.json")
         metrics = read_metrics(path / "metrics.jsonl")
         target = results.get("time_to_test_acc", {}).get(f"{TARGET:.2f}", {}).get("seconds")
         translate = None

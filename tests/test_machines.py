@@ -56,6 +56,7 @@ def results(tmp_path):
     run_dir(root / "every", EPYC, [340, 350, 360], {"run.test_every": 1})
     run_dir(root / "subset", EPYC, [10, 10, 10], {"data.train_subset": 1000})  # not the full data: left out
     run_dir(root / "lowres", EPYC, [150, 150, 260], {"data.low_res_epochs": 2, "data.low_res_size": 24})
+    run_dir(root / "pruned", EPYC, [160, 160, 260], {"data.prune_fraction": 0.5, "data.prune_epochs": 1})
     run_dir(root / "old", {"device_name": "AMD EPYC"}, [500, 500])  # no kind noted: counted as left out
     return root
 
@@ -82,7 +83,7 @@ def test_one_column_per_kind_each_cell_from_the_latest_full_record(results):
         "AVX512-BF16 EPYC"]
     assert auto["AMX Xeon"] == "not calibrated yet"
     once = table["epoch in real runs, tested once at the end (median of the runs' median epochs, range)"]
-    assert once["AVX512-BF16 EPYC"] == "271 s (262-280), 2 runs"  # the subset and low-res runs are not counted
+    assert once["AVX512-BF16 EPYC"] == "271 s (262-280), 2 runs"  # the subset, low-res and pruned runs are not counted
     assert table["epoch in real runs, tested after every epoch"]["AVX512-BF16 EPYC"] == "350 s, 1 run"
     assert "epyc-new/benchmarks-cpu-2.json" in table["records"]["AVX512-BF16 EPYC"]
     assert "1 record(s) left out" in text

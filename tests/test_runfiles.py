@@ -1,0 +1,168 @@
+"""The readers of results.json and env.json (fastcifar.runfiles), and every command that reads a run's files fed
+generated corruptions of them: `report` and `compare --table` end with exit 0, or with one line that names the file.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastcifar import compare, reporting
+from fastcifar.config import Config
+from fastcifar.errors import FastCifarError
+from fastcifar.inference import Predictions
+from fastcifar.rundir import append_jsonl, write_json
+from fastcifar.runfiles import read_env, read_results
+
+RESULTS = {"epochs": 3, "final_test_acc": 0.7, "best_test_acc": 0.75, "steps_per_epoch": 98, "train_seconds": 10.0,
+           "total_seconds": 12.0, "compile_seconds": 0.0, "mean_train_img_s": 99.0,
+           "time_to_test_acc": {"0.90": {"epoch": None, "seconds": None}, "0.70": {"epoch": 3, "seconds": 12.0}}}
+ENV = {"device": "cpu", "device_name": "test CPU", "cpu": "AMD EPYC", "cpu_kind": "avx512_bf16, no amx",
+       "torch": "2.13.0", "git_commit": None, "cpu_count": 2, "resumes": [{"started": "x"}], "auto": {"choice": "x"}}
+
+
+def make_run(folder):
+    """A hand-made finished run: 3 epochs, predictions for 20 test images."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = Config.from_preset("reference", {"schedule.epochs": 3, "schedule.peak_epoch": 1})
+    write_json(folder / "config.json", cfg.to_dict())
+    write_json(folder / "env.json", ENV)
+    for epoch in (1, 2, 3):
+        append_jsonl(folder / "metrics.jsonl", {"epoch": epoch, "train_loss": 2 / epoch, "train_acc": 0.2 * epoch,
+                                                "test_loss": 2.1 / epoch, "test_acc": 0.25 * epoch, "epoch_s": 4.0})
+    write_json(folder / "results.json", RESULTS)
+    labels = np.arange(20) % 10
+    probs = np.full((20, 10), 0.01, np.float32)
+    probs[np.arange(20), labels] = 0.91  # all right: no misclassified images to keep
+    Predictions(probs, labels, np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64)).save(
+        folder / "predictions.npz")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("template") / "run")
+
+
+def test_a_written_run_reads_back(template):
+    results = read_results(template / "results.json")
+    assert results["final_test_acc"] == 0.7 and results["train_images"] is None  # optional and missing: None
+    env = read_env(template / "env.json")
+    assert env["cpu"] == "AMD EPYC" and env["allocator"] is None
+    assert read_env(template / "no-such-env.json") == {}
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    ({"epochs": None}, "lacks epochs"),
+    ({"final_test_acc": 1.5}, "'final_test_acc' must be a number in [0, 1]"),
+    ({"final_test_acc": "0.9"}, "'final_test_acc' must be a number in [0, 1]"),
+    ({"steps_per_epoch": True}, "'steps_per_epoch' must be a positive integer"),
+    ({"train_seconds": "fast"}, "'train_seconds' must be a finite number,"),
+    ({"train_images": "many"}, "'train_images' must be a finite number or null"),
+    ({"time_to_test_acc": [1]}, "'time_to_test_acc' must be an object"),
+    ({"time_to_test_acc": {"0.90": {"epoch": 0, "seconds": 1.0}}}, "'time_to_test_acc.0.90' must be"),
+])
+def test_results_fields_of_the_wrong_kind_are_named(tmp_path, change, fragment):
+    results = {k: v for k, v in (RESULTS | change).items() if v is not None}
+    write_json(tmp_path / "results.json", results)
+    with pytest.raises(FastCifarError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        read_results(tmp_path / "results.json")
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    ({"cpu": "AMD\x00EPYC"}, "'cpu' must be printable text"),
+    ({"device_name": 7}, "'device_name' must be printable text"),
+    ({"resumes": {"a": 1}}, "'resumes' must be a list of objects"),
+    ({"auto": "bf16"}, "'auto' must be an object"),
+    ({"cpu_count": -2}, "'cpu_count' must be a positive integer"),
+])
+def test_env_fields_of_the_wrong_kind_are_named(tmp_path, change, fragment):
+    write_json(tmp_path / "env.json", ENV | change)
+    with pytest.raises(FastCifarError, match=fragment):
+        read_env(tmp_path / "env.json")
+
+
+@pytest.mark.parametrize(("content", "fragment"), [
+    (b"", "is not JSON"), (b"\xff\xfe", "cannot read"), (b"[1, 2]", "holds a JSON list, not an object"),
+    (b'{"epochs": 3', "is not JSON"),
+])
+def test_a_file_that_is_not_a_json_object_is_one_error(tmp_path, content, fragment):
+    (tmp_path / "results.json").write_bytes(content)
+    with pytest.raises(FastCifarError, match=fragment):
+        read_results(tmp_path / "results.json")
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                       max_size=3), max_leaves=6)
+CORRUPTIONS = st.one_of(
+    st.tuples(st.just("drop"), st.integers(0, 20)),
+    st.tuples(st.just("set"), st.integers(0, 20), JSON_VALUES),
+    st.tuples(st.just("nul"), st.integers(0, 20)),
+    st.tuples(st.just("truncate"), st.floats(0, 1)),
+    st.tuples(st.just("bytes"), st.binary(max_size=64)),
+    st.tuples(st.just("whole"), JSON_VALUES),
+)
+
+
+def corrupt(path, corruption) -> None:
+    """Apply one generated corruption to a JSON file (or to any file, for the byte-level ones)."""
+    kind, *args = corruption
+    data = path.read_bytes()
+    if kind == "truncate":
+        path.write_bytes(data[: int(len(data) * args[0])])
+    elif kind == "bytes":
+        path.write_bytes(args[0])
+    elif kind == "whole":
+        path.write_text(json.dumps(args[0]))
+    else:
+        obj = json.loads(data)
+        key = sorted(obj)[args[0] % len(obj)]
+        if kind == "drop":
+            del obj[key]
+        elif kind == "nul":
+            obj[key] = "bad\x00name"
+        else:
+            obj[key] = args[1]
+        path.write_text(json.dumps(obj))
+
+
+def one_line_naming(err: str, name: str) -> bool:
+    lines = err.strip().splitlines()
+    return len(lines) == 1 and lines[0].startswith("error: ") and name in lines[0]
+
+
+COMMANDS = {"report": lambda run: reporting.main([str(run)]),
+            "compare --table": lambda run: compare.main(["--table", str(run)])}
+PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("name", ["results.json", "env.json"])
+@PROPERTY
+@given(corruption=CORRUPTIONS)
+def test_every_command_reading_a_run_survives_a_corrupted_summary(template, tmp_path_factory, capsys, command, name,
+                                                                  corruption):
+    run = tmp_path_factory.mktemp("corrupt") / "run"
+    shutil.copytree(template, run)
+    corrupt(run / name, corruption)
+    capsys.readouterr()
+    code = COMMANDS[command](run)
+    err = capsys.readouterr().err
+    assert code == 0 or (code in (1, 2) and one_line_naming(err, name)), (code, err)
+
+
+@PROPERTY
+@given(corruption=st.one_of(st.tuples(st.just("truncate"), st.floats(0, 1)),
+                            st.tuples(st.just("bytes"), st.binary(max_size=64))))
+def test_report_survives_corrupted_predictions(template, tmp_path_factory, capsys, corruption):
+    run = tmp_path_factory.mktemp("corrupt") / "run"
+    shutil.copytree(template, run)
+    corrupt(run / "predictions.npz", corruption)
+    capsys.readouterr()
+    code = reporting.main([str(run)])
+    err = capsys.readouterr().err
+    assert code == 0 or (code in (1, 2) and one_line_naming(err, "predictions.npz")), (code, err)
