@@ -7,9 +7,14 @@ At the start of a pruned epoch, the examples whose last loss is below the mean a
 losses yet) and the epochs after `epochs` pruned ones (InfoBatch's annealing: the end of the schedule sees every
 image) are full.
 
+An epoch row's train_loss is then the mean of the weighted losses its steps minimised; its image count (and
+results.json's train_images) counts the images actually trained.
+
 The epoch's kept set is a pure function of the seed, the epoch and the losses at its start, and it is saved in
 the checkpoint with the losses, so a run resumed in the middle of a pruned epoch replays the same batches.
-Only the resident loader can leave examples out (it gathers batches by index); FFCV reads whole betons.
+Only the resident loader can leave examples out (it gathers batches by index); FFCV reads whole betons. On a GPU
+under torch.compile, a pruned epoch's last, partial batch is a batch size the warm-up did not see: it costs one
+more compilation (dynamo then treats the batch dimension as dynamic), not measured here.
 """
 
 from __future__ import annotations

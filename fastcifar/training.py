@@ -168,6 +168,7 @@ def _train(session: Session, state: dict | None, log: Callable[[str], None], beg
                                 flip=data.test_flip, translate=data.test_translate, start=progress, stop=stop,
                                 dist=session.dist, show_progress=progress_enabled(session.cfg.run.progress))
             except EpochInterrupted as stopped:
+                ckpt.steps_per_epoch = len(session.loaders.train)  # this epoch's: a pruned one has fewer steps
                 ckpt.interrupt(stop, stopped.epochs_done, stopped.progress)
             except NonFiniteLoss as err:
                 kept = (f"the last checkpoint ({ckpt.path}) is intact" if ckpt.path.exists()
