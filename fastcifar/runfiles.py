@@ -13,9 +13,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from fastcifar.config import MAX_TEXT
+from fastcifar.config import _plain_text as plain_text  # the config's rule for names and paths, reused
 from fastcifar.errors import FastCifarError
-
-MAX_TEXT = 4096  # a sane length for any name or path a record holds
 
 # results.json: what `train` writes when a run finishes: each field the commands read, and what it must be. Each
 # reader names the fields it needs (a missing one is an error naming it); the others read as None when missing.
@@ -45,10 +45,6 @@ def _fits(kind: str, value: Any) -> bool:
 
 
 RULES = {"count": "a positive integer", "fraction": "a number in [0, 1]", "number": "a finite number"}
-
-
-def _plain_text(value: Any) -> bool:
-    return isinstance(value, str) and len(value) <= MAX_TEXT and value.isprintable()
 
 
 def read_object(path: Path, what: str) -> dict[str, Any]:
@@ -105,7 +101,7 @@ def read_env(path: Path) -> dict[str, Any]:
     env = read_object(path, "a run's environment record")
     for key in ENV_TEXT:
         value = env.setdefault(key, None)
-        if value is not None and not _plain_text(value):
+        if value is not None and not (isinstance(value, str) and plain_text(value)):
             raise FastCifarError(f"{path}: {key!r} must be printable text of at most {MAX_TEXT} characters or null, "
                                  f"got {value!r}"[:300] + "; restore the file or remove the field")
     for key, kind, rule in (("resumes", list, "a list"), ("auto", dict, "an object")):
