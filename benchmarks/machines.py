@@ -28,7 +28,7 @@ from typing import Any
 
 from fastcifar.config import Config, ConfigError, read_config_file
 from fastcifar.errors import FastCifarError, run_cli
-from fastcifar.rundir import read_json_object, read_metrics
+from fastcifar.runfiles import read_env, read_metrics
 from fastcifar.tables import UNKNOWN, machine_kind
 
 BEGIN, END = "<!-- machines:begin", "<!-- machines:end -->"
@@ -100,7 +100,11 @@ def _add_run(records: Records, folder: Path) -> None:
     epochs = [float(row["epoch_s"]) for row in read_metrics(folder / "metrics.jsonl") if row.get("epoch_s")]
     if not specified or not epochs:
         return
-    kind = records.kind(read_json_object(folder / "env.json"), folder)  # none or broken: the kind is unknown
+    try:
+        env = read_env(folder / "env.json")
+    except FastCifarError:  # broken: the kind is unknown, and the run counts nowhere
+        return
+    kind = records.kind(env, folder)
     if kind is not None:
         (kind.epochs_every if cfg.run.test_every == 1 else kind.epochs_once).append(median(epochs))
 

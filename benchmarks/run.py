@@ -29,9 +29,10 @@ import torch
 
 from benchmarks import data_paths, end_to_end, physics, step_throughput
 from fastcifar.calibrate import training_precision
+from fastcifar.cli import Parser
 from fastcifar.config import ConfigError, check_option
 from fastcifar.data import ffcv_available, read_arrays
-from fastcifar.errors import FastCifarError, run_cli
+from fastcifar.errors import require_output_folder, run_cli
 from fastcifar.rundir import environment, write_json
 from fastcifar.runtime import check_step_memory, cpu_has_fast_bf16, resolve_device
 
@@ -58,7 +59,7 @@ def _variants(text: str, device: torch.device) -> list[str]:
             if step_throughput.default_overrides(variant) is None:
                 step_throughput.parse_variant(variant)
         except ValueError as err:
-            raise FastCifarError(str(err)) from None
+            raise ConfigError(f"--step-variants: {err}"[:300]) from None
     return variants
 
 
@@ -92,11 +93,8 @@ def run(args: argparse.Namespace) -> dict:
     record: dict[str, Any] = {"command": "python -m benchmarks.run " + " ".join(map(shlex.quote, args.argv)),
                               "settings": {k: v for k, v in vars(args).items() if k != "argv"},
                               "machine": environment(device)}
-    sections = args.sections.split(",")
-    unknown = set(sections) - set(SECTIONS)
-    if unknown:
-        raise FastCifarError(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
-    variants = _variants(args.step_variants, device) if "step" in sections else []  # refuse typos before hours of work
+    sections = args.sections.split(",")  # (checked by `checked`, as every option is, before any work)
+    variants = _variants(args.step_variants, device) if "step" in sections else []
     print(f"device {record['machine']['device_name']} ({device}), torch {torch.__version__}, {threads} threads")
     arrays = load_arrays(data_dir) if {"data", "e2e"} & set(sections) else None
 
@@ -272,7 +270,7 @@ def update_markdown(path: Path, generated: str, begin: str = BEGIN, end: str = E
 
 
 def build_parser(prog: str = "python -m benchmarks.run") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser = Parser(prog=prog, description=__doc__.split("\n")[0])  # usage errors: one line
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--data-dir", default="data", help="holds train.beton and test.beton")
     parser.add_argument("--sections", default=",".join(SECTIONS),
@@ -296,22 +294,48 @@ def build_parser(prog: str = "python -m benchmarks.run") -> argparse.ArgumentPar
     return parser
 
 
+# The benchmarks' own counts (None: the device's default), each with its range.
+COUNTS = {"workers": (1, 64), "data_epochs": (1, 100), "steps": (1, 10_000), "e2e_steps": (1, 100_000),
+          "repeats": (1, 100), "step_warmup": (0, 1_000)}
+
+
+def checked(args: argparse.Namespace) -> argparse.Namespace:
+    """Every option checked before any work (the data paths alone take minutes): the quantities the config also has
+    by the config's rules (the device, the network's widths, the batch, the folders), the rest by their own ranges;
+    then the step's memory on the device. A ConfigError or FastCifarError names the flag."""
+    for name, (low, high) in COUNTS.items():
+        value = getattr(args, name)
+        if value is not None and not low <= value <= high:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {value}")
+    device = resolve_device(check_option("--device", "run.device", args.device))
+    widths = check_option("--widths", "model.widths", args.widths)
+    batch = check_option("--batch-size", "data.batch_size", args.batch_size)
+    check_option("--data-dir", "data.data_dir", args.data_dir)
+    check_option("--out-dir", "run.out_dir", args.out_dir)
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise ConfigError(f"--out-dir {args.out_dir} is a file, not a folder; give the folder for the JSON record")
+    if args.markdown:
+        require_output_folder(args.markdown, "--markdown")
+        if Path(args.markdown).resolve() == Path(args.out_dir).resolve():
+            raise ConfigError(f"--markdown {args.markdown} is the --out-dir folder; give a file, e.g. BENCHMARKS.md")
+    sections = args.sections.split(",")
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"--sections: unknown section(s) {', '.join(sorted(unknown))}"[:300]
+                          + f"; choose from {', '.join(SECTIONS)}")
+    if "step" in sections:
+        _variants(args.step_variants, device)  # typos refused before hours of work
+    check_step_memory(batch, widths, device)  # before minutes of data paths
+    return args
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m benchmarks.run") -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(prog).parse_args(argv)
     args.argv = argv
 
     def action() -> None:
-        counts = {"--workers": (args.workers, 1, 64), "--data-epochs": (args.data_epochs, 1, 100),
-                  "--steps": (args.steps, 1, 10_000), "--e2e-steps": (args.e2e_steps, 1, 100_000),
-                  "--repeats": (args.repeats, 1, 100), "--step-warmup": (args.step_warmup, 0, 1_000)}
-        for flag, (value, low, high) in counts.items():  # None: the device's default
-            if value is not None and not low <= value <= high:
-                raise ConfigError(f"{flag} must be in [{low}, {high}], got {value}")
-        # the config's rules for the network and the batch: the benchmarks build the same model and step
-        widths = check_option("--widths", "model.widths", args.widths)
-        batch = check_option("--batch-size", "data.batch_size", args.batch_size)
-        check_step_memory(batch, widths, resolve_device(args.device))  # before minutes of data paths
+        checked(args)
         record = run(args)
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,8 @@ import sysconfig
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from fastcifar.errors import one_line
+
 ENV = "FASTCIFAR_ALLOCATOR"
 SETTINGS = ("auto", "tcmalloc", "jemalloc", "system")
 # Set before relaunching: a second start never relaunches again, even if the dynamic loader could not preload.
@@ -149,7 +151,7 @@ def relaunch_command() -> None:
     try:
         env = relaunch_plan(sys.orig_argv, os.environ, _maps(), library_dirs(os.environ))
     except AllocatorError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(str(err))}", file=sys.stderr)
         sys.exit(2)
     if env is None:
         return

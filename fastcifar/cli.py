@@ -19,6 +19,7 @@ from fastcifar.config import (
     all_keys,
     read_config_file,
 )
+from fastcifar.errors import one_line
 
 
 class Parser(argparse.ArgumentParser):
@@ -26,7 +27,7 @@ class Parser(argparse.ArgumentParser):
     (a training command has ~80 options)."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see: {self.prog} --help)", file=sys.stderr)
+        print(f"error: {one_line(message)} (see: {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
 

@@ -25,7 +25,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -126,14 +126,56 @@ def open_split(data: DataConfig, split: str, device: torch.device, *, batch_size
 MANIFEST = "betons.json"  # written last by the data step (fastcifar.prepare): the counts of every file
 
 
-def _manifest_count(data_dir: Path, split: str, arrays: bool) -> int | None:
-    """The image count the data step recorded for this split's file, or None (no or an unreadable manifest)."""
-    try:
-        manifest = json.loads((data_dir / MANIFEST).read_text())
-        entry = manifest["arrays"][split] if arrays else manifest[split]
-        return int(entry["count"])
-    except (OSError, ValueError, KeyError, TypeError):
+MANIFEST_VERSION = 1
+MANIFEST_TEXT = ("source", "source_md5")  # where the data came from
+
+
+def read_manifest(data_dir: Path) -> dict[str, Any] | None:
+    """The data step's record of the files it wrote (`data_dir`/betons.json), checked before any use: `version` this
+    version's; `train`/`test` (the betons) and `arrays.train`/`arrays.test` (the npz), where present, each
+    {"count": images >= 1, "bytes": size >= 0}; `source` and `source_md5` printable text. None where there is no
+    manifest (a folder written by hand, or a write that did not finish); a DataError that names the file and says
+    how to rebuild it otherwise."""
+    path = Path(data_dir) / MANIFEST
+    if not path.exists():
         return None
+
+    def bad(why: str) -> DataError:
+        return DataError(f"{path} is damaged ({why[:200]}); rebuild the data with: python -m fastcifar prepare "
+                         f"--data-dir {data_dir} --force")
+
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise bad(f"{type(err).__name__}: {err}") from None
+    if not isinstance(manifest, dict):
+        raise bad(f"a JSON {type(manifest).__name__}, not an object")
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise bad(f"version {manifest.get('version')!r}, this fastcifar writes {MANIFEST_VERSION}")
+    arrays = manifest.setdefault("arrays", {})
+    if not isinstance(arrays, dict):
+        raise bad(f"'arrays' must be an object, got {arrays!r}")
+    for where, table in (("", manifest), ("arrays.", arrays)):
+        for split in ("train", "test"):
+            entry = table.get(split)
+            if entry is None:
+                continue
+            if not (isinstance(entry, dict) and all(isinstance(entry.get(k), int) and not isinstance(entry[k], bool)
+                                                    for k in ("count", "bytes"))
+                    and entry["count"] >= 1 and entry["bytes"] >= 0):
+                raise bad(f"{where}{split} must be {{\"count\": images, \"bytes\": size}}, got {entry!r}")
+    for key in MANIFEST_TEXT:
+        if not (isinstance(manifest.get(key), str) and manifest[key].isprintable()):
+            raise bad(f"{key!r} must be printable text, got {manifest.get(key)!r}")
+    return manifest
+
+
+def _manifest_count(data_dir: Path, split: str, arrays: bool) -> int | None:
+    """The image count the data step recorded for this split's file, or None (no manifest, or it lists no such
+    file); a damaged manifest is an error (read_manifest)."""
+    manifest = read_manifest(data_dir)
+    entry = None if manifest is None else (manifest["arrays"] if arrays else manifest).get(split)
+    return None if entry is None else entry["count"]
 
 
 def make_loaders(data: DataConfig, device: torch.device, seed: int = 0, batch_size: int | None = None,

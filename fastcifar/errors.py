@@ -19,6 +19,12 @@ class DataError(FastCifarError):
     """Missing, corrupt or unsuitable data files (archives, betons)."""
 
 
+def one_line(text: str) -> str:
+    """`text` as one printable line: a line break, a NUL or another control character inside it (a path or a value
+    as the user typed it) is shown escaped, as Python writes it in a string ('\\n'), so an error stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM outside a training loop (which handles it itself, see fastcifar.interrupt): stop like Ctrl-C."""
 
@@ -39,7 +45,7 @@ def run_cli(action: Callable[[], object], interrupted: str = "interrupted") -> i
     try:
         action()
     except FastCifarError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(str(err))}", file=sys.stderr)
         return 2 if isinstance(err, ValueError) else getattr(err, "exit_code", 1)
     except KeyboardInterrupt as err:
         print(interrupted, file=sys.stderr)
@@ -48,7 +54,7 @@ def run_cli(action: Callable[[], object], interrupted: str = "interrupted") -> i
         _silence_stdout()
         return 141
     except OSError as err:  # the last net: any file-system error not explained closer to its cause
-        print(f"error: {os_error_message(err)}", file=sys.stderr)
+        print(f"error: {one_line(os_error_message(err))}", file=sys.stderr)
         return 1
     finally:
         if previous is not None:

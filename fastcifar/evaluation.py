@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -26,8 +25,9 @@ from fastcifar.custom_resnet import CustomResNet
 from fastcifar.data import open_split
 from fastcifar.errors import FastCifarError, require_output_folder, run_cli
 from fastcifar.inference import CLASSES, Predictions, predict
-from fastcifar.rundir import load_checkpoint_file, read_json_object, write_json
-from fastcifar.runtime import Amp, resolve_device
+from fastcifar.rundir import load_checkpoint_file, write_json
+from fastcifar.runfiles import read_env, read_evaluation
+from fastcifar.runtime import Amp, check_test_memory, resolve_device
 
 
 def load_checkpoint(path: str | Path) -> tuple[CustomResNet, Config, dict]:
@@ -53,8 +53,9 @@ def evaluate_checkpoint(path: str | Path, tta: bool = False, data_dir: str | Non
                         batch_size: int = 1000, num_workers: int = 0, translate: int = 0) -> Predictions:
     model, cfg, _ = load_checkpoint(path)
     dev = resolve_device(device)
+    check_test_memory(batch_size, cfg.model.widths, dev, "--batch-size")  # before the data
     # the run's own precision and layout (its env.json beside the weights), so that its test pass repeats exactly
-    dtype, channels_last = for_inference(cfg.run, dev, read_json_object(Path(path).parent / "env.json"))
+    dtype, channels_last = for_inference(cfg.run, dev, read_env(Path(path).parent / "env.json"))
     amp = Amp(dev, dtype)
     model = model.to(device=dev, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     # auto, not the run's kind: both kinds give the same test images in the same order
@@ -86,17 +87,10 @@ def report_dict(preds: Predictions, checkpoint: str | Path, tta: bool, command: 
 def read_tta_accuracy(path: str | Path) -> float | None:
     """The flip-TTA accuracy in a file written by `--tta --save` (or by the ablation runner, whose older files
     hold only `tta_test_acc`); None if there is no such file or it was saved without --tta."""
-    path = Path(path)
-    if not path.exists():
+    if not Path(path).exists():
         return None
-    try:
-        saved = json.loads(path.read_text())
-        if "tta_test_acc" in saved:
-            return float(saved["tta_test_acc"])
-        return float(saved["test_acc"]) if saved["tta"] else None
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise FastCifarError(f"{path} is not a file written by python -m fastcifar evaluate --tta --save ({err}); "
-                             f"delete it or write it again") from None
+    saved = read_evaluation(Path(path))
+    return float(saved["test_acc"]) if saved["tta"] else None
 
 
 def _evaluate_and_report(args: argparse.Namespace, argv: list[str]) -> None:

@@ -27,7 +27,7 @@ from fastcifar.cli import Parser, add_config_arguments, config_from_args
 from fastcifar.config import Config, ConfigError, read_config_file
 from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.interrupt import TrainingInterrupted
-from fastcifar.runfiles import read_results
+from fastcifar.runfiles import read_metrics, read_results
 from fastcifar.training import time_to, train
 
 STATS = ("final_test_acc", "best_test_acc", "total_seconds")
@@ -109,7 +109,7 @@ def _run_one(cfg: Config, log: Callable[[str], None]) -> tuple[list[dict], dict]
             raise FastCifarError(f"{run_dir} holds a finished run of another recipe ({', '.join(differ)}); "
                                  f"choose another --name or pass --overwrite")
         log(f"finished earlier: {run_dir}")
-        metrics = rundir.read_metrics(run_dir / "metrics.jsonl")
+        metrics = read_metrics(run_dir / "metrics.jsonl")
         return metrics, read_results(run_dir / "results.json", needs=(*STATS, "compile_seconds"))
     resume = run_dir if (run_dir / CHECKPOINT).exists() and not cfg.run.overwrite else None
     result = train(cfg, log=log, resume=resume)

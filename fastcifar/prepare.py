@@ -18,7 +18,6 @@ import contextlib
 import errno
 import hashlib
 import io
-import json
 import os
 import pickle
 import shutil
@@ -47,7 +46,7 @@ ARCHIVE_NAME = "cifar-10-python.tar.gz"
 ARCHIVE_ENV = "FASTCIFAR_CIFAR_ARCHIVE"
 COUNTS = (50_000, 10_000)
 MANIFEST = data.MANIFEST
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = data.MANIFEST_VERSION
 _BATCH_DIR = "cifar-10-batches-py"
 _TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 _NEEDED = [*_TRAIN_BATCHES, "test_batch", "batches.meta"]
@@ -238,17 +237,21 @@ def beton_paths(data_dir: Path) -> tuple[Path, Path]:
 
 
 def read_manifest(data_dir: Path) -> dict | None:
-    """The manifest of a completed write, or None when a file it lists is missing or does not match it."""
+    """The manifest of a completed write (read and checked by data.read_manifest), or None when there is none, it is
+    damaged, or a file it lists is missing or does not match it: the data step then writes the files again."""
     try:
-        manifest = json.loads((data_dir / MANIFEST).read_text())
-        files = [(path, manifest[path.stem]) for path in beton_paths(data_dir) if path.stem in manifest]
-        files += [(path, manifest["arrays"][path.stem]) for path in array_paths(data_dir)
-                  if path.stem in manifest.get("arrays", {})]
-        ok = manifest.get("version") == MANIFEST_VERSION and bool(files) and all(
-            path.stat().st_size == entry["bytes"] for path, entry in files)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        manifest = data.read_manifest(data_dir)
+    except DataError:
         return None
-    return manifest if ok else None
+    if manifest is None:
+        return None
+    files = [(path, manifest[path.stem]) for path in beton_paths(data_dir) if path.stem in manifest]
+    arrays = manifest["arrays"]
+    files += [(path, arrays[path.stem]) for path in array_paths(data_dir) if path.stem in arrays]
+    try:
+        return manifest if files and all(path.stat().st_size == entry["bytes"] for path, entry in files) else None
+    except OSError:  # a listed file is missing or unreadable
+        return None
 
 
 def array_paths(data_dir: Path) -> tuple[Path, Path]:

@@ -26,8 +26,7 @@ from fastcifar.cli import Parser
 from fastcifar.config import Config, read_config_file
 from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.inference import CLASSES, Predictions
-from fastcifar.rundir import read_metrics
-from fastcifar.runfiles import read_env, read_results
+from fastcifar.runfiles import read_env, read_metrics, read_results
 from fastcifar.schedule import one_cycle_lr
 
 FILES = ("curves.png", "lr_schedule.png", "misclassified.png", "confusion.png", "summary.md")
@@ -190,16 +189,17 @@ def load_history(run_dir: str | Path) -> tuple[Config, list[dict]]:
     """A run's config and per-epoch metrics; the run may be unfinished (metrics.jsonl grows epoch by epoch).
     Should an epoch appear twice (a run restarted over the same folder), its last record counts."""
     run_dir = Path(run_dir)
-    try:
-        cfg = read_config_file(run_dir / "config.json", "the run's config")
-        # a run writes metrics.jsonl at the end of its first epoch
-        metrics = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
-        by_epoch = {int(m["epoch"]): m for m in metrics}
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise FastCifarError(f"{run_dir} is not a run directory ({type(err).__name__}: {err}); pass folders "
-                             f"written by python -m fastcifar train") from None
+    if not (run_dir / "config.json").is_file():
+        raise FastCifarError(f"{run_dir} is not a run directory (no config.json); pass folders written by "
+                             f"python -m fastcifar train")
+    # Each file through its checked reader: a broken one is an error that names it.
+    cfg = read_config_file(run_dir / "config.json", "the run's config")
+    # a run writes metrics.jsonl at the end of its first epoch
+    metrics = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+    by_epoch = {int(m["epoch"]): m for m in metrics}
     if not by_epoch:
-        raise FastCifarError(f"{run_dir} has no finished epoch yet; compare it after its first epoch")
+        raise FastCifarError(f"{run_dir / 'metrics.jsonl'} holds no finished epoch yet (a run adds a row at the end "
+                             f"of each epoch); compare it after its first epoch")
     return cfg, [by_epoch[e] for e in sorted(by_epoch)]
 
 

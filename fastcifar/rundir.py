@@ -31,6 +31,7 @@ import torch
 
 from fastcifar import allocator
 from fastcifar.errors import FastCifarError, WriteError, os_error_message
+from fastcifar.runfiles import read_env
 
 CHECKPOINT_FORMAT = 1
 
@@ -149,7 +150,7 @@ def release_run_dir(run_dir: Path) -> None:
 def record_environment(path: Path, env: dict[str, Any], resumed: bool) -> None:
     """env.json: the environment of the start, plus one entry per resumption (which may be elsewhere)."""
     if resumed and path.exists():
-        first = json.loads(path.read_text())
+        first = read_env(path)  # checked: a broken record is one line, not a traceback halfway into the resume
         env = first | {"resumes": first.get("resumes", []) + [env]}
     write_json(path, env)
 
@@ -215,61 +216,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write(path, lambda tmp: tmp.write_text("".join(_json(row) + "\n" for row in rows)))
 
 
-def read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`, or {} where the file is missing, unreadable or not a JSON object (for files whose
-    absence only costs a default: a run's env.json when it resumes)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-# metrics.jsonl: one object per epoch. `epoch` is required; the others may be missing (a row of another version,
-# or a number the run did not measure) and read as None; where present they must be numbers or null.
-METRIC_NUMBERS = ("lr", "lr_end", "train_loss", "train_acc", "test_loss", "test_acc", "train_s", "test_s", "epoch_s",
-                  "train_img_s", "test_img_s")
-METRIC_COUNTS = ("skipped_steps", "train_side")
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl, checked: each a JSON object with a positive integer `epoch`, every known
-    field a finite number or null (missing ones read as None; unknown ones are kept). A FastCifarError names the file,
-    the line and the field otherwise."""
-    def bad(number: int, what: str) -> FastCifarError:
-        return FastCifarError(f"{path}, line {number}: {what}; not a metrics file as python -m fastcifar train "
-                              f"writes it (rerun the run, or remove the line)")
-
-    def is_number(value: Any) -> bool:
-        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-    try:
-        lines = Path(path).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise FastCifarError(f"cannot read {path} ({type(err).__name__}: {err})") from None
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as err:
-            raise bad(number, f"not JSON ({err})") from None
-        if not isinstance(row, dict):
-            raise bad(number, f"a JSON {type(row).__name__}, not an object")
-        epoch = row.get("epoch")
-        if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1):
-            raise bad(number, f"'epoch' must be a positive integer, got {epoch!r}"[:200])
-        for key in METRIC_NUMBERS + METRIC_COUNTS:
-            value = row.setdefault(key, None)
-            if value is not None and not is_number(value):
-                raise bad(number, f"{key!r} must be a number or null, got {value!r}"[:200])
-        rows.append(row)
-    return rows
 
 
 def state_checksum(state: Any) -> str:
@@ -362,8 +310,10 @@ def read_cpuinfo() -> str:
 
 
 def cpuinfo_field(text: str, key: str) -> str | None:
-    """The value of the first `key : value` line of a /proc/cpuinfo text."""
-    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith(key)), None)
+    """The value of the first `key : value` line of a /proc/cpuinfo text (the whole key: "model" is not
+    "model name")."""
+    pairs = (line.split(":", 1) for line in text.splitlines() if ":" in line)
+    return next((value.strip() for name, value in pairs if name.strip() == key), None)
 
 
 def cpu_name() -> str:
@@ -382,6 +332,15 @@ def cpu_kind(cpuinfo: str | None = None) -> str:
     return f"{torch.backends.cpu.get_cpu_capability().lower()}, no bf16 instructions" if flags else "unknown"
 
 
+def cpu_family(cpuinfo: str | None = None) -> str | None:
+    """'family 26 model 2': the CPU's generation as the kernel reports it, or None where it does not (not x86 Linux).
+    Two CPUs of one kind and one model name can still differ by a generation: the 2-core "AMD EPYC" machines here
+    were Zen 4 (family 25) at ~265 s per epoch and Zen 5 (family 26) at ~180 s."""
+    text = read_cpuinfo() if cpuinfo is None else cpuinfo
+    family, model = cpuinfo_field(text, "cpu family"), cpuinfo_field(text, "model")
+    return f"family {family} model {model}" if family and model else None
+
+
 def device_name(device: torch.device) -> str:
     """The GPU's name on CUDA, else the CPU's model name."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
@@ -398,6 +357,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": cpu_name(),
         "cpu_kind": cpu_kind(),  # amx_bf16 / avx512_bf16 / neither: what decides the CPU's training precision
+        "cpu_family": cpu_family(),  # the generation within a kind: the same kind and name can differ 1.5x in speed
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "allocator": allocator.describe(),  # tcmalloc where installed (fastcifar/allocator.py): speed only

@@ -119,6 +119,9 @@ def sync(device: torch.device) -> None:
 # A training step of the spec's network keeps ~2.4 GB of activations for 512 images in fp32 (measured on the CPU,
 # BENCHMARKS.md): ~4.7 MB per image, roughly in proportion to the widths' sum (64+128+256+512 = 960).
 STEP_BYTES_PER_IMAGE = 2.4e9 / 512
+# A test pass (no gradients, one view at a time) peaks at ~1.2 MB per image in fp32 (the growth of the process's
+# peak memory over a forward of 1,000 images, spec widths, channels_last, on the CPU; 0.7 MB under bf16 autocast).
+TEST_BYTES_PER_IMAGE = 1.2e6
 SPEC_WIDTH_SUM = 960
 
 
@@ -139,8 +142,19 @@ def available_memory(device: torch.device) -> int | None:
 
 def check_step_memory(batch_size: int, widths: tuple[int, ...], device: torch.device) -> None:
     """A one-line error, before any data is read, when a step of `batch_size` images cannot fit in memory."""
-    need = batch_size * STEP_BYTES_PER_IMAGE * sum(widths) / SPEC_WIDTH_SUM
+    _check_memory(batch_size * STEP_BYTES_PER_IMAGE * sum(widths) / SPEC_WIDTH_SUM, device,
+                  f"a training step of {batch_size:,} images", "--batch-size (the spec: 512)")
+
+
+def check_test_memory(batch_size: int, widths: tuple[int, ...], device: torch.device,
+                      flag: str = "--data.test_batch_size") -> None:
+    """A one-line error, before any data is read, when a test batch of `batch_size` images cannot fit in memory."""
+    _check_memory(batch_size * TEST_BYTES_PER_IMAGE * sum(widths) / SPEC_WIDTH_SUM, device,
+                  f"a test batch of {batch_size:,} images", f"{flag} (default 1000)")
+
+
+def _check_memory(need: float, device: torch.device, what: str, smaller: str) -> None:
     free = available_memory(device)
     if free is not None and need > free:
-        raise FastCifarError(f"a training step of {batch_size:,} images needs about {need / 1e9:.0f} GB, and "
-                             f"{device.type} has {free / 1e9:.0f} GB free: use a smaller --batch-size (the spec: 512)")
+        raise FastCifarError(f"{what} needs about {need / 1e9:.0f} GB, and {device.type} has {free / 1e9:.0f} GB "
+                             f"free: use a smaller {smaller}")

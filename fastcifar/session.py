@@ -30,10 +30,12 @@ from fastcifar.errors import FastCifarError
 from fastcifar.loop import Trainer, batch_shapes, warm_up
 from fastcifar.muon import MuonSGD
 from fastcifar.prune import EasyPruner, PrunedLoader
+from fastcifar.runfiles import read_env
 from fastcifar.runtime import (
     Amp,
     check_gpu_index,
     check_step_memory,
+    check_test_memory,
     compile_model,
     resolve_device,
     seed_everything,
@@ -127,6 +129,7 @@ class Session:
         if device.type == "cpu" and cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         check_step_memory(local_batch, cfg.model.widths, device)  # before the data: a batch that cannot fit
+        check_test_memory(cfg.data.test_batch_size, cfg.model.widths, device)
         if dist.is_main:  # the run directory's refusals too, in the first second rather than after the data
             _check_run_dir(cfg, resume)
         if device.type == "cuda":
@@ -219,7 +222,7 @@ def _choose(cfg: Config, device: torch.device, batch: int, resume: bool, log: Ca
     machine's cached measurement. Logged with the reason."""
     choice = None
     if resume:
-        env = rundir.read_json_object(Path(cfg.run.out_dir) / cfg.run.name / "env.json")
+        env = read_env(Path(cfg.run.out_dir) / cfg.run.name / "env.json")
         choice = recorded(env, cfg.run, device)
     if choice is None:
         choice = choose(cfg.run, cfg.model, device, batch, frozen_prep=cfg.model.whiten_frozen, log=log)

@@ -20,19 +20,17 @@ README's tables are this command's output: rerun it to refresh them.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean, median, stdev
 from typing import Any
 
-from fastcifar.config import Config, ConfigError, read_config_file
+from fastcifar.config import Config, read_config_file
 from fastcifar.errors import FastCifarError
 from fastcifar.presets import PRESETS
 from fastcifar.reporting import test_method
-from fastcifar.rundir import read_metrics
-from fastcifar.runfiles import read_env, read_results
+from fastcifar.runfiles import read_env, read_evaluation, read_metrics, read_results
 
 TRANSLATE_FILE = "tta-translate1.json"
 TARGET = 0.91
@@ -90,8 +88,19 @@ def _short(value: Any) -> str:
     return str(value)
 
 
+# AMD's CPU families with AVX-512 (Zen 3, also family 25, has none): runs record it since 2026-12-07 (env.json's
+# cpu_family); one "AMD EPYC" of each ran here, ~1.5x apart in speed, so they are kept apart where known.
+AMD_GENERATIONS = {"25": "Zen 4", "26": "Zen 5"}
+
+
+def _generation(env: dict) -> str:
+    family = str(env.get("cpu_family") or "").split()
+    return f" ({AMD_GENERATIONS[family[1]]})" if len(family) > 1 and family[1] in AMD_GENERATIONS else ""
+
+
 def machine_kind(env: dict, cfg: Config) -> str:
-    """The machine kind and precision in words: 'AMX Xeon, bf16', 'AVX512-BF16 EPYC, bf16', 'Xeon without AMX, fp32',
+    """The machine kind and precision in words: 'AMX Xeon, bf16', 'AVX512-BF16 EPYC (Zen 5), bf16' (the generation
+    where env.json recorded it), 'Xeon without AMX, fp32',
     'AVX2 EPYC, fp32', or the GPU's name and precision; UNKNOWN where env.json did not record the CPU's kind. The
     precision is what the run recorded choosing (env.json's auto entry), else the one it set, else what `auto` meant
     on that kind before it was measured."""
@@ -99,16 +108,17 @@ def machine_kind(env: dict, cfg: Config) -> str:
     given = cfg.run.precision if cfg.run.precision != "auto" else None
     precision = recorded.get("precision") or given
     if str(env.get("device", "")).startswith("cuda"):
-        return f"{env.get('device_name', 'GPU')}, {precision or 'bf16'}"
-    kind = str(env.get("cpu_kind", "")).split(",")[0].strip()
+        return f"{env.get('device_name') or 'GPU'}, {precision or 'bf16'}"
+    kind = str(env.get("cpu_kind") or "").split(",")[0].strip()
     xeon = "Xeon" in str(env.get("device_name") or env.get("cpu") or "")
     if kind == "amx_bf16":
         return f"AMX Xeon, {precision or 'bf16'}"
     if kind == "avx512_bf16":  # both list avx512_bf16: the model name tells them apart
-        return f"{'Xeon without AMX' if xeon else 'AVX512-BF16 EPYC'}, {precision or 'bf16'}"
+        epyc = f"AVX512-BF16 EPYC{_generation(env)}"
+        return f"{'Xeon without AMX' if xeon else epyc}, {precision or 'bf16'}"
     if kind.startswith("avx2"):
         return f"AVX2 EPYC, {precision or 'fp32'}"
-    if xeon and "cpu_kind" not in env:  # before env.json recorded the kind, every Xeon here was an AMX one
+    if xeon and env.get("cpu_kind") is None:  # before env.json recorded the kind, every Xeon here was an AMX one
         return f"AMX Xeon, {precision or 'bf16'}"
     return UNKNOWN
 
@@ -121,23 +131,23 @@ def read_run(path: Path) -> Run | None:
             raise FastCifarError(f"{path} is not a run directory (no config.json); pass folders written by "
                                  f"python -m fastcifar train")
         return None
-    try:
-        cfg = read_config_file(path / "config.json", "the run's config")
-        results = read_results(path / "results.json", needs=("epochs", "final_test_acc"))
-        env = read_env(path / "env.json")
-        metrics = read_metrics(path / "metrics.jsonl")
-        target = results.get("time_to_test_acc", {}).get(f"{TARGET:.2f}", {}).get("seconds")
-        translate = None
-        if (path / TRANSLATE_FILE).exists():
-            saved = json.loads((path / TRANSLATE_FILE).read_text())
-            translate = float(saved["test_acc"]) if saved.get("translate") else None
-        elif cfg.data.test_translate == 1 and cfg.data.test_flip and not cfg.optim.ema_decay:
-            translate = float(results["final_test_acc"])  # the run tested as `evaluate --tta --translate 1` does
-        return Run(path, recipe_label(cfg), int(results["epochs"]), cfg.run.seed, float(results["final_test_acc"]),
-                   test_method(cfg) or "plain", machine_kind(env, cfg),
-                   median(float(m["epoch_s"]) for m in metrics), target, translate)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError) as err:
-        raise FastCifarError(f"{path}: cannot read its results ({type(err).__name__}: {err})") from None
+    # Each file through its checked reader (fastcifar/runfiles.py): a broken one is an error that names it.
+    cfg = read_config_file(path / "config.json", "the run's config")
+    results = read_results(path / "results.json", needs=("epochs", "final_test_acc"))
+    env = read_env(path / "env.json")
+    epochs = [row["epoch_s"] for row in read_metrics(path / "metrics.jsonl") if row["epoch_s"] is not None]
+    if not epochs:
+        raise FastCifarError(f"{path / 'metrics.jsonl'} has no epoch times: not the metrics of a finished run; "
+                             f"rerun the run, or restore the file")
+    target = results["time_to_test_acc"].get(f"{TARGET:.2f}", {}).get("seconds")
+    translate = None
+    if (path / TRANSLATE_FILE).exists():
+        saved = read_evaluation(path / TRANSLATE_FILE)
+        translate = float(saved["test_acc"]) if saved["translate"] else None
+    elif cfg.data.test_translate == 1 and cfg.data.test_flip and not cfg.optim.ema_decay:
+        translate = float(results["final_test_acc"])  # the run tested as `evaluate --tta --translate 1` does
+    return Run(path, recipe_label(cfg), int(results["epochs"]), cfg.run.seed, float(results["final_test_acc"]),
+               test_method(cfg) or "plain", machine_kind(env, cfg), median(epochs), target, translate)
 
 
 def group(runs: list[Run]) -> list[Row]:

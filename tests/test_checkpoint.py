@@ -16,7 +16,8 @@ from fastcifar.config import Config, ConfigError
 from fastcifar.custom_resnet import CustomResNet
 from fastcifar.errors import FastCifarError
 from fastcifar.interrupt import TrainingInterrupted
-from fastcifar.rundir import read_metrics, save_checkpoint
+from fastcifar.rundir import save_checkpoint
+from fastcifar.runfiles import read_metrics
 from fastcifar.schedule import one_cycle_lr
 from fastcifar.training import main, train
 from tests.conftest import LEVERS, signal_at, sigterm_after_first_epoch, tiny_cli_args, tiny_config

@@ -3,6 +3,7 @@ whatever a config file holds, a command either starts (a training, here a stand-
 real tiny trainings in a subprocess) or exits non-zero with one line. Never a traceback, never a hang."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -28,6 +29,22 @@ TYPED = st.one_of(
                      "1e-308", "8,16,32,64", "1,2,3", "a,b", "0.5", "reference", "../..", "x" * 300]),
     st.text(max_size=12),
 )
+TRUE_WORDS = {"1", "true", "yes", "on"}  # the words README and --help give for a true flag
+
+
+def holds(held, typed: str) -> bool:
+    """Whether the config holds what the user typed, read by a parser of its own here (not the config's): a number
+    as Python reads it, a list of numbers split at commas, a flag by its words, text as it is (run.channels_last
+    also takes the yes/no words of its earlier boolean form)."""
+    if isinstance(held, bool):
+        return held == (typed.strip().lower() in TRUE_WORDS)
+    if isinstance(held, int | float):
+        return math.isfinite(held) and float(typed) == held
+    if isinstance(held, tuple):
+        return tuple(float(part) for part in typed.split(",")) == held
+    return held == typed or held in ("on", "off") and held == ("on" if typed.strip().lower() in TRUE_WORDS else "off")
+
+
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -55,7 +72,13 @@ def test_any_flags_and_values_start_a_training_or_fail_in_one_line(pairs, starte
     code, err = _outcome(argv, capsys)
     if code == 0:
         assert len(started) == before + 1 and isinstance(started[-1], Config) and err == ""
-        started[-1].validated()  # what would train is a valid config
+        cfg = started[-1]
+        given = {SHORT_FLAGS.get(flag, flag[2:]): value for flag, value in pairs}  # the last of a repeated flag wins
+        for key, value in given.items():
+            section, name = key.split(".")
+            assert holds(getattr(getattr(cfg, section), name), value), (key, value, cfg)
+        # what would train is what its config.json gives back (a resume reads it from there)
+        assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     else:
         assert code == 2 and len(started) == before, (argv, err)
         assert err.count("\n") == 1 and err.startswith("error: "), (argv, err)

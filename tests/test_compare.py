@@ -66,7 +66,7 @@ def test_cli_writes_the_figure(tmp_path, capsys):
 
 @pytest.mark.parametrize(("setup", "args", "message"), [
     (lambda p: None, ["nothing"], "is not a run directory ("),
-    (lambda p: make_run(p / "run", accs=()), ["run"], "has no finished epoch yet"),
+    (lambda p: make_run(p / "run", accs=()), ["run"], "metrics.jsonl holds no finished epoch yet"),
     (lambda p: make_run(p / "run"), ["run", "run"], "is given twice"),
     (lambda p: make_run(p / "run"), ["run", "--out", "no/such/folder/x.png"], "its folder does not exist"),
     (lambda p: (make_run(p / "run"), (p / "run" / "tta.json").write_text("{")), ["run"], "delete it or write it"),

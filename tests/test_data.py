@@ -1,9 +1,14 @@
+import json
+import shutil
 import threading
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fastcifar.config import DataConfig
 from fastcifar.data import (
@@ -11,12 +16,14 @@ from fastcifar.data import (
     make_loader,
     make_loaders,
     make_resident_loader,
+    open_split,
     read_arrays,
     resolve_kind,
     write_arrays,
 )
 from fastcifar.errors import DataError
 from tests.synthetic import decode_index
+from tests.test_runfiles import CORRUPTIONS, JSON_VALUES, corrupt
 
 CPU = torch.device("cpu")
 
@@ -269,3 +276,66 @@ def test_ffcvs_import_warning_about_notebook_widgets_is_silenced_and_no_other():
             warnings.warn("IProgress not found. Please update jupyter and ipywidgets.", UserWarning, stacklevel=1)
             warnings.warn("another warning", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["another warning"] and torch.get_num_threads() == threads
+
+
+# The data step's files damaged by generated changes, then opened by the loaders that every command uses
+# (open_split): a loader of the split's 200 images, or one DataError line that names the damaged file. Never a
+# traceback, whatever the file holds.
+DAMAGE = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+ENTRY = st.tuples(st.just("entry"), st.sampled_from(["train", "test", "arrays"]), st.sampled_from(["count", "bytes"]),
+                  JSON_VALUES)
+
+
+def _damaged_copy(synthetic, tmp_path_factory, name: str, change) -> Path:
+    data_dir = tmp_path_factory.mktemp("damaged") / "data"
+    shutil.copytree(synthetic["data_dir"], data_dir)
+    if change[0] == "entry":  # one field of one file's entry (the arrays' entry of the test split)
+        manifest = json.loads((data_dir / name).read_text())
+        entry = manifest["arrays"]["test"] if change[1] == "arrays" else manifest[change[1]]
+        entry[change[2]] = change[3]
+        (data_dir / name).write_text(json.dumps(manifest))
+    elif change[0] == "arrays":  # a well-formed .npz of other arrays
+        _, images, labels, keys = change
+        with open(data_dir / name, "wb") as f:
+            np.savez(f, **dict(zip(keys, (images, labels), strict=True)))
+    else:
+        corrupt(data_dir / name, change)
+    return data_dir
+
+
+def _opens_or_names(data_dir: Path, kind: str, name: str) -> None:
+    try:
+        loader = open_split(data_config(data_dir, kind), "test", CPU)
+    except DataError as err:
+        assert "\n" not in str(err) and name in str(err), str(err)
+    else:
+        assert loader.images == 200
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@DAMAGE
+@given(change=st.one_of(CORRUPTIONS, ENTRY))
+def test_a_damaged_manifest_is_one_error_naming_it(synthetic, tmp_path_factory, kind, change):
+    _opens_or_names(_damaged_copy(synthetic, tmp_path_factory, "betons.json", change), kind, "betons.json")
+
+
+def _arrays(draw_seed: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    rng = np.random.default_rng(draw_seed)
+    return rng.integers(-3, 300, size=shape).astype(dtype)
+
+
+ARRAY_DTYPES = st.sampled_from(["uint8", "int64", "float32", "bool", "int8"])
+OTHER_ARRAYS = st.builds(
+    lambda seed, image_dtype, image_shape, label_dtype, label_shape, keys: (
+        "arrays", _arrays(seed, image_dtype, image_shape), _arrays(seed + 1, label_dtype, label_shape), keys),
+    st.integers(0, 2**16), ARRAY_DTYPES,
+    st.sampled_from([(200, 32, 32, 3), (200, 3, 32, 32), (200, 32, 32), (10, 32, 32, 3), (0, 32, 32, 3)]),
+    ARRAY_DTYPES, st.sampled_from([(200,), (10,), (200, 1), ()]),
+    st.sampled_from([("images", "labels"), ("labels", "images"), ("images", "targets"), ("x", "y")]))
+
+
+@DAMAGE
+@given(change=st.one_of(st.tuples(st.just("truncate"), st.floats(0, 1)),
+                        st.tuples(st.just("bytes"), st.binary(max_size=64)), OTHER_ARRAYS))
+def test_damaged_arrays_are_one_error_naming_the_file(synthetic, tmp_path_factory, change):
+    _opens_or_names(_damaged_copy(synthetic, tmp_path_factory, "test.npz", change), "resident", "test.npz")

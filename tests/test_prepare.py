@@ -1,5 +1,6 @@
 import contextlib
 import http.server
+import json
 import os
 import pickle
 import socket
@@ -11,8 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fastcifar import prepare as wb
+from fastcifar.data import read_arrays
 from fastcifar.errors import DataError
 from tests.synthetic import add_bytes, md5_of, write_archive
 
@@ -473,3 +477,53 @@ def test_expected_counts_must_be_two_positive_numbers(capsys, counts):
     with pytest.raises(SystemExit) as refused:
         wb.main(["--expect-counts", counts])
     assert refused.value.code == 2 and "--expect-counts" in capsys.readouterr().err
+
+
+# The archive's pickles with generated contents (a test batch or batches.meta of other keys, types, shapes and
+# values), fed to the data step's command: it writes the data (exit 0) or says in one line what is wrong (exit 1).
+# Never a traceback.
+ANY_VALUE = st.one_of(st.none(), st.integers(-5, 20), st.binary(max_size=8), st.text(max_size=8),
+                      st.lists(st.integers(-2, 12), max_size=12))
+
+
+@st.composite
+def batch_contents(draw) -> dict:
+    n = draw(st.sampled_from([0, 20, 21]))
+    shape = draw(st.sampled_from([(n, 3072), (n, 3, 32, 32), (n,), (n, 3071)]))
+    dtype = draw(st.sampled_from(["uint8", "float32", "int64"]))
+    valid = draw(st.booleans())  # half the draws keep b'data' right, so that the labels' checks are reached
+    data = np.zeros((n, 3072), np.uint8) if valid else draw(st.one_of(st.just(np.zeros(shape, dtype)), ANY_VALUE))
+    count = draw(st.sampled_from([n, n + 1, max(n - 1, 0)]))
+    labels = draw(st.one_of(st.lists(st.integers(-1, 10), min_size=count, max_size=count),
+                            st.just(np.arange(count) % 10), st.just([str(i % 10) for i in range(count)]),
+                            st.just([i % 10 for i in range(count)]), ANY_VALUE))
+    keys = draw(st.sampled_from([(b"data", b"labels"), ("data", "labels"), (b"data", b"fine_labels")]))
+    return dict(zip(keys, (data, labels), strict=True))
+
+
+META = st.one_of(
+    st.builds(lambda names: {b"label_names": names},
+              st.one_of(st.just([f"c{i}".encode() for i in range(10)]), st.just([b"x"] * 9), st.just(5),
+                        st.just(list(range(10))), st.just({b"a": 1}), ANY_VALUE)),
+    st.just({b"num_vis": 3072}), st.just([1, 2]))
+
+
+@pytest.mark.parametrize("member", ["test_batch", "batches.meta"])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_generated_pickle_contents_are_data_or_one_line(tmp_path_factory, capsys, member, data):
+    content = data.draw(batch_contents() if member == "test_batch" else META)
+    root = tmp_path_factory.mktemp("pickles")
+    archive = root / "cifar-10-python.tar.gz"
+    write_archive(archive, per_batch=20, n_test=20,
+                  extra={f"cifar-10-batches-py/{member}": pickle.dumps(content, protocol=2)})
+    capsys.readouterr()
+    code = wb.main(["--archive", str(archive), "--data-dir", str(root / "data"), "--expect-counts", "any"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 0 or (code == 1 and len(err) == 1 and err[0].startswith("error: ")), (code, err, content)
+    if code == 0:  # what was written is CIFAR-shaped: images and labels of one count, labels 0..9
+        manifest = json.loads((root / "data" / "betons.json").read_text())
+        for split in ("train", "test"):
+            images, labels = read_arrays(root / "data" / f"{split}.npz")
+            assert len(images) == len(labels) == manifest["arrays"][split]["count"]
+            assert labels.min() >= 0 and labels.max() <= 9

@@ -5,14 +5,15 @@ the old run behind."""
 import errno
 import json
 import os
-import re
 import subprocess
 import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
-from fastcifar import rundir
+from fastcifar import evaluation, rundir
 from fastcifar.errors import FastCifarError, WriteError
 from fastcifar.training import main, train
 from tests.conftest import REPO, signal_at, tiny_cli_args, tiny_config
@@ -137,6 +138,12 @@ def test_cpu_kind_tells_the_bf16_hardware_apart(flags, kind):
     assert rundir.cpu_kind(f"model name\t: AMD EPYC\nflags\t\t: {flags}\n") == kind
 
 
+def test_cpu_family_reads_the_model_line_not_the_model_name_line():
+    text = "cpu family\t: 26\nmodel name\t: AMD EPYC\nmodel\t\t: 2\nflags\t\t: fpu\n"
+    assert rundir.cpu_family(text) == "family 26 model 2"
+    assert rundir.cpu_family("model name\t: Apple M2\n") is None
+
+
 def test_cpu_kind_without_bf16_names_the_vector_unit_and_without_flags_says_unknown():
     assert rundir.cpu_kind("flags\t: fpu avx2 fma\n").endswith(", no bf16 instructions")
     assert rundir.cpu_kind("") == "unknown"
@@ -212,28 +219,43 @@ def test_random_bytes_are_not_called_a_pickle_risk(tmp_path):
         rundir.load_checkpoint_file(path)
 
 
-def test_metrics_rows_of_another_version_read_with_their_missing_numbers_as_none(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    path.write_text('{"epoch": 1, "train_loss": 1.5, "future_field": "kept"}\n\n{"epoch": 2, "test_acc": null}\n')
-    first, second = rundir.read_metrics(path)
-    assert first["test_acc"] is None and first["train_loss"] == 1.5 and first["future_field"] == "kept"
-    assert second["epoch"] == 2 and second["train_s"] is None
+# Checkpoints damaged by generated changes of their bytes, fed to the commands that read them: `evaluate` (model.pt)
+# and `train --resume` (checkpoint.pt). One line naming the file and a non-zero exit; never a traceback, never an
+# unpickled object.
+BYTE_DAMAGE = st.one_of(st.tuples(st.just("truncate"), st.floats(0, 0.999)),
+                        st.tuples(st.just("flip"), st.floats(0, 0.999), st.integers(1, 255)),
+                        st.tuples(st.just("zero"), st.floats(0, 0.999), st.integers(1, 4096)),
+                        st.tuples(st.just("bytes"), st.binary(max_size=256)))
 
 
-@pytest.mark.parametrize(("line", "fragment"), [
-    ("{not json", "line 2: not JSON"),
-    ("[1, 2]", "line 2: a JSON list, not an object"),
-    ('{"train_loss": 1.0}', "line 2: 'epoch' must be a positive integer, got None"),
-    ('{"epoch": 0}', "'epoch' must be a positive integer, got 0"),
-    ('{"epoch": "2"}', "'epoch' must be a positive integer, got '2'"),
-    ('{"epoch": true}', "'epoch' must be a positive integer, got True"),
-    ('{"epoch": 2, "test_acc": "91%"}', "'test_acc' must be a number or null, got '91%'"),
-    ('{"epoch": 2, "train_s": NaN}', "'train_s' must be a number or null, got nan"),
-    ('{"epoch": 2, "test_acc": [0.9]}', "'test_acc' must be a number or null"),
-])
-def test_a_bad_metrics_row_is_named_by_file_line_and_field(tmp_path, line, fragment):
-    path = tmp_path / "metrics.jsonl"
-    path.write_text('{"epoch": 1}\n' + line + "\n")
-    with pytest.raises(FastCifarError, match=re.escape(fragment)) as err:
-        rundir.read_metrics(path)
-    assert str(err.value).startswith(f"{path}, line 2: ") and "\n" not in str(err.value)
+def damage(path, change) -> None:
+    data = bytearray(path.read_bytes())
+    kind, *args = change
+    at = int(len(data) * args[0]) if kind != "bytes" else 0
+    if kind == "truncate":
+        data = data[:at]
+    elif kind == "flip":
+        data[at] ^= args[1]
+    elif kind == "zero":
+        data[at:at + args[1]] = bytes(len(data[at:at + args[1]]))
+    else:
+        data = bytearray(args[0])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("command", ["evaluate", "train --resume"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(change=BYTE_DAMAGE)
+def test_a_damaged_checkpoint_is_one_line_naming_it(tiny_run, tmp_path_factory, capsys, command, change):
+    run = tmp_path_factory.mktemp("damaged") / "run"
+    run.mkdir()
+    name = "model.pt" if command == "evaluate" else "checkpoint.pt"
+    (run / name).write_bytes((tiny_run.run_dir / "model.pt").read_bytes())
+    (run / "config.json").write_bytes((tiny_run.run_dir / "config.json").read_bytes())
+    damage(run / name, change)
+    assume((run / name).read_bytes() != (tiny_run.run_dir / "model.pt").read_bytes())
+    capsys.readouterr()
+    code = (evaluation.main(["--checkpoint", str(run / name)]) if command == "evaluate"
+            else main(["--resume", str(run)]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("error: ") and name in err[0], (code, err)

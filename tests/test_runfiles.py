@@ -1,8 +1,9 @@
-"""The readers of results.json and env.json (fastcifar.runfiles), and every command that reads a run's files fed
-generated corruptions of them: `report` and `compare --table` end with exit 0, or with one line that names the file.
-"""
+"""The readers of results.json, env.json and metrics.jsonl (fastcifar.runfiles), and every command that reads a
+run's files fed generated corruptions of them: `report` and `compare --table` end with exit 0, or with one line
+that names the file."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastcifar import compare, reporting
+from fastcifar import compare, reporting, runfiles
 from fastcifar.config import Config
 from fastcifar.errors import FastCifarError
 from fastcifar.inference import Predictions
@@ -34,6 +35,8 @@ def make_run(folder):
         append_jsonl(folder / "metrics.jsonl", {"epoch": epoch, "train_loss": 2 / epoch, "train_acc": 0.2 * epoch,
                                                 "test_loss": 2.1 / epoch, "test_acc": 0.25 * epoch, "epoch_s": 4.0})
     write_json(folder / "results.json", RESULTS)
+    write_json(folder / "tta.json", {"tta": True, "translate": 0, "test_acc": 0.78})  # evaluate --save's files
+    write_json(folder / "tta-translate1.json", {"tta": True, "translate": 1, "test_acc": 0.79})
     labels = np.arange(20) % 10
     probs = np.full((20, 10), 0.01, np.float32)
     probs[np.arange(20), labels] = 0.91  # all right: no misclassified images to keep
@@ -118,16 +121,24 @@ def corrupt(path, corruption) -> None:
         path.write_bytes(args[0])
     elif kind == "whole":
         path.write_text(json.dumps(args[0]))
+    elif path.suffix == ".jsonl":  # one row of the file: the first of the rest's numbers picks it
+        lines = path.read_text().splitlines()
+        row = args[0] % len(lines)
+        lines[row] = json.dumps(_changed(json.loads(lines[row]), kind, args))
+        path.write_text("\n".join(lines) + "\n")
     else:
-        obj = json.loads(data)
-        key = sorted(obj)[args[0] % len(obj)]
-        if kind == "drop":
-            del obj[key]
-        elif kind == "nul":
-            obj[key] = "bad\x00name"
-        else:
-            obj[key] = args[1]
-        path.write_text(json.dumps(obj))
+        path.write_text(json.dumps(_changed(json.loads(data), kind, args)))
+
+
+def _changed(obj: dict, kind: str, args: list) -> dict:
+    key = sorted(obj)[args[0] % len(obj)]
+    if kind == "drop":
+        del obj[key]
+    elif kind == "nul":
+        obj[key] = "bad\x00name"
+    else:
+        obj[key] = args[1]
+    return obj
 
 
 def one_line_naming(err: str, name: str) -> bool:
@@ -136,12 +147,17 @@ def one_line_naming(err: str, name: str) -> bool:
 
 
 COMMANDS = {"report": lambda run: reporting.main([str(run)]),
+            "compare": lambda run: compare.main([str(run)]),
             "compare --table": lambda run: compare.main(["--table", str(run)])}
+# What each command reads of a run (report: also predictions.npz, below)
+READS = {"report": ("results.json", "env.json", "metrics.jsonl", "config.json"),
+         "compare": ("metrics.jsonl", "config.json", "tta.json"),
+         "compare --table": ("results.json", "env.json", "metrics.jsonl", "config.json", "tta-translate1.json")}
+CASES = [(command, name) for command, names in READS.items() for name in names]
 PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
-@pytest.mark.parametrize("name", ["results.json", "env.json"])
+@pytest.mark.parametrize(("command", "name"), CASES)
 @PROPERTY
 @given(corruption=CORRUPTIONS)
 def test_every_command_reading_a_run_survives_a_corrupted_summary(template, tmp_path_factory, capsys, command, name,
@@ -151,8 +167,10 @@ def test_every_command_reading_a_run_survives_a_corrupted_summary(template, tmp_
     corrupt(run / name, corruption)
     capsys.readouterr()
     code = COMMANDS[command](run)
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert code == 0 or (code in (1, 2) and one_line_naming(err, name)), (code, err)
+    if code == 0:  # it did its job: the summary written, or a table of the run printed
+        assert (run / "summary.md").is_file() if command == "report" else out.count("\n|") >= 2, out
 
 
 @PROPERTY
@@ -166,3 +184,30 @@ def test_report_survives_corrupted_predictions(template, tmp_path_factory, capsy
     code = reporting.main([str(run)])
     err = capsys.readouterr().err
     assert code == 0 or (code in (1, 2) and one_line_naming(err, "predictions.npz")), (code, err)
+
+
+def test_metrics_rows_of_another_version_read_with_their_missing_numbers_as_none(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1, "train_loss": 1.5, "future_field": "kept"}\n\n{"epoch": 2, "test_acc": null}\n')
+    first, second = runfiles.read_metrics(path)
+    assert first["test_acc"] is None and first["train_loss"] == 1.5 and first["future_field"] == "kept"
+    assert second["epoch"] == 2 and second["train_s"] is None
+
+
+@pytest.mark.parametrize(("line", "fragment"), [
+    ("{not json", "line 2: not JSON"),
+    ("[1, 2]", "line 2: a JSON list, not an object"),
+    ('{"train_loss": 1.0}', "line 2: 'epoch' must be a positive integer, got None"),
+    ('{"epoch": 0}', "'epoch' must be a positive integer, got 0"),
+    ('{"epoch": "2"}', "'epoch' must be a positive integer, got '2'"),
+    ('{"epoch": true}', "'epoch' must be a positive integer, got True"),
+    ('{"epoch": 2, "test_acc": "91%"}', "'test_acc' must be a number or null, got '91%'"),
+    ('{"epoch": 2, "train_s": NaN}', "'train_s' must be a number or null, got nan"),
+    ('{"epoch": 2, "test_acc": [0.9]}', "'test_acc' must be a number or null"),
+])
+def test_a_bad_metrics_row_is_named_by_file_line_and_field(tmp_path, line, fragment):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1}\n' + line + "\n")
+    with pytest.raises(FastCifarError, match=re.escape(fragment)) as err:
+        runfiles.read_metrics(path)
+    assert str(err.value).startswith(f"{path}, line 2: ") and "\n" not in str(err.value)

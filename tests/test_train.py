@@ -314,3 +314,28 @@ def test_the_memory_check_scales_with_the_batch_and_the_widths(monkeypatch, free
             runtime.check_step_memory(512, (64, 128, 256, 512), cpu)  # ~2.4 GB
     else:
         runtime.check_step_memory(512, (64, 128, 256, 512), cpu)  # unknown free memory: no refusal on a guess
+
+
+@pytest.mark.parametrize(("free", "refused"), [(10**12, False), (5 * 10**9, True), (None, False)])
+def test_the_test_batch_memory_check_scales_with_the_batch_and_the_widths(monkeypatch, free, refused):
+    from fastcifar import runtime
+
+    monkeypatch.setattr(runtime, "available_memory", lambda device: free)
+    cpu = torch.device("cpu")
+    runtime.check_test_memory(10_000, (4, 8, 8, 16), cpu)  # a narrow network's 10,000 images: ~0.4 GB
+    runtime.check_test_memory(1000, (64, 128, 256, 512), cpu)  # the default test batch: ~1.2 GB
+    if refused:
+        with pytest.raises(FastCifarError, match="a test batch of 10,000 images needs about 12 GB.*--batch-size"):
+            runtime.check_test_memory(10_000, (64, 128, 256, 512), cpu, "--batch-size")
+    else:
+        runtime.check_test_memory(10_000, (64, 128, 256, 512), cpu, "--batch-size")
+
+
+def test_evaluate_refuses_a_test_batch_that_cannot_fit_before_the_data(tiny_run, monkeypatch, capsys):
+    from fastcifar import evaluation, runtime
+
+    monkeypatch.setattr(runtime, "available_memory", lambda device: 10**6)  # 1 MB free
+    monkeypatch.setattr(evaluation, "open_split", lambda *a, **k: pytest.fail("the data was read"))
+    assert evaluation.main(["--checkpoint", str(tiny_run.run_dir / "model.pt"), "--batch-size", "5000"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: a test batch of 5,000 images needs about") and err.count("\n") == 1
