@@ -103,6 +103,11 @@ def test_bad_folders_are_one_line_errors(tmp_path):
     ({"device": "cpu", "device_name": "Intel(R) Xeon(R)", "cpu_kind": "avx512_bf16, no amx",
       "auto": {"precision": "fp32"}}, "auto", "Xeon without AMX, fp32"),
     (EPYC | {"auto": {"precision": "bf16"}}, "auto", "AVX512-BF16 EPYC, bf16"),
+    # the generation, where the run recorded it: two "AMD EPYC"s ~1.5x apart
+    (EPYC | {"cpu_family": "family 26 model 2"}, "auto", "AVX512-BF16 EPYC (Zen 5), bf16"),
+    (EPYC | {"cpu_family": "family 25 model 17"}, "auto", "AVX512-BF16 EPYC (Zen 4), bf16"),
+    (EPYC | {"cpu_family": "family 99 model 1"}, "auto", "AVX512-BF16 EPYC, bf16"),  # a family not known here
+    (EPYC | {"cpu_family": None}, "auto", "AVX512-BF16 EPYC, bf16"),
     ({"device": "cuda", "device_name": "NVIDIA H100"}, "bf16", "NVIDIA H100, bf16")])
 def test_machine_kinds(env, precision, expected):
     assert machine_kind(env, Config().override({"run.precision": precision})) == expected
