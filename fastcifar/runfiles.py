@@ -96,12 +96,13 @@ def read_results(path: Path, needs: tuple[str, ...] = REPORT_NEEDS) -> dict[str,
 
 def read_env(path: Path) -> dict[str, Any]:
     """A run's env.json, checked, or {} where there is none (runs from before it was written). Known text fields
-    must be printable text or null; `resumes` a list of objects; `auto` an object."""
+    must be printable text or null; `resumes` a list of objects; `auto` an object. Returned as written: a missing
+    field stays missing (a resume writes the record back with its new entry), so read it with .get()."""
     if not Path(path).exists():
         return {}
     env = read_object(path, "a run's environment record")
     for key in ENV_TEXT:
-        value = env.setdefault(key, None)
+        value = env.get(key)
         if value is not None and not (isinstance(value, str) and plain_text(value)):
             raise FastCifarError(f"{path}: {key!r} must be printable text of at most {MAX_TEXT} characters or null, "
                                  f"got {value!r}"[:300] + "; restore the file or remove the field")
@@ -112,7 +113,7 @@ def read_env(path: Path) -> dict[str, Any]:
             raise FastCifarError(f"{path}: {key!r} must be {rule}{' of objects' if kind is list else ''} or null, got "
                                  f"{value!r}"[:300] + "; restore the file or remove the field")
     for key in ("cpu_count", "torch_threads", "world_size"):
-        value = env.setdefault(key, None)
+        value = env.get(key)
         if value is not None and not _fits("count", value):
             raise FastCifarError(f"{path}: {key!r} must be a positive integer or null, got {value!r}"[:300])
     return env

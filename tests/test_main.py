@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from fastcifar.__main__ import COMMANDS, main
 from fastcifar.calibrate import Choice
 from fastcifar.inference import Predictions
+from tests.conftest import tiny_cli_args
 from tests.test_cli import TYPED
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,8 +74,9 @@ def test_help_into_a_closed_pipe_ends_quietly():
 
 # Every command, tried with generated options (Hypothesis). Each command's options are read from its own parser
 # (no list kept here to drift); the values are what a user types (tests/test_cli.py's TYPED) and paths to real and
-# broken inputs. The long work each command starts (training, the data step, an evaluation's test pass, a
-# calibration, the benchmarks) is replaced by a stand-in that counts its calls; every check before it runs for real.
+# broken inputs. The long work each command starts (the training loop, the data step, an evaluation's test pass, a
+# calibration, the benchmarks) is replaced by a stand-in that counts its calls; every check before it runs for real
+# (`train`: its whole set-up on the synthetic data, the device, memory, run folder and data checks included).
 # The property: exit 0 having started the work once (or, for `report` and `compare`, which run for real, having
 # written the report or printed the table), or a non-zero exit with one `error:` line and no work started. Never a
 # traceback.
@@ -111,7 +113,7 @@ def _predictions(*args, **kwargs) -> Predictions:
 
 STAND_INS = {  # command -> the functions that do its work, and what each stand-in returns
     "prepare": {"fastcifar.prepare.prepare": {}},
-    "train": {"fastcifar.training.train": None},
+    "train": {"fastcifar.training._train": None},  # after Session.open: the device, memory, folder and data checks
     "evaluate": {"fastcifar.evaluation.open_split": None, "fastcifar.evaluation.predict": _predictions},
     "report": {},
     "find-lr": {"fastcifar.lr_finder.find_lr": {}},
@@ -139,8 +141,10 @@ def inputs(tmp_path_factory):
     return run
 
 
-def _first_args(name: str, run: Path) -> st.SearchStrategy:
+def _first_args(name: str, run: Path, synthetic: dict) -> st.SearchStrategy:
     """The start of a valid command line (what is required), each part sometimes a broken or generated value."""
+    if name == "train":  # the tiny network on the synthetic data, its runs in the example's own folder
+        return st.just(tiny_cli_args(synthetic, Path("runs")))
     path = st.sampled_from([str(run), str(run / "model.pt"), str(run / "nothing"), str(run / "results.json")])
     value = path | TYPED
     if name in ("report", "compare"):
@@ -153,7 +157,7 @@ def _first_args(name: str, run: Path) -> st.SearchStrategy:
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))
-def test_every_command_takes_generated_options_or_refuses_them_in_one_line(name, inputs, tmp_path_factory,
+def test_every_command_takes_generated_options_or_refuses_them_in_one_line(name, inputs, synthetic, tmp_path_factory,
                                                                          monkeypatch):
     options = _options(name)
     calls: list[str] = []
@@ -167,7 +171,7 @@ def test_every_command_takes_generated_options_or_refuses_them_in_one_line(name,
 
     @settings(max_examples=EXAMPLES.get(name, 60), deadline=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture])
-    @given(first=_first_args(name, inputs),
+    @given(first=_first_args(name, inputs, synthetic),
            picked=st.lists(st.tuples(st.sampled_from(options), TYPED), max_size=3) if options else st.just([]))
     def attempt(first, picked):
         argv = [name, *first]
