@@ -283,7 +283,9 @@ def prepare(data_dir: Path, archive: str | None = None, force: bool = False, url
     existing = read_manifest(data_dir)
     if existing and not force and not (archive or os.environ.get(ARCHIVE_ENV)):
         if _has(existing, betons):
-            print(f"{data_dir}: data files up to date (from {existing['source']}); --force rebuilds")
+            # the archive's name and md5, not its path: the path is this machine's (and lands in notebooks' outputs)
+            print(f"{data_dir}: data files up to date (from {Path(existing['source']).name}, md5 "
+                  f"{existing['source_md5']}); --force rebuilds")
             return existing
         if "train" in existing and "test" in existing and betons:  # betons from before the arrays existed
             _require_writable(data_dir)

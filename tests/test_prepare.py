@@ -45,6 +45,17 @@ def test_reads_the_exact_cifar_layout(archive, tmp_path):
     assert train.images.shape == (50, 32, 32, 3) and train.images.dtype == np.uint8
 
 
+def test_up_to_date_data_names_its_archive_by_name_and_md5_not_by_this_machines_path(archive, tmp_path, capsys,
+                                                                                       monkeypatch):
+    monkeypatch.delenv(wb.ARCHIVE_ENV, raising=False)
+    data = tmp_path / "data"
+    wb.prepare(data, archive=str(archive), counts=(50, 20), num_workers=1)
+    capsys.readouterr()
+    wb.prepare(data)  # no archive given: the manifest's record is reported (a notebook's output shows this line)
+    out = capsys.readouterr().out
+    assert f"up to date (from {archive.name}, md5 {md5_of(archive)})" in out and str(archive.parent) not in out
+
+
 def test_prepare_writes_betons_arrays_and_manifest_then_skips(archive, tmp_path, capsys):
     data = tmp_path / "data"
     manifest = wb.prepare(data, archive=str(archive), counts=(50, 20), num_workers=1)
