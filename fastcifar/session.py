@@ -226,7 +226,10 @@ def _choose(cfg: Config, device: torch.device, batch: int, resume: bool, log: Ca
         choice = recorded(env, cfg.run, device)
     if choice is None:
         choice = choose(cfg.run, cfg.model, device, batch, frozen_prep=cfg.model.whiten_frozen, log=log)
-    if choice.source != "given":
+    if choice.source == "cache":  # the rates were shown when measured; env.json and `calibrate` keep them
+        log(f"auto settings: {choice.way.label} (cached: measured earlier on this machine; python -m fastcifar "
+            f"calibrate shows the rates)")
+    elif choice.source != "given":
         log(f"auto settings: {choice.reason}")
     return choice
 

@@ -219,6 +219,13 @@ def test_a_training_run_records_what_auto_chose_and_why(synthetic, tmp_path):
     env = json.loads((result.run_dir / "env.json").read_text())
     assert env["auto"]["source"] == "measured" and env["auto"]["precision"] == "fp32"
     assert env["auto"]["rates"] and any(line.startswith("auto settings: ") for line in lines)
+    lines.clear()  # a second run reads the cache: one short line, the rates stay in env.json
+    again = train(tiny_config(synthetic, tmp_path, **auto, **{"run.name": "again"}), log=lines.append)
+    chose = json.loads((again.run_dir / "env.json").read_text())["auto"]
+    label = Way(chose["precision"], chose["channels_last"], chose["conv_grad"]).label
+    assert chose["source"] == "cache" and [line for line in lines if line.startswith("auto settings: ")] == [
+        f"auto settings: {label} (cached: measured earlier on this machine; python -m fastcifar calibrate shows the "
+        f"rates)"]
 
 
 def test_a_resumed_session_reads_its_runs_record_not_the_cache(bf16_cpu, synthetic, tmp_path):
