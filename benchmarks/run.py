@@ -29,7 +29,7 @@ import torch
 
 from benchmarks import data_paths, end_to_end, physics, step_throughput
 from fastcifar.calibrate import training_precision
-from fastcifar.cli import Parser
+from fastcifar.cli import Parser, path_arg
 from fastcifar.config import ConfigError, check_option
 from fastcifar.data import ffcv_available, read_arrays
 from fastcifar.errors import require_output_folder, run_cli
@@ -290,7 +290,8 @@ def build_parser(prog: str = "python -m benchmarks.run") -> argparse.ArgumentPar
     parser.add_argument("--repeats", type=int, default=1, help="repeat each data/step measurement, keep the median")
     parser.add_argument("--widths", default="64,128,256,512", help="model widths (the spec's by default)")
     parser.add_argument("--out-dir", default="benchmarks/results", help="where the JSON record goes")
-    parser.add_argument("--markdown", default="BENCHMARKS.md", help="file whose generated part is replaced ('' = none)")
+    parser.add_argument("--markdown", default="BENCHMARKS.md", type=path_arg,
+                        help="file whose generated part is replaced ('' = none)")
     return parser
 
 

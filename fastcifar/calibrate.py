@@ -359,14 +359,15 @@ COMMAND_KEYS = ("data.batch_size", "model.widths", "model.ghost_batch", "model.w
 
 def main(argv: list[str] | None = None, prog: str = "python -m fastcifar.calibrate") -> int:
     """`python -m fastcifar calibrate`: what `auto` chooses on this machine, measured now or read from the cache."""
-    from fastcifar.cli import Parser, add_config_arguments, config_from_args  # the command line only
+    from fastcifar.cli import Parser, add_config_arguments, config_from_args, path_arg  # the command line only
     from fastcifar.errors import require_output_folder, run_cli
     from fastcifar.runtime import check_step_memory, resolve_device
 
     parser = Parser(prog=prog, description="Measure which precision, memory format and conv gradient train fastest "
                     "on this machine (what --run.* auto chooses), cache the answer, and print it with the rates.")
     add_config_arguments(parser, keys=COMMAND_KEYS)
-    parser.add_argument("--save", metavar="JSON", help="also write the choice, its rates and the machine to a file")
+    parser.add_argument("--save", metavar="JSON", type=path_arg,
+                        help="also write the choice, its rates and the machine to a file")
     args = parser.parse_args(argv)
 
     def run() -> None:

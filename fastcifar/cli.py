@@ -11,11 +11,13 @@ from typing import NoReturn
 
 from fastcifar.config import (
     DEFAULT_PRESET,
+    MAX_TEXT,
     PRESETS,
     SECTIONS,
     SHORT_FLAGS,
     Config,
     ConfigError,
+    _plain_text,
     all_keys,
     read_config_file,
 )
@@ -29,6 +31,16 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"error: {one_line(message)} (see: {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def path_arg(text: str) -> str:
+    """argparse's `type` for a path given on the command line (a run folder, a file to read or write): the config's
+    rule for every path and name, printable and at most MAX_TEXT characters. A NUL would reach the OS as
+    `ValueError: embedded null byte`; argparse makes the refusal one usage line, exit 2."""
+    if not _plain_text(text):
+        raise argparse.ArgumentTypeError(f"must be printable text of at most {MAX_TEXT} characters, got "
+                                         f"{text[:60]!r}")
+    return text
 
 
 # The config sections that training uses; the LR finder also reads `lr_finder`.

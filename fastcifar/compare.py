@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fastcifar.cli import Parser
+from fastcifar.cli import Parser, path_arg
 from fastcifar.config import ConfigError
 from fastcifar.errors import FastCifarError, require_output_folder, run_cli
 from fastcifar.evaluation import read_tta_accuracy
@@ -73,15 +73,19 @@ def _print_comparison(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None, prog: str = "python -m fastcifar.compare") -> int:
     parser = Parser(prog=prog, description=__doc__.split("\n")[0])
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by fastcifar.train")
-    parser.add_argument("--out", metavar="PNG", help="also draw the accuracy curves into this image file")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", type=path_arg,
+                        help="run directories written by fastcifar.train")
+    parser.add_argument("--out", metavar="PNG", type=path_arg,
+                        help="also draw the accuracy curves into this image file")
     parser.add_argument("--seed", action="store_true", help="train and test accuracy per epoch beside the seed's log "
                         "(the run this project reproduces; fastcifar/seed_log.json)")
     parser.add_argument("--table", action="store_true", help="the finished runs grouped by recipe: mean ± sd over "
                         "seeds, seconds per epoch and time to 91%% per machine kind (README's results tables)")
-    parser.add_argument("--baseline", metavar="RUN_DIR", action="append", help="with --table: a last column with "
+    parser.add_argument("--baseline", metavar="RUN_DIR", action="append", type=path_arg,
+                        help="with --table: a last column with "
                         "each recipe's accuracy minus this run's, paired by seed (repeat it, one run per seed)")
-    parser.add_argument("--markdown", metavar="FILE", help="with --table: write it into FILE's results block "
+    parser.add_argument("--markdown", metavar="FILE", type=path_arg,
+                        help="with --table: write it into FILE's results block "
                         "(between <!-- results:begin ... --> and <!-- results:end -->), e.g. README.md")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     return run_cli(lambda: _print_comparison(args))

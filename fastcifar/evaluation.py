@@ -19,7 +19,7 @@ import torch
 
 from fastcifar.augment import BatchAugment
 from fastcifar.calibrate import for_inference
-from fastcifar.cli import Parser
+from fastcifar.cli import Parser, path_arg
 from fastcifar.config import Config, ConfigError, check_option
 from fastcifar.custom_resnet import CustomResNet
 from fastcifar.data import open_split
@@ -111,14 +111,16 @@ def _evaluate_and_report(args: argparse.Namespace, argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None, prog: str = "python -m fastcifar.evaluate") -> int:
     parser = Parser(prog=prog, description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a model.pt written by fastcifar.train")
+    parser.add_argument("--checkpoint", required=True, type=path_arg, help="a model.pt written by fastcifar.train")
     parser.add_argument("--tta", action="store_true", help="average logits with the horizontally flipped image")
     parser.add_argument("--translate", type=int, default=0, metavar="PX",
                         help="also average over copies shifted by PX pixels (see data.test_translate; default 0)")
-    parser.add_argument("--data-dir", help="where test.beton is (default: the one the model was trained with)")
+    parser.add_argument("--data-dir", type=path_arg,
+                        help="where test.beton is (default: the one the model was trained with)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=1000)
-    parser.add_argument("--save", metavar="JSON", help="also write the numbers and this command to a JSON file")
+    parser.add_argument("--save", metavar="JSON", type=path_arg,
+                        help="also write the numbers and this command to a JSON file")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     return run_cli(lambda: _evaluate_and_report(args, argv))

@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from fastcifar import rundir
-from fastcifar.cli import Parser
+from fastcifar.cli import Parser, path_arg
 from fastcifar.config import Config, read_config_file
 from fastcifar.errors import FastCifarError, run_cli
 from fastcifar.inference import CLASSES, Predictions
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m fastcifar.report"
         prog=prog,
         description="(Re)write a finished run's report from its run directory alone: curves.png, lr_schedule.png, "
                     "misclassified.png, confusion.png and summary.md.")
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by fastcifar.train")
+    parser.add_argument("run_dir", metavar="RUN_DIR", type=path_arg, help="a run directory written by fastcifar.train")
     try:
         args = parser.parse_args(argv)
     except SystemExit as done:  # --help (0) or a usage error (2, after argparse's one-line message)

@@ -31,7 +31,7 @@ from fastcifar.checkpoint import (
     restore_state,
     resume_config,
 )
-from fastcifar.cli import Parser, add_config_arguments, config_from_args
+from fastcifar.cli import Parser, add_config_arguments, config_from_args, path_arg
 from fastcifar.config import Config, ConfigError
 from fastcifar.custom_resnet import count_parameters
 from fastcifar.data import BatchLoader, open_split
@@ -420,7 +420,8 @@ def build_parser(prog: str = "python -m fastcifar.train") -> argparse.ArgumentPa
         epilog="Every config field is a dotted flag, e.g. --optim.weight_decay 1e-3 (see fastcifar/config.py).",
     )
     add_config_arguments(parser)
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR/checkpoint.pt")
+    parser.add_argument("--resume", metavar="RUN_DIR", type=path_arg,
+                        help="continue the run saved in RUN_DIR/checkpoint.pt")
     parser.add_argument("--lower-lr", action="store_true",
                         help="with --resume: allow lower LR levels (--max-lr, --min-lr, --schedule.end_lr, "
                              "--optim.muon_lr) than the run's, e.g. to continue a diverged run from its last "

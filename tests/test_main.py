@@ -202,3 +202,16 @@ def test_every_command_takes_generated_options_or_refuses_them_in_one_line(name,
             assert work is None or work not in calls, (argv, calls)
 
     attempt()
+
+
+@pytest.mark.parametrize("argv", [["compare", "--table", "\x00"], ["compare", "run", "--out", "a\x00.png"],
+                                  ["report", "\r"], ["evaluate", "--checkpoint", "\x00"], ["train", "--resume", "a\nb"],
+                                  ["calibrate", "--save", "\x00"], ["bench", "--markdown", "\x00"]])
+def test_a_path_with_a_nul_or_a_line_break_is_one_usage_line(argv, capsys):
+    """Found by the property above: a NUL in a path reached the OS (`ValueError: embedded null byte`)."""
+    try:
+        code = main(argv)
+    except SystemExit as done:  # argparse's usage error, where a command lets it through
+        code = done.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "must be printable text" in err, err
