@@ -281,7 +281,7 @@ def test_ffcvs_import_warning_about_notebook_widgets_is_silenced_and_no_other():
 # The data step's files damaged by generated changes, then opened by the loaders that every command uses
 # (open_split): a loader of the split's 200 images, or one DataError line that names the damaged file. Never a
 # traceback, whatever the file holds.
-DAMAGE = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+DAMAGE = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 ENTRY = st.tuples(st.just("entry"), st.sampled_from(["train", "test", "arrays"]), st.sampled_from(["count", "bytes"]),
                   JSON_VALUES)
 

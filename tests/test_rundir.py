@@ -244,7 +244,7 @@ def damage(path, change) -> None:
 
 
 @pytest.mark.parametrize("command", ["evaluate", "train --resume"])
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(change=BYTE_DAMAGE)
 def test_a_damaged_checkpoint_is_one_line_naming_it(tiny_run, tmp_path_factory, capsys, command, change):
     run = tmp_path_factory.mktemp("damaged") / "run"

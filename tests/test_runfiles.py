@@ -154,7 +154,7 @@ READS = {"report": ("results.json", "env.json", "metrics.jsonl", "config.json"),
          "compare": ("metrics.jsonl", "config.json", "tta.json"),
          "compare --table": ("results.json", "env.json", "metrics.jsonl", "config.json", "tta-translate1.json")}
 CASES = [(command, name) for command, names in READS.items() for name in names]
-PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+PROPERTY = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @pytest.mark.parametrize(("command", "name"), CASES)
