@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from fastcifar.config import LOADER_KINDS, DataConfig
+from fastcifar.config import LOADER_KINDS, DataConfig, _plain_text
 from fastcifar.errors import DataError, numpy_load_error
 from fastcifar.ffcv_io import (  # re-exported: the FFCV kind of loader, and the beton files
     PREPARE_HINT,
@@ -165,7 +165,7 @@ def read_manifest(data_dir: Path) -> dict[str, Any] | None:
                     and entry["count"] >= 1 and entry["bytes"] >= 0):
                 raise bad(f"{where}{split} must be {{\"count\": images, \"bytes\": size}}, got {entry!r}")
     for key in MANIFEST_TEXT:
-        if not (isinstance(manifest.get(key), str) and manifest[key].isprintable()):
+        if not (isinstance(manifest.get(key), str) and _plain_text(manifest[key])):  # the config's text rule
             raise bad(f"{key!r} must be printable text, got {manifest.get(key)!r}")
     return manifest
 

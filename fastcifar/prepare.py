@@ -36,7 +36,7 @@ import torch
 
 from fastcifar import data, rundir
 from fastcifar.cli import Parser
-from fastcifar.config import MAX_TEXT, ConfigError, DataConfig, check_option
+from fastcifar.config import MAX_TEXT, ConfigError, DataConfig, _plain_text, check_option
 from fastcifar.errors import DataError, os_error_message, run_cli
 from fastcifar.ffcv_io import sweep_stale
 
@@ -364,7 +364,7 @@ def _checked(args: argparse.Namespace) -> argparse.Namespace:
     """The flags by the config's rules where the config has the quantity (the data folder), else by their own."""
     check_option("--data-dir", "data.data_dir", args.data_dir)
     for flag, text in (("--archive", args.archive), ("--url", args.url), ("--md5", args.md5)):
-        if text is not None and not (text.isprintable() and len(text) <= MAX_TEXT):
+        if text is not None and not _plain_text(text):  # the config's rule for every name and path
             raise ConfigError(f"{flag} must be printable text of at most {MAX_TEXT} characters, got {text[:60]!r}")
     if not 1 <= args.workers <= MAX_WRITERS:
         raise ConfigError(f"--workers must be in [1, {MAX_WRITERS}] writer processes, got {args.workers}")
